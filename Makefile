@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# `make bench` prints the benchmark figures.
+
+CARGO ?= cargo
+WASM_DIR := target/wasm32-wasip2/release
+
+.PHONY: demo test bench setup plugins host clean
+
+## setup: toolchain pieces the build needs (idempotent)
+setup:
+	@scripts/setup.sh
+
+## plugins: build the SDK, first-party and test plugins for wasm32-wasip2
+plugins: setup
+	cd plugins && $(CARGO) build --release --target wasm32-wasip2
+
+## host: build the celer binary
+host:
+	$(CARGO) build -p celer --bin celer
+
+## demo: build everything, run the seed jobs end to end on the embedded default
+demo: plugins host
+	@scripts/demo.sh
+
+## test: every test: unit, SDK, and end-to-end against real celer processes
+test: plugins host
+	cd plugins && $(CARGO) test -p celer-plugin
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+## bench: benchmarks (release build), printed beside their goals
+bench: plugins
+	@scripts/bench.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,1467 @@
+//! The embedded broker: the queue, leases, retries, dead letters and results
+//! in one SQLite file, so that a single machine runs celer with nothing else
+//! to install. `celer serve` and every `celer` CLI invocation open the same
+//! file at once, so all coordination goes through SQLite itself: WAL
+//! journal (readers never block the writer), a busy timeout (writers queue
+//! up instead of failing), and every multi-statement change in a
+//! `BEGIN IMMEDIATE` transaction (it takes the write lock up front, so two
+//! processes can never both read "job X is free" and both take it).
+//!
+//! # Leases in SQL
+//!
+//! A running job carries `lease_token` (random, new for every delivery) and
+//! `lease_until` (ms since the epoch). [`Broker::fetch`] runs, in one write
+//! transaction:
+//!
+//! 1. pending jobs (or running ones whose lease ran out) past their
+//!    `expires_at` turn `expired`;
+//! 2. running jobs whose lease ran out and whose stop was requested turn
+//!    `cancelled`; those with no retry left turn `failed` with kind `lost`;
+//! 3. one `UPDATE … WHERE id IN (SELECT … ORDER BY priority DESC, run_at, id
+//!    LIMIT max) RETURNING *` leases the due jobs: state `running`, a fresh
+//!    token, `lease_until = now + lease`. A job whose lease ran out is simply
+//!    due again; taking it over counts as a new attempt (`attempt + 1`).
+//!
+//! Every later write for that delivery (`renew`, `progress`, `complete`,
+//! `release`) carries `WHERE id = ? AND lease_token = ? AND state =
+//! 'running'`: once a job was handed to someone else the old token matches
+//! nothing, so a worker that lost its lease cannot overwrite the outcome.
+//!
+//! Times are stored as integer milliseconds since the Unix epoch; JSON values
+//! (args, kwargs, result, touched) as JSON text.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, SqliteConnection};
+use uuid::Uuid;
+
+use super::{
+    Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, Lease, LeaseStatus,
+    Outcome, QueueStats, RunRecord,
+};
+use crate::job::{ErrorKind, Job, JobError, JobState, JobStatus, NewJob, Progress};
+
+/// Bumped with every change to [`SCHEMA`]; stored in `celer_meta`.
+const SCHEMA_VERSION: i64 = 1;
+/// How long a writer waits for another process's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections per process; SQLite has one writer at a time anyway.
+const POOL_SIZE: u32 = 4;
+
+/// Idempotent: run on every open, inside a write transaction.
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS celer_meta (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS celer_jobs (
+    id               TEXT PRIMARY KEY NOT NULL,
+    task             TEXT NOT NULL,
+    queue            TEXT NOT NULL,
+    args             TEXT NOT NULL,
+    kwargs           TEXT NOT NULL,
+    priority         INTEGER NOT NULL DEFAULT 0,
+    attempt          INTEGER NOT NULL DEFAULT 0,
+    max_retries      INTEGER NOT NULL,
+    state            TEXT NOT NULL,
+    run_at           INTEGER NOT NULL,
+    eta              INTEGER,
+    expires_at       INTEGER,
+    timeout_ms       INTEGER,
+    idempotency_key  TEXT UNIQUE,
+    parent_id        TEXT,
+    enqueued_at      INTEGER NOT NULL,
+    started_at       INTEGER,
+    finished_at      INTEGER,
+    lease_token      TEXT,
+    lease_until      INTEGER,
+    host             TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    result           TEXT,
+    error_kind       TEXT,
+    error_message    TEXT,
+    progress_done    INTEGER,
+    progress_total   INTEGER,
+    plugin           TEXT,
+    plugin_version   TEXT,
+    touched          TEXT,
+    log              TEXT,
+    dead_at          INTEGER
+);
+CREATE INDEX IF NOT EXISTS celer_jobs_fetch ON celer_jobs (state, queue, priority DESC, run_at);
+CREATE INDEX IF NOT EXISTS celer_jobs_dead ON celer_jobs (dead_at) WHERE state = 'failed';
+"#;
+
+// The statements of `fetch`. Each names `state IN (…)` first so that it
+// walks the `celer_jobs_fetch` index instead of the whole (ever growing)
+// table of finished jobs.
+
+/// ?1 now.
+const EXPIRE: &str = "
+UPDATE celer_jobs
+   SET state = 'expired', finished_at = ?1, lease_token = NULL, lease_until = NULL
+ WHERE state IN ('queued', 'scheduled', 'retrying', 'running')
+   AND expires_at < ?1
+   AND (state <> 'running' OR lease_until < ?1)";
+
+/// ?1 now. A stop was requested but the host running it vanished.
+const CANCEL_ABANDONED: &str = "
+UPDATE celer_jobs
+   SET state = 'cancelled', finished_at = ?1, lease_token = NULL, lease_until = NULL,
+       error_kind = 'cancelled', error_message = 'cancelled while its host was gone'
+ WHERE state = 'running' AND lease_until < ?1 AND cancel_requested = 1";
+
+/// ?1 now. Taking it over would be one attempt too many.
+const FAIL_LOST: &str = "
+UPDATE celer_jobs
+   SET state = 'failed', finished_at = ?1, dead_at = ?1, lease_token = NULL, lease_until = NULL,
+       error_kind = 'lost', error_message = 'lease expired on every attempt (host died?)'
+ WHERE state = 'running' AND lease_until < ?1 AND attempt + 1 > max_retries";
+
+/// ?1 now, ?2 lease_until, ?3 host, ?4 queues (JSON array), ?5 excluded tasks
+/// (JSON array), ?6 max. In `SET`, `state` and `attempt` are the old values.
+const LEASE: &str = "
+UPDATE celer_jobs
+   SET state = 'running',
+       attempt = attempt + (CASE WHEN state = 'running' THEN 1 ELSE 0 END),
+       lease_token = lower(hex(randomblob(16))),
+       lease_until = ?2,
+       host = ?3,
+       started_at = ?1,
+       finished_at = NULL,
+       cancel_requested = 0,
+       progress_done = NULL,
+       progress_total = NULL
+ WHERE id IN (
+       SELECT id FROM celer_jobs
+        WHERE state IN ('queued', 'scheduled', 'retrying', 'running')
+          AND queue IN (SELECT value FROM json_each(?4))
+          AND (CASE WHEN state = 'running' THEN lease_until < ?1 ELSE run_at <= ?1 END)
+          AND task NOT IN (SELECT value FROM json_each(?5))
+        ORDER BY priority DESC, run_at, id
+        LIMIT ?6)
+RETURNING *";
+
+/// ?1 now, ?2 reason, ?3 id. A row that cannot be read back must not block
+/// the queue: it goes to the dead letters with the reason.
+const BURY_UNREADABLE: &str = "
+UPDATE celer_jobs
+   SET state = 'failed', finished_at = ?1, dead_at = ?1, lease_token = NULL, lease_until = NULL,
+       error_kind = 'invalid-args', error_message = ?2
+ WHERE id = ?3";
+
+/// A broker on a SQLite file; cheap to clone (a connection pool).
+#[derive(Debug, Clone)]
+pub struct EmbeddedBroker {
+    pool: SqlitePool,
+}
+
+impl EmbeddedBroker {
+    /// Opens (creating it and its directory when missing) the SQLite file at
+    /// `path` and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self, BrokerError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir).await.map_err(|e| {
+                BrokerError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+
+        // Switching a new file to WAL needs an exclusive lock that the busy
+        // timeout does not wait for: when two processes create the file at
+        // the same moment, one of them retries for a little while.
+        let mut tries = 0u64;
+        let pool = loop {
+            let opened = SqlitePoolOptions::new()
+                .max_connections(POOL_SIZE)
+                .connect_with(options.clone())
+                .await;
+            match opened {
+                Ok(pool) => break pool,
+                Err(e) if is_locked(&e) && tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(10 * tries.min(10))).await;
+                }
+                Err(e) => {
+                    return Err(BrokerError::Unavailable(format!(
+                        "cannot open {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        };
+        migrate(&pool).await?;
+        Ok(EmbeddedBroker { pool })
+    }
+
+    /// Like [`EmbeddedBroker::open`], from a `sqlite://path` or
+    /// `sqlite:path` URL (`sqlite:///abs/path` for an absolute path).
+    pub async fn open_url(url: &str) -> Result<Self, BrokerError> {
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .ok_or_else(|| {
+                BrokerError::Invalid(format!("not a sqlite URL (sqlite://path): {url}"))
+            })?;
+        if path.is_empty() || path.starts_with(":memory:") {
+            return Err(BrokerError::Invalid(format!(
+                "the embedded broker needs a file path, got {url}"
+            )));
+        }
+        Self::open(Path::new(path)).await
+    }
+
+    /// The pool, for other tables kept in the same file.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Waits for the connections to close (flushing the WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A write transaction that holds the write lock from its first
+    /// statement on; rolled back when dropped without commit.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, Sqlite>, BrokerError> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+    }
+}
+
+async fn migrate(pool: &SqlitePool) -> Result<(), BrokerError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+    sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(db)?;
+    sqlx::query(
+        "INSERT INTO celer_meta (key, value) VALUES ('schema_version', ?1)
+         ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(SCHEMA_VERSION.to_string())
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    let stored: String =
+        sqlx::query_scalar("SELECT value FROM celer_meta WHERE key = 'schema_version'")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+    match stored.parse::<i64>() {
+        Ok(v) if v <= SCHEMA_VERSION => {}
+        Ok(v) => {
+            return Err(BrokerError::Unavailable(format!(
+                "the database has schema version {v}, written by a newer celer \
+                 (this one knows up to {SCHEMA_VERSION})"
+            )));
+        }
+        Err(_) => {
+            return Err(BrokerError::Unavailable(format!(
+                "unreadable schema_version in celer_meta: {stored:?}"
+            )));
+        }
+    }
+    tx.commit().await.map_err(db)
+}
+
+#[async_trait]
+impl Broker for EmbeddedBroker {
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued, BrokerError> {
+        job.validate().map_err(BrokerError::Invalid)?;
+        let now = now_ms();
+        let eta = job.eta.map(|t| t.timestamp_millis());
+        let run_at = eta.unwrap_or(now);
+        let state = if run_at > now { JobState::Scheduled } else { JobState::Queued };
+        let timeout_ms = job
+            .timeout_ms
+            .map(i64::try_from)
+            .transpose()
+            .map_err(|_| BrokerError::Invalid("timeout_ms is too large".into()))?;
+        let args = to_json(&job.args)?;
+        let kwargs = to_json(&job.kwargs)?;
+
+        // The key may belong to a job that is purged between our insert and
+        // our select: then the insert goes through on the next round.
+        for _ in 0..3 {
+            let id = Uuid::now_v7().to_string();
+            let inserted = sqlx::query(
+                "INSERT INTO celer_jobs (id, task, queue, args, kwargs, priority, attempt,
+                     max_retries, state, run_at, eta, expires_at, timeout_ms, idempotency_key,
+                     parent_id, enqueued_at, cancel_requested)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, 0)
+                 ON CONFLICT (idempotency_key) DO NOTHING",
+            )
+            .bind(&id)
+            .bind(&job.task)
+            .bind(&job.queue)
+            .bind(&args)
+            .bind(&kwargs)
+            .bind(job.priority)
+            .bind(i64::from(job.max_retries))
+            .bind(state.as_str())
+            .bind(run_at)
+            .bind(eta)
+            .bind(job.expires_at.map(|t| t.timestamp_millis()))
+            .bind(timeout_ms)
+            .bind(job.idempotency_key.as_deref())
+            .bind(job.parent_id.as_deref())
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            if inserted.rows_affected() == 1 {
+                return Ok(Enqueued { id, existing: false });
+            }
+            let existing: Option<String> =
+                sqlx::query_scalar("SELECT id FROM celer_jobs WHERE idempotency_key = ?1")
+                    .bind(job.idempotency_key.as_deref())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+            if let Some(id) = existing {
+                return Ok(Enqueued { id, existing: true });
+            }
+        }
+        Err(BrokerError::Unavailable(
+            "idempotency key kept conflicting with a job that vanished".into(),
+        ))
+    }
+
+    async fn fetch(&self, req: FetchRequest<'_>) -> Result<Vec<Delivery>, BrokerError> {
+        if req.max == 0 || req.queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let lease_until = now.saturating_add(millis(req.lease));
+        let queues = to_json(&req.queues)?;
+        let exclude = to_json(&req.exclude_tasks)?;
+        let limit = i64::try_from(req.max).unwrap_or(i64::MAX);
+
+        let mut tx = self.write_tx().await?;
+        for maintenance in [EXPIRE, CANCEL_ABANDONED, FAIL_LOST] {
+            sqlx::query(maintenance).bind(now).execute(&mut *tx).await.map_err(db)?;
+        }
+        let rows = sqlx::query(LEASE)
+            .bind(now)
+            .bind(lease_until)
+            .bind(req.host)
+            .bind(&queues)
+            .bind(&exclude)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+
+        let mut leased = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match delivery_from_row(row) {
+                Ok(found) => leased.push(found),
+                Err(e) => bury_unreadable(&mut tx, row, now, e).await?,
+            }
+        }
+        tx.commit().await.map_err(db)?;
+
+        // RETURNING does not promise the subquery's order.
+        leased.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.job.id.cmp(&b.2.job.id)));
+        Ok(leased.into_iter().map(|(_, _, delivery)| delivery).collect())
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<LeaseStatus, BrokerError> {
+        let cancel: Option<i64> = sqlx::query_scalar(
+            "UPDATE celer_jobs SET lease_until = ?1
+              WHERE id = ?2 AND lease_token = ?3 AND state = 'running'
+             RETURNING cancel_requested",
+        )
+        .bind(now_ms().saturating_add(millis(ttl)))
+        .bind(&lease.job_id)
+        .bind(&lease.token)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(match cancel {
+            Some(flag) => LeaseStatus::Held { cancel_requested: flag != 0 },
+            None => LeaseStatus::Lost,
+        })
+    }
+
+    async fn progress(&self, lease: &Lease, done: u64, total: u64) -> Result<(), BrokerError> {
+        sqlx::query(
+            "UPDATE celer_jobs SET progress_done = ?1, progress_total = ?2
+              WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
+        )
+        .bind(clamp(done))
+        .bind(clamp(total))
+        .bind(&lease.job_id)
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn complete(
+        &self,
+        lease: &Lease,
+        outcome: Outcome,
+        record: RunRecord,
+    ) -> Result<bool, BrokerError> {
+        let mut tx = self.write_tx().await?;
+        let cancel_requested: Option<i64> = sqlx::query_scalar(
+            "SELECT cancel_requested FROM celer_jobs
+              WHERE id = ?1 AND lease_token = ?2 AND state = 'running'",
+        )
+        .bind(&lease.job_id)
+        .bind(&lease.token)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(cancel_requested) = cancel_requested else {
+            return Ok(false);
+        };
+        // A stop was asked for while the attempt failed: do not run it again.
+        let outcome = match outcome {
+            Outcome::Retry { error, .. } if cancel_requested != 0 => Outcome::Cancelled {
+                error: JobError::new(
+                    ErrorKind::Cancelled,
+                    format!("cancelled; the last attempt failed: {}", error.message),
+                ),
+            },
+            other => other,
+        };
+
+        let now = now_ms();
+        let ending = Ending::of(outcome, now)?;
+        let touched = record.touched.as_ref().map(to_json).transpose()?;
+        let updated = sqlx::query(
+            "UPDATE celer_jobs
+                SET state = ?1, attempt = attempt + ?2, run_at = COALESCE(?3, run_at),
+                    result = ?4, error_kind = ?5, error_message = ?6,
+                    finished_at = ?7, dead_at = ?8,
+                    lease_token = NULL, lease_until = NULL,
+                    plugin = ?9, plugin_version = ?10, touched = ?11, log = ?12
+              WHERE id = ?13 AND lease_token = ?14 AND state = 'running'",
+        )
+        .bind(ending.state.as_str())
+        .bind(ending.attempt_increment)
+        .bind(ending.run_at)
+        .bind(ending.result)
+        .bind(ending.error_kind)
+        .bind(ending.error_message)
+        .bind(ending.finished_at)
+        .bind(ending.dead_at)
+        .bind(record.plugin)
+        .bind(record.plugin_version)
+        .bind(touched)
+        .bind(record.log)
+        .bind(&lease.job_id)
+        .bind(&lease.token)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
+        sqlx::query(
+            "UPDATE celer_jobs
+                SET state = CASE WHEN cancel_requested = 1 THEN 'cancelled'
+                                 WHEN run_at > ?1 THEN 'scheduled'
+                                 ELSE 'queued' END,
+                    finished_at = CASE WHEN cancel_requested = 1 THEN ?1 END,
+                    error_kind = CASE WHEN cancel_requested = 1 THEN 'cancelled'
+                                      ELSE error_kind END,
+                    error_message = CASE WHEN cancel_requested = 1 THEN 'cancelled before it started'
+                                         ELSE error_message END,
+                    lease_token = NULL, lease_until = NULL, host = NULL, started_at = NULL
+              WHERE id = ?2 AND lease_token = ?3 AND state = 'running'",
+        )
+        .bind(now_ms())
+        .bind(&lease.job_id)
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn cancel(&self, id: &str) -> Result<CancelOutcome, BrokerError> {
+        let now = now_ms();
+        let mut tx = self.write_tx().await?;
+        let found = sqlx::query("SELECT state, lease_until FROM celer_jobs WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        let Some(row) = found else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let reader = Reader { row: &row, id: id.to_string() };
+        let state = reader.state()?;
+        let lease_until: Option<i64> = reader.get("lease_until")?;
+        // A running job whose lease ran out has no worker to ask.
+        let abandoned = state == JobState::Running && lease_until.is_none_or(|t| t < now);
+        let outcome = match state {
+            JobState::Queued | JobState::Scheduled | JobState::Retrying => {
+                cancel_now(&mut tx, id, now, "cancelled before it started").await?;
+                CancelOutcome::Cancelled
+            }
+            JobState::Running if abandoned => {
+                cancel_now(&mut tx, id, now, "cancelled while its host was gone").await?;
+                CancelOutcome::Cancelled
+            }
+            JobState::Running => {
+                sqlx::query("UPDATE celer_jobs SET cancel_requested = 1 WHERE id = ?1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                CancelOutcome::StopRequested
+            }
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Expired => {
+                CancelOutcome::AlreadyFinished
+            }
+        };
+        tx.commit().await.map_err(db)?;
+        Ok(outcome)
+    }
+
+    async fn status(&self, id: &str) -> Result<Option<JobStatus>, BrokerError> {
+        let row = sqlx::query("SELECT * FROM celer_jobs WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(status_from_row).transpose()
+    }
+
+    async fn dead_list(&self, limit: u32) -> Result<Vec<JobStatus>, BrokerError> {
+        let rows = sqlx::query(
+            "SELECT * FROM celer_jobs WHERE state = 'failed'
+              ORDER BY dead_at DESC, id DESC LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(status_from_row).collect()
+    }
+
+    async fn dead_retry(&self, ids: &[String]) -> Result<u64, BrokerError> {
+        let done = sqlx::query(
+            "UPDATE celer_jobs
+                SET state = 'queued', attempt = 0, run_at = ?1, result = NULL,
+                    error_kind = NULL, error_message = NULL, dead_at = NULL,
+                    lease_token = NULL, lease_until = NULL, host = NULL, cancel_requested = 0,
+                    started_at = NULL, finished_at = NULL,
+                    progress_done = NULL, progress_total = NULL
+              WHERE state = 'failed'
+                AND (json_array_length(?2) = 0 OR id IN (SELECT value FROM json_each(?2)))",
+        )
+        .bind(now_ms())
+        .bind(to_json(&ids)?)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn dead_purge(&self) -> Result<u64, BrokerError> {
+        let done = sqlx::query("DELETE FROM celer_jobs WHERE state = 'failed'")
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>, BrokerError> {
+        // Only queues with pending, running or dead jobs: finished history is
+        // not read (the index walk stays proportional to the live jobs).
+        let rows = sqlx::query(
+            "SELECT queue,
+                    SUM(state = 'queued' OR (state IN ('scheduled', 'retrying') AND run_at <= ?1)),
+                    SUM(state IN ('scheduled', 'retrying') AND run_at > ?1),
+                    SUM(state = 'running'),
+                    SUM(state = 'failed')
+               FROM celer_jobs
+              WHERE state IN ('queued', 'scheduled', 'retrying', 'running', 'failed')
+              GROUP BY queue ORDER BY queue",
+        )
+        .bind(now_ms())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                let count = |i: usize| -> Result<u64, BrokerError> {
+                    let n: i64 = row.try_get(i).map_err(db)?;
+                    Ok(u64::try_from(n).unwrap_or(0))
+                };
+                Ok(QueueStats {
+                    queue: row.try_get(0).map_err(db)?,
+                    queued: count(1)?,
+                    delayed: count(2)?,
+                    running: count(3)?,
+                    dead: count(4)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The columns `complete` writes, decided by the outcome.
+struct Ending {
+    state: JobState,
+    attempt_increment: i64,
+    run_at: Option<i64>,
+    result: Option<String>,
+    error_kind: Option<String>,
+    error_message: Option<String>,
+    finished_at: Option<i64>,
+    dead_at: Option<i64>,
+}
+
+impl Ending {
+    fn of(outcome: Outcome, now: i64) -> Result<Ending, BrokerError> {
+        let finished = |state, error: Option<JobError>, dead_at| -> Result<Ending, BrokerError> {
+            let (error_kind, error_message) = split_error(error)?;
+            Ok(Ending {
+                state,
+                attempt_increment: 0,
+                run_at: None,
+                result: None,
+                error_kind,
+                error_message,
+                finished_at: Some(now),
+                dead_at,
+            })
+        };
+        match outcome {
+            Outcome::Succeeded { result } => Ok(Ending {
+                result: Some(to_json(&result)?),
+                ..finished(JobState::Succeeded, None, None)?
+            }),
+            Outcome::Retry { error, at } => Ok(Ending {
+                attempt_increment: 1,
+                run_at: Some(at.timestamp_millis()),
+                finished_at: None,
+                ..finished(JobState::Retrying, Some(error), None)?
+            }),
+            Outcome::Dead { error } => finished(JobState::Failed, Some(error), Some(now)),
+            Outcome::Cancelled { error } => finished(JobState::Cancelled, Some(error), None),
+        }
+    }
+}
+
+/// The kind as its kebab-case text (the same as in status JSON), and the message.
+fn split_error(error: Option<JobError>) -> Result<(Option<String>, Option<String>), BrokerError> {
+    let Some(error) = error else {
+        return Ok((None, None));
+    };
+    let kind = match serde_json::to_value(error.kind) {
+        Ok(Value::String(kind)) => kind,
+        _ => return Err(BrokerError::Invalid(format!("unstorable error kind {:?}", error.kind))),
+    };
+    Ok((Some(kind), Some(error.message)))
+}
+
+async fn cancel_now(
+    conn: &mut SqliteConnection,
+    id: &str,
+    now: i64,
+    message: &str,
+) -> Result<(), BrokerError> {
+    sqlx::query(
+        "UPDATE celer_jobs
+            SET state = 'cancelled', finished_at = ?1, lease_token = NULL, lease_until = NULL,
+                error_kind = 'cancelled', error_message = ?2
+          WHERE id = ?3",
+    )
+    .bind(now)
+    .bind(message)
+    .bind(id)
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+async fn bury_unreadable(
+    conn: &mut SqliteConnection,
+    row: &SqliteRow,
+    now: i64,
+    error: BrokerError,
+) -> Result<(), BrokerError> {
+    let Ok(id) = row.try_get::<String, _>("id") else {
+        return Err(error);
+    };
+    tracing::error!(job = %id, %error, "unreadable job moved to the dead letters");
+    sqlx::query(BURY_UNREADABLE)
+        .bind(now)
+        .bind(format!("stored job is unreadable: {error}"))
+        .bind(&id)
+        .execute(conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+/// A leased row as a delivery, with its sort key (priority, run_at).
+fn delivery_from_row(row: &SqliteRow) -> Result<(i32, i64, Delivery), BrokerError> {
+    let reader = Reader::new(row);
+    let job = reader.job()?;
+    let token: Option<String> = reader.get("lease_token")?;
+    let token = token.ok_or_else(|| reader.corrupt("leased without a token"))?;
+    let run_at: i64 = reader.get("run_at")?;
+    let lease = Lease { job_id: job.id.clone(), token };
+    Ok((job.priority, run_at, Delivery { job, lease }))
+}
+
+fn status_from_row(row: &SqliteRow) -> Result<JobStatus, BrokerError> {
+    let r = Reader::new(row);
+    let error_kind: Option<String> = r.get("error_kind")?;
+    let error = match error_kind {
+        None => None,
+        Some(kind) => {
+            let kind: ErrorKind = serde_json::from_value(Value::String(kind.clone()))
+                .map_err(|_| r.corrupt(format!("unknown error kind {kind:?}")))?;
+            let message: Option<String> = r.get("error_message")?;
+            Some(JobError { kind, message: message.unwrap_or_default() })
+        }
+    };
+    let progress = match (r.opt_int::<u64>("progress_done")?, r.opt_int::<u64>("progress_total")?) {
+        (Some(done), Some(total)) => Some(Progress { done, total }),
+        _ => None,
+    };
+    Ok(JobStatus {
+        job: r.job()?,
+        state: r.state()?,
+        result: r.opt_json("result")?,
+        error,
+        progress,
+        started_at: r.opt_time("started_at")?,
+        finished_at: r.opt_time("finished_at")?,
+        plugin: r.get("plugin")?,
+        plugin_version: r.get("plugin_version")?,
+        host: r.get("host")?,
+        touched: r.opt_json("touched")?,
+        log: r.get("log")?,
+    })
+}
+
+/// Typed reads of one `celer_jobs` row; every failure is a
+/// [`BrokerError::Corrupt`] naming the job.
+struct Reader<'r> {
+    row: &'r SqliteRow,
+    id: String,
+}
+
+impl<'r> Reader<'r> {
+    fn new(row: &'r SqliteRow) -> Self {
+        let id = row.try_get::<String, _>("id").unwrap_or_else(|_| "?".into());
+        Reader { row, id }
+    }
+
+    fn corrupt(&self, reason: impl Into<String>) -> BrokerError {
+        BrokerError::Corrupt { id: self.id.clone(), reason: reason.into() }
+    }
+
+    fn get<T>(&self, column: &str) -> Result<T, BrokerError>
+    where
+        T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+    {
+        self.row.try_get(column).map_err(|e| self.corrupt(format!("column {column}: {e}")))
+    }
+
+    fn int<T: TryFrom<i64>>(&self, column: &str) -> Result<T, BrokerError> {
+        let n: i64 = self.get(column)?;
+        T::try_from(n).map_err(|_| self.corrupt(format!("column {column}: {n} out of range")))
+    }
+
+    fn opt_int<T: TryFrom<i64>>(&self, column: &str) -> Result<Option<T>, BrokerError> {
+        let n: Option<i64> = self.get(column)?;
+        n.map(|n| {
+            T::try_from(n).map_err(|_| self.corrupt(format!("column {column}: {n} out of range")))
+        })
+        .transpose()
+    }
+
+    fn time(&self, column: &str) -> Result<DateTime<Utc>, BrokerError> {
+        let ms: i64 = self.get(column)?;
+        DateTime::from_timestamp_millis(ms)
+            .ok_or_else(|| self.corrupt(format!("column {column}: {ms} is not a time")))
+    }
+
+    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>, BrokerError> {
+        let ms: Option<i64> = self.get(column)?;
+        ms.map(|ms| {
+            DateTime::from_timestamp_millis(ms)
+                .ok_or_else(|| self.corrupt(format!("column {column}: {ms} is not a time")))
+        })
+        .transpose()
+    }
+
+    fn json(&self, column: &str) -> Result<Value, BrokerError> {
+        let text: String = self.get(column)?;
+        serde_json::from_str(&text).map_err(|e| self.corrupt(format!("column {column}: {e}")))
+    }
+
+    fn opt_json(&self, column: &str) -> Result<Option<Value>, BrokerError> {
+        let text: Option<String> = self.get(column)?;
+        text.map(|text| {
+            serde_json::from_str(&text).map_err(|e| self.corrupt(format!("column {column}: {e}")))
+        })
+        .transpose()
+    }
+
+    fn state(&self) -> Result<JobState, BrokerError> {
+        let text: String = self.get("state")?;
+        JobState::parse(&text).ok_or_else(|| self.corrupt(format!("unknown state {text:?}")))
+    }
+
+    fn job(&self) -> Result<Job, BrokerError> {
+        Ok(Job {
+            id: self.get("id")?,
+            task: self.get("task")?,
+            args: self.json("args")?,
+            kwargs: self.json("kwargs")?,
+            queue: self.get("queue")?,
+            priority: self.int("priority")?,
+            attempt: self.int("attempt")?,
+            max_retries: self.int("max_retries")?,
+            eta: self.opt_time("eta")?,
+            expires_at: self.opt_time("expires_at")?,
+            timeout_ms: self.opt_int("timeout_ms")?,
+            idempotency_key: self.get("idempotency_key")?,
+            parent_id: self.get("parent_id")?,
+            enqueued_at: self.time("enqueued_at")?,
+        })
+    }
+}
+
+fn db(e: sqlx::Error) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+/// SQLITE_BUSY or SQLITE_LOCKED, extended codes included.
+fn is_locked(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|e| e.code())
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, BrokerError> {
+    serde_json::to_string(value).map_err(|e| BrokerError::Invalid(format!("not storable as JSON: {e}")))
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    use chrono::TimeDelta;
+    use serde_json::json;
+    use tempfile::TempDir;
+
+    use super::*;
+
+    const HOST: &str = "test-host";
+
+    async fn broker() -> (TempDir, EmbeddedBroker) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let broker = EmbeddedBroker::open(&dir.path().join("nested/celer.db")).await.expect("open");
+        (dir, broker)
+    }
+
+    fn job(task: &str) -> NewJob {
+        NewJob::new(task, json!([1, "two"]), json!({"k": true}))
+    }
+
+    async fn enqueue(b: &EmbeddedBroker, job: NewJob) -> String {
+        let enqueued = b.enqueue(job).await.expect("enqueue");
+        assert!(!enqueued.existing);
+        enqueued.id
+    }
+
+    fn default_queue() -> Vec<String> {
+        vec!["default".to_string()]
+    }
+
+    async fn fetch_with(
+        b: &EmbeddedBroker,
+        max: usize,
+        exclude: &[String],
+        lease: Duration,
+    ) -> Vec<Delivery> {
+        let queues = default_queue();
+        let req = FetchRequest { host: HOST, queues: &queues, exclude_tasks: exclude, max, lease };
+        b.fetch(req).await.expect("fetch")
+    }
+
+    async fn fetch(b: &EmbeddedBroker, max: usize) -> Vec<Delivery> {
+        fetch_with(b, max, &[], Duration::from_secs(30)).await
+    }
+
+    async fn fetch_one(b: &EmbeddedBroker) -> Delivery {
+        let mut got = fetch(b, 1).await;
+        assert_eq!(got.len(), 1, "expected one delivery");
+        got.remove(0)
+    }
+
+    async fn status(b: &EmbeddedBroker, id: &str) -> JobStatus {
+        b.status(id).await.expect("status").expect("job exists")
+    }
+
+    fn ids(deliveries: &[Delivery]) -> Vec<String> {
+        deliveries.iter().map(|d| d.job.id.clone()).collect()
+    }
+
+    fn err(kind: ErrorKind, message: &str) -> JobError {
+        JobError::new(kind, message)
+    }
+
+    fn ms_precision(t: DateTime<Utc>) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn enqueue_stores_a_queued_job_and_status_reads_it_back() {
+        let (_dir, b) = broker().await;
+        let mut new = job("mail.send");
+        new.priority = 7;
+        new.max_retries = 5;
+        new.timeout_ms = Some(1_500);
+        new.parent_id = Some("parent-1".into());
+        let before = Utc::now();
+        let id = enqueue(&b, new.clone()).await;
+        assert!(Uuid::parse_str(&id).is_ok_and(|u| u.get_version_num() == 7), "{id}");
+
+        let s = status(&b, &id).await;
+        assert_eq!(s.state, JobState::Queued);
+        assert_eq!(s.job.id, id);
+        assert_eq!(s.job.task, "mail.send");
+        assert_eq!(s.job.args, new.args);
+        assert_eq!(s.job.kwargs, new.kwargs);
+        assert_eq!(s.job.queue, "default");
+        assert_eq!((s.job.priority, s.job.attempt, s.job.max_retries), (7, 0, 5));
+        assert_eq!(s.job.timeout_ms, Some(1_500));
+        assert_eq!(s.job.parent_id.as_deref(), Some("parent-1"));
+        assert_eq!((s.job.eta, s.job.expires_at), (None, None));
+        assert!(s.job.enqueued_at >= ms_precision(before) && s.job.enqueued_at <= Utc::now());
+        assert_eq!((s.result, s.error, s.progress, s.started_at, s.finished_at), (None, None, None, None, None));
+        assert!(b.status("no-such-job").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn invalid_jobs_are_refused() {
+        let (_dir, b) = broker().await;
+        let bad = NewJob::new("t", json!({"not": "an array"}), json!({}));
+        assert!(matches!(b.enqueue(bad).await, Err(BrokerError::Invalid(_))));
+        let empty_task = NewJob::new(" ", json!([]), json!({}));
+        assert!(matches!(b.enqueue(empty_task).await, Err(BrokerError::Invalid(_))));
+        assert!(fetch(&b, 10).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn eta_schedules_the_job_and_it_is_not_fetched_before_its_time() {
+        let (_dir, b) = broker().await;
+        let eta = Utc::now() + TimeDelta::milliseconds(300);
+        let id = enqueue(&b, NewJob { eta: Some(eta), ..job("later") }).await;
+        assert_eq!(status(&b, &id).await.state, JobState::Scheduled);
+        assert!(fetch(&b, 10).await.is_empty());
+        let stats = b.queue_stats().await.unwrap();
+        assert_eq!((stats[0].queued, stats[0].delayed), (0, 1));
+
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let d = fetch_one(&b).await;
+        assert_eq!(d.job.id, id);
+        assert_eq!(d.job.eta, Some(ms_precision(eta)));
+        assert_eq!(status(&b, &id).await.job.eta, Some(ms_precision(eta)), "eta stays the original");
+    }
+
+    #[tokio::test]
+    async fn fetch_leases_by_priority_respects_max_queues_and_excluded_tasks() {
+        let (_dir, b) = broker().await;
+        let low1 = enqueue(&b, job("low")).await;
+        let low2 = enqueue(&b, job("low")).await;
+        let high = enqueue(&b, NewJob { priority: 5, ..job("high") }).await;
+        let busy = enqueue(&b, NewJob { priority: 10, ..job("busy") }).await;
+        let _elsewhere = enqueue(&b, NewJob { queue: "other".into(), ..job("low") }).await;
+
+        assert!(fetch(&b, 0).await.is_empty(), "max 0 leases nothing");
+        let excluded = vec!["busy".to_string()];
+        let first = fetch_with(&b, 2, &excluded, Duration::from_secs(30)).await;
+        assert_eq!(ids(&first), vec![high.clone(), low1.clone()], "priority, then age");
+        for d in &first {
+            assert_eq!(d.lease.job_id, d.job.id);
+            assert_eq!(d.job.attempt, 0);
+            let s = status(&b, &d.job.id).await;
+            assert_eq!(s.state, JobState::Running);
+            assert_eq!(s.host.as_deref(), Some(HOST));
+            assert!(s.started_at.is_some());
+        }
+        assert_ne!(first[0].lease.token, first[1].lease.token);
+
+        let second = fetch_with(&b, 10, &excluded, Duration::from_secs(30)).await;
+        assert_eq!(ids(&second), vec![low2]);
+        let third = fetch(&b, 10).await;
+        assert_eq!(ids(&third), vec![busy], "the other queue is not ours");
+        assert!(fetch(&b, 10).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn renew_holds_the_lease_until_it_is_lost() {
+        let (_dir, b) = broker().await;
+        let id = enqueue(&b, job("t")).await;
+        let d = fetch_one(&b).await;
+        let renewed = b.renew(&d.lease, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(renewed, LeaseStatus::Held { cancel_requested: false });
+
+        let stale = Lease { job_id: id.clone(), token: "not-the-token".into() };
+        assert_eq!(b.renew(&stale, Duration::from_secs(60)).await.unwrap(), LeaseStatus::Lost);
+        let unknown = Lease { job_id: "nope".into(), token: d.lease.token.clone() };
+        assert_eq!(b.renew(&unknown, Duration::from_secs(60)).await.unwrap(), LeaseStatus::Lost);
+
+        let outcome = Outcome::Succeeded { result: json!(1) };
+        assert!(b.complete(&d.lease, outcome, RunRecord::default()).await.unwrap());
+        assert_eq!(b.renew(&d.lease, Duration::from_secs(60)).await.unwrap(), LeaseStatus::Lost);
+    }
+
+    #[tokio::test]
+    async fn progress_is_recorded_only_under_the_lease() {
+        let (_dir, b) = broker().await;
+        let id = enqueue(&b, job("t")).await;
+        let d = fetch_one(&b).await;
+        b.progress(&d.lease, 3, 10).await.unwrap();
+        assert_eq!(status(&b, &id).await.progress, Some(Progress { done: 3, total: 10 }));
+        let stale = Lease { job_id: id.clone(), token: "stale".into() };
+        b.progress(&stale, 9, 10).await.unwrap();
+        assert_eq!(status(&b, &id).await.progress, Some(Progress { done: 3, total: 10 }));
+    }
+
+    #[tokio::test]
+    async fn complete_succeeded_stores_result_and_a_stale_token_changes_nothing() {
+        let (_dir, b) = broker().await;
+        let id = enqueue(&b, job("t")).await;
+        let d = fetch_one(&b).await;
+
+        let stale = Lease { job_id: id.clone(), token: "stale".into() };
+        let wrote = b
+            .complete(&stale, Outcome::Succeeded { result: json!("forged") }, RunRecord::default())
+            .await
+            .unwrap();
+        assert!(!wrote);
+        let s = status(&b, &id).await;
+        assert_eq!((s.state, s.result), (JobState::Running, None));
+
+        let record = RunRecord {
+            plugin: Some("mailer".into()),
+            plugin_version: Some("1.2.0".into()),
+            touched: Some(json!({"tables": ["users"]})),
+            log: Some("sent 1 mail\n".into()),
+        };
+        let outcome = Outcome::Succeeded { result: json!({"sent": 1}) };
+        assert!(b.complete(&d.lease, outcome, record).await.unwrap());
+        let s = status(&b, &id).await;
+        assert_eq!(s.state, JobState::Succeeded);
+        assert_eq!(s.result, Some(json!({"sent": 1})));
+        assert_eq!(s.error, None);
+        assert!(s.finished_at.is_some() && s.started_at.is_some());
+        assert_eq!(s.plugin.as_deref(), Some("mailer"));
+        assert_eq!(s.plugin_version.as_deref(), Some("1.2.0"));
+        assert_eq!(s.touched, Some(json!({"tables": ["users"]})));
+        assert_eq!(s.log.as_deref(), Some("sent 1 mail\n"));
+
+        let again = Outcome::Dead { error: err(ErrorKind::Plugin, "late") };
+        assert!(!b.complete(&d.lease, again, RunRecord::default()).await.unwrap());
+        assert_eq!(status(&b, &id).await.state, JobState::Succeeded);
+        assert!(fetch(&b, 10).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn retry_counts_an_attempt_and_waits_for_its_time() {
+        let (_dir, b) = broker().await;
+        let id = enqueue(&b, job("t")).await;
+        let d = fetch_one(&b).await;
+        let at = Utc::now() + TimeDelta::milliseconds(300);
+        let outcome = Outcome::Retry { error: err(ErrorKind::Timeout, "too slow"), at };
+        assert!(b.complete(&d.lease, outcome, RunRecord::default()).await.unwrap());
+
+        let s = status(&b, &id).await;
+        assert_eq!(s.state, JobState::Retrying);
+        assert_eq!(s.job.attempt, 1);
+        assert_eq!(s.error, Some(err(ErrorKind::Timeout, "too slow")));
+        assert_eq!(s.finished_at, None);
+        assert!(fetch(&b, 10).await.is_empty(), "not before `at`");
+        let stats = b.queue_stats().await.unwrap();
+        assert_eq!((stats[0].queued, stats[0].delayed, stats[0].running), (0, 1, 0));
+
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let again = fetch_one(&b).await;
+        assert_eq!((again.job.id.as_str(), again.job.attempt), (id.as_str(), 1));
+        assert_ne!(again.lease.token, d.lease.token);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_list_retry_and_purge() {
+        let (_dir, b) = broker().await;
+        let first = enqueue(&b, job("t")).await;
+        let second = enqueue(&b, job("t")).await;
+        for _ in 0..2 {
+            let d = fetch_one(&b).await;
+            let outcome = Outcome::Dead { error: err(ErrorKind::InvalidArgs, "bad") };
+            assert!(b.complete(&d.lease, outcome, RunRecord::default()).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let s = status(&b, &first).await;
+        assert_eq!(s.state, JobState::Failed);
+        assert_eq!(s.error, Some(err(ErrorKind::InvalidArgs, "bad")));
+        let dead = b.dead_list(10).await.unwrap();
+        let dead_ids: Vec<&str> = dead.iter().map(|s| s.job.id.as_str()).collect();
+        assert_eq!(dead_ids, vec![second.as_str(), first.as_str()], "newest first");
+        assert_eq!(b.dead_list(1).await.unwrap().len(), 1);
+        assert_eq!(b.queue_stats().await.unwrap()[0].dead, 2);
+        assert!(fetch(&b, 10).await.is_empty());
+
+        // One by id: back on its queue, fresh budget, no trace of the failure.
+        assert_eq!(b.dead_retry(std::slice::from_ref(&first)).await.unwrap(), 1);
+        let s = status(&b, &first).await;
+        assert_eq!((s.state, s.job.attempt, s.error, s.finished_at), (JobState::Queued, 0, None, None));
+        let d = fetch_one(&b).await;
+        assert_eq!(d.job.id, first);
+        let outcome = Outcome::Dead { error: err(ErrorKind::Trap, "again") };
+        assert!(b.complete(&d.lease, outcome, RunRecord::default()).await.unwrap());
+
+        // All of them.
+        assert_eq!(b.dead_retry(&[]).await.unwrap(), 2);
+        assert!(b.dead_list(10).await.unwrap().is_empty());
+        for d in fetch(&b, 10).await {
+            let outcome = Outcome::Dead { error: err(ErrorKind::Trap, "for good") };
+            assert!(b.complete(&d.lease, outcome, RunRecord::default()).await.unwrap());
+        }
+        assert_eq!(b.dead_purge().await.unwrap(), 2);
+        assert!(b.status(&first).await.unwrap().is_none());
+        assert!(b.dead_list(10).await.unwrap().is_empty());
+        assert!(b.queue_stats().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn cancel_before_start_means_never_fetched() {
+        let (_dir, b) = broker().await;
+        let id = enqueue(&b, job("t")).await;
+        let eta = Utc::now() + TimeDelta::seconds(60);
+        let scheduled = enqueue(&b, NewJob { eta: Some(eta), ..job("t") }).await;
+        assert_eq!(b.cancel(&id).await.unwrap(), CancelOutcome::Cancelled);
+        assert_eq!(b.cancel(&scheduled).await.unwrap(), CancelOutcome::Cancelled);
+        let s = status(&b, &id).await;
+        assert_eq!(s.state, JobState::Cancelled);
+        assert!(s.finished_at.is_some());
+        assert_eq!(s.error.map(|e| e.kind), Some(ErrorKind::Cancelled));
+        assert!(fetch(&b, 10).await.is_empty());
+        assert_eq!(b.cancel(&id).await.unwrap(), CancelOutcome::AlreadyFinished);
+        assert_eq!(b.cancel("no-such-job").await.unwrap(), CancelOutcome::NotFound);
+    }
+
+    #[tokio::test]
+    async fn cancel_of_a_running_job_is_seen_by_renew() {
+        let (_dir, b) = broker().await;
+        let id = enqueue(&b, job("t")).await;
+        let d = fetch_one(&b).await;
+        assert_eq!(b.cancel(&id).await.unwrap(), CancelOutcome::StopRequested);
+        assert_eq!(status(&b, &id).await.state, JobState::Running);
+        let renewed = b.renew(&d.lease, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(renewed, LeaseStatus::Held { cancel_requested: true });
+        let outcome = Outcome::Cancelled { error: err(ErrorKind::Cancelled, "stopped") };
+        assert!(b.complete(&d.lease, outcome, RunRecord::default()).await.unwrap());
+        let s = status(&b, &id).await;
+        assert_eq!((s.state, s.error), (JobState::Cancelled, Some(err(ErrorKind::Cancelled, "stopped"))));
+        assert_eq!(b.cancel(&id).await.unwrap(), CancelOutcome::AlreadyFinished);
+    }
+
+    #[tokio::test]
+    async fn a_retry_reported_after_a_stop_request_cancels_instead() {
+        let (_dir, b) = broker().await;
+        let id = enqueue(&b, job("t")).await;
+        let d = fetch_one(&b).await;
+        assert_eq!(b.cancel(&id).await.unwrap(), CancelOutcome::StopRequested);
+        let outcome = Outcome::Retry { error: err(ErrorKind::Trap, "boom"), at: Utc::now() };
+        assert!(b.complete(&d.lease, outcome, RunRecord::default()).await.unwrap());
+        let s = status(&b, &id).await;
+        assert_eq!(s.state, JobState::Cancelled);
+        assert_eq!(s.error.map(|e| e.kind), Some(ErrorKind::Cancelled));
+        assert!(fetch(&b, 10).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_expired_job_is_never_delivered() {
+        let (_dir, b) = broker().await;
+        let past = Utc::now() - TimeDelta::seconds(1);
+        let id = enqueue(&b, NewJob { expires_at: Some(past), ..job("t") }).await;
+        let future = Utc::now() + TimeDelta::seconds(60);
+        let fresh = enqueue(&b, NewJob { expires_at: Some(future), ..job("t") }).await;
+        let got = fetch(&b, 10).await;
+        assert_eq!(ids(&got), vec![fresh]);
+        let s = status(&b, &id).await;
+        assert_eq!(s.state, JobState::Expired);
+        assert!(s.finished_at.is_some());
+        assert!(fetch(&b, 10).await.is_empty());
+        assert_eq!(b.cancel(&id).await.unwrap(), CancelOutcome::AlreadyFinished);
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_returns_the_first_job() {
+        let (_dir, b) = broker().await;
+        let keyed = NewJob { idempotency_key: Some("order-42".into()), ..job("t") };
+        let first = b.enqueue(keyed.clone()).await.unwrap();
+        assert!(!first.existing);
+        let second = b.enqueue(NewJob { priority: 9, ..keyed }).await.unwrap();
+        assert_eq!(second, Enqueued { id: first.id.clone(), existing: true });
+        let other = b.enqueue(NewJob { idempotency_key: Some("order-43".into()), ..job("t") });
+        assert_ne!(other.await.unwrap().id, first.id);
+        assert_eq!(fetch(&b, 10).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_redelivered_as_a_new_attempt() {
+        let (_dir, b) = broker().await;
+        let id = enqueue(&b, job("t")).await;
+        let first = fetch_with(&b, 1, &[], Duration::from_millis(50)).await.remove(0);
+        assert_eq!(first.job.attempt, 0);
+        assert!(fetch(&b, 10).await.is_empty(), "still leased");
+
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let second = fetch_one(&b).await;
+        assert_eq!((second.job.id.as_str(), second.job.attempt), (id.as_str(), 1));
+        assert_ne!(second.lease.token, first.lease.token);
+
+        let late = Outcome::Succeeded { result: json!("from the dead host") };
+        assert!(!b.complete(&first.lease, late, RunRecord::default()).await.unwrap());
+        assert_eq!(b.renew(&first.lease, Duration::from_secs(30)).await.unwrap(), LeaseStatus::Lost);
+        let outcome = Outcome::Succeeded { result: json!("from the new host") };
+        assert!(b.complete(&second.lease, outcome, RunRecord::default()).await.unwrap());
+        assert_eq!(status(&b, &id).await.result, Some(json!("from the new host")));
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_with_no_retry_left_fails_as_lost() {
+        let (_dir, b) = broker().await;
+        let id = enqueue(&b, NewJob { max_retries: 0, ..job("t") }).await;
+        let d = fetch_with(&b, 1, &[], Duration::from_millis(50)).await.remove(0);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(fetch(&b, 10).await.is_empty());
+
+        let s = status(&b, &id).await;
+        assert_eq!(s.state, JobState::Failed);
+        assert_eq!(s.error.as_ref().map(|e| e.kind), Some(ErrorKind::Lost));
+        assert_eq!(ids_of(&b.dead_list(10).await.unwrap()), vec![id]);
+        let late = Outcome::Succeeded { result: json!(1) };
+        assert!(!b.complete(&d.lease, late, RunRecord::default()).await.unwrap());
+    }
+
+    fn ids_of(statuses: &[JobStatus]) -> Vec<String> {
+        statuses.iter().map(|s| s.job.id.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_stop_requested_on_a_vanished_host_ends_cancelled() {
+        let (_dir, b) = broker().await;
+        let id = enqueue(&b, job("t")).await;
+        let _d = fetch_with(&b, 1, &[], Duration::from_millis(50)).await.remove(0);
+        assert_eq!(b.cancel(&id).await.unwrap(), CancelOutcome::StopRequested);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(fetch(&b, 10).await.is_empty(), "not redelivered");
+        assert_eq!(status(&b, &id).await.state, JobState::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn release_gives_the_job_back_with_the_same_attempt() {
+        let (_dir, b) = broker().await;
+        let id = enqueue(&b, job("t")).await;
+        let d = fetch_one(&b).await;
+        b.release(&d.lease).await.unwrap();
+        let s = status(&b, &id).await;
+        assert_eq!((s.state, s.job.attempt, s.host), (JobState::Queued, 0, None));
+        assert!(!b.complete(&d.lease, Outcome::Succeeded { result: json!(1) }, RunRecord::default()).await.unwrap());
+
+        let again = fetch_one(&b).await;
+        assert_eq!((again.job.id.as_str(), again.job.attempt), (id.as_str(), 0));
+        let stale = Lease { job_id: id.clone(), token: "stale".into() };
+        b.release(&stale).await.unwrap();
+        assert_eq!(status(&b, &id).await.state, JobState::Running, "a stale release does nothing");
+    }
+
+    #[tokio::test]
+    async fn queue_stats_count_per_queue() {
+        let (_dir, b) = broker().await;
+        enqueue(&b, job("t")).await;
+        enqueue(&b, job("t")).await;
+        let later = Utc::now() + TimeDelta::seconds(60);
+        enqueue(&b, NewJob { eta: Some(later), ..job("t") }).await;
+        enqueue(&b, NewJob { queue: "mail".into(), ..job("t") }).await;
+        let _running = fetch_one(&b).await;
+        let stats = b.queue_stats().await.unwrap();
+        assert_eq!(
+            stats,
+            vec![
+                QueueStats { queue: "default".into(), queued: 1, delayed: 1, running: 1, dead: 0 },
+                QueueStats { queue: "mail".into(), queued: 1, delayed: 0, running: 0, dead: 0 },
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn open_url_and_reopen_keep_the_same_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("celer.db");
+        let id = {
+            let b = EmbeddedBroker::open_url(&format!("sqlite://{}", path.display())).await.unwrap();
+            let id = enqueue(&b, job("t")).await;
+            b.close().await;
+            id
+        };
+        let b = EmbeddedBroker::open_url(&format!("sqlite:{}", path.display())).await.unwrap();
+        assert_eq!(status(&b, &id).await.state, JobState::Queued);
+        let version: String =
+            sqlx::query_scalar("SELECT value FROM celer_meta WHERE key = 'schema_version'")
+                .fetch_one(b.pool())
+                .await
+                .unwrap();
+        assert_eq!(version, SCHEMA_VERSION.to_string());
+        assert!(matches!(EmbeddedBroker::open_url("redis://x").await, Err(BrokerError::Invalid(_))));
+        assert!(matches!(EmbeddedBroker::open_url("sqlite::memory:").await, Err(BrokerError::Invalid(_))));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_state_is_reported_as_corrupt() {
+        let (_dir, b) = broker().await;
+        let id = enqueue(&b, job("t")).await;
+        sqlx::query("UPDATE celer_jobs SET state = 'zombie' WHERE id = ?1")
+            .bind(&id)
+            .execute(b.pool())
+            .await
+            .unwrap();
+        assert!(matches!(b.status(&id).await, Err(BrokerError::Corrupt { id: ref bad, .. }) if *bad == id));
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_job_goes_to_the_dead_letters_instead_of_blocking_fetch() {
+        let (_dir, b) = broker().await;
+        let bad = enqueue(&b, NewJob { priority: 1, ..job("t") }).await;
+        let good = enqueue(&b, job("t")).await;
+        sqlx::query("UPDATE celer_jobs SET args = 'not json' WHERE id = ?1")
+            .bind(&bad)
+            .execute(b.pool())
+            .await
+            .unwrap();
+        assert_eq!(ids(&fetch(&b, 10).await), vec![good]);
+        let dead = sqlx::query_scalar::<_, String>("SELECT state FROM celer_jobs WHERE id = ?1")
+            .bind(&bad)
+            .fetch_one(b.pool())
+            .await
+            .unwrap();
+        assert_eq!(dead, "failed");
+    }
+
+    #[tokio::test]
+    async fn fetch_walks_the_index() {
+        let (_dir, b) = broker().await;
+        let plan: Vec<String> = sqlx::query(
+            "EXPLAIN QUERY PLAN
+             SELECT id FROM celer_jobs
+              WHERE state IN ('queued', 'scheduled', 'retrying', 'running')
+                AND queue IN (SELECT value FROM json_each(?4))
+                AND (CASE WHEN state = 'running' THEN lease_until < ?1 ELSE run_at <= ?1 END)
+                AND task NOT IN (SELECT value FROM json_each(?5))
+              ORDER BY priority DESC, run_at, id
+              LIMIT ?6",
+        )
+        .fetch_all(b.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<String, _>("detail"))
+        .collect();
+        assert!(LEASE.contains("ORDER BY priority DESC, run_at, id"));
+        assert!(
+            plan.iter().any(|step| step.contains("celer_jobs USING INDEX celer_jobs_fetch")),
+            "{plan:#?}"
+        );
+        assert!(!plan.iter().any(|step| step == "SCAN celer_jobs"), "{plan:#?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_processes_deliver_every_job_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.db");
+        let (a, b) = tokio::join!(EmbeddedBroker::open(&path), EmbeddedBroker::open(&path));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let mut all = HashSet::new();
+        for i in 0..200 {
+            let producer = if i % 2 == 0 { &a } else { &b };
+            all.insert(enqueue(producer, NewJob { priority: i % 3, ..job("t") }).await);
+        }
+
+        let delivered = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut workers = Vec::new();
+        for w in 0..6 {
+            let broker = if w % 2 == 0 { a.clone() } else { b.clone() };
+            let delivered = delivered.clone();
+            workers.push(tokio::spawn(async move {
+                let queues = default_queue();
+                let host = format!("host-{w}");
+                loop {
+                    let req = FetchRequest {
+                        host: &host,
+                        queues: &queues,
+                        exclude_tasks: &[],
+                        max: 1 + w % 4,
+                        lease: Duration::from_secs(60),
+                    };
+                    let got = broker.fetch(req).await.expect("fetch");
+                    if got.is_empty() {
+                        break;
+                    }
+                    for d in got {
+                        let outcome = Outcome::Succeeded { result: json!(w) };
+                        assert!(broker.complete(&d.lease, outcome, RunRecord::default()).await.unwrap());
+                        delivered.lock().unwrap().push(d.job.id);
+                    }
+                }
+            }));
+        }
+        for w in workers {
+            w.await.unwrap();
+        }
+        let delivered = delivered.lock().unwrap().clone();
+        let unique: HashSet<String> = delivered.iter().cloned().collect();
+        assert_eq!(delivered.len(), 200, "no job delivered twice");
+        assert_eq!(unique, all, "every job delivered");
+        for id in &all {
+            assert_eq!(status(&a, id).await.state, JobState::Succeeded);
+        }
+    }
+}

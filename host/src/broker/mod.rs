@@ -1,0 +1,182 @@
+//! Brokers hold jobs between the producer and the worker: the queue, the
+//! leases of running jobs, retries, the dead letters and the result store.
+//! The worker only speaks [`Broker`], so the embedded SQLite broker and the
+//! Redis broker are interchangeable.
+//!
+//! Delivery is at-least-once with leases: a fetched job is leased to one
+//! worker until `lease_until`; the worker renews the lease while the job
+//! runs; a host that dies stops renewing, and once the lease runs out the
+//! job is handed out again (as a new attempt). Every write that ends an
+//! attempt names the [`Lease`] it holds, so a worker that lost its lease
+//! cannot overwrite the outcome of the worker that took over: exactly one
+//! outcome is recorded per attempt.
+
+pub mod backoff;
+pub mod embedded;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::job::{Job, JobError, JobStatus, NewJob};
+
+/// What can go wrong talking to a broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The backend (SQLite file, Redis) could not be reached or answered
+    /// with an error; the caller may retry.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The request itself is wrong (e.g. an invalid job).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Stored data could not be read back (a bug or a manual edit).
+    #[error("corrupt broker record for job {id}: {reason}")]
+    Corrupt { id: String, reason: String },
+}
+
+/// Proof that a worker holds a job: the job id plus a token unique to this
+/// delivery. Outcomes written with a stale token are ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub job_id: String,
+    pub token: String,
+}
+
+/// A job handed to a worker.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub job: Job,
+    pub lease: Lease,
+}
+
+/// What a lease renewal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// Still ours; `cancel_requested` when someone asked to stop the job.
+    Held { cancel_requested: bool },
+    /// Taken over or finished elsewhere: stop working on it, write nothing.
+    Lost,
+}
+
+/// How an attempt ended, as the worker reports it.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Succeeded { result: Value },
+    /// Run it again at `at` (attempt + 1).
+    Retry { error: JobError, at: DateTime<Utc> },
+    /// Failed for good: state `failed`, into the dead letters.
+    Dead { error: JobError },
+    /// Stopped because it was cancelled.
+    Cancelled { error: JobError },
+}
+
+/// Everything about a finished attempt besides its outcome.
+#[derive(Debug, Clone, Default)]
+pub struct RunRecord {
+    pub plugin: Option<String>,
+    pub plugin_version: Option<String>,
+    pub touched: Option<Value>,
+    pub log: Option<String>,
+}
+
+/// The answer to an enqueue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Enqueued {
+    pub id: String,
+    /// True when an idempotency key matched an existing job, whose id this is.
+    pub existing: bool,
+}
+
+/// The answer to a cancel request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CancelOutcome {
+    /// It had not started: now `cancelled`.
+    Cancelled,
+    /// It is running: the worker is asked to stop it.
+    StopRequested,
+    /// Already finished; nothing changed.
+    AlreadyFinished,
+    NotFound,
+}
+
+/// Depth of one queue, for `celer inspect` and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    pub queue: String,
+    /// Due and waiting.
+    pub queued: u64,
+    /// Waiting for an eta or a retry backoff.
+    pub delayed: u64,
+    pub running: u64,
+    /// In the dead letters.
+    pub dead: u64,
+}
+
+/// What fetch may hand out.
+#[derive(Debug, Clone)]
+pub struct FetchRequest<'a> {
+    /// Identifies this host in leases and status (`host` field).
+    pub host: &'a str,
+    pub queues: &'a [String],
+    /// Tasks whose plugin has no free slot: leave them for another worker.
+    pub exclude_tasks: &'a [String],
+    /// Free worker slots: never lease more (no hoarding).
+    pub max: usize,
+    pub lease: Duration,
+}
+
+/// The operations a worker, the CLI and the API need from a broker.
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Stores a new job (state `queued`, or `scheduled` when its eta is ahead).
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued, BrokerError>;
+
+    /// Leases up to `req.max` due jobs, highest priority first, then oldest.
+    /// Jobs whose `expires_at` passed turn `expired` instead; jobs whose
+    /// lease ran out are handed out again as a new attempt (or failed with
+    /// kind `lost` when they have no retries left).
+    async fn fetch(&self, req: FetchRequest<'_>) -> Result<Vec<Delivery>, BrokerError>;
+
+    /// Extends a lease while the job runs.
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<LeaseStatus, BrokerError>;
+
+    /// Records the progress the plugin reported.
+    async fn progress(&self, lease: &Lease, done: u64, total: u64) -> Result<(), BrokerError>;
+
+    /// Ends an attempt. Returns false when the lease was no longer held (the
+    /// outcome was not recorded because another worker owns the job).
+    async fn complete(
+        &self,
+        lease: &Lease,
+        outcome: Outcome,
+        record: RunRecord,
+    ) -> Result<bool, BrokerError>;
+
+    /// Gives a job back without counting an attempt (shutdown, or no free
+    /// plugin slot after all).
+    async fn release(&self, lease: &Lease) -> Result<(), BrokerError>;
+
+    /// Cancels a job that has not started, or asks its worker to stop it.
+    async fn cancel(&self, id: &str) -> Result<CancelOutcome, BrokerError>;
+
+    /// The status JSON of a job, or `None` when unknown.
+    async fn status(&self, id: &str) -> Result<Option<JobStatus>, BrokerError>;
+
+    /// Dead letters, newest first.
+    async fn dead_list(&self, limit: u32) -> Result<Vec<JobStatus>, BrokerError>;
+
+    /// Puts dead letters back on their queue with a fresh retry budget:
+    /// the given ids, or all of them when `ids` is empty. Returns how many.
+    async fn dead_retry(&self, ids: &[String]) -> Result<u64, BrokerError>;
+
+    /// Deletes dead letters for good. Returns how many.
+    async fn dead_purge(&self) -> Result<u64, BrokerError>;
+
+    /// Depth of every queue that holds jobs.
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>, BrokerError>;
+}

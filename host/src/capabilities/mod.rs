@@ -1,0 +1,198 @@
+//! The host side of every WIT interface, one module each (database, cache,
+//! storage, mail, jobs, log), in the manner of Spin's factors: a module owns
+//! its grant checks, its per-job state and its linker wiring, and can be
+//! read — or removed — on its own.
+//!
+//! Grants are checked twice: at load ([`Capabilities::check_grants`]
+//! refuses a manifest that asks for something this host cannot give) and on
+//! every call (a call outside the grants returns `denied` and never reaches
+//! the backend). Every call is also recorded, so a job's status can say
+//! what the job touched.
+
+pub mod cache;
+pub mod database;
+pub mod jobs;
+pub mod log;
+pub mod mail;
+pub mod storage;
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use wasmtime::component::{HasSelf, Linker};
+
+use crate::broker::Broker;
+use crate::runtime::bindings::HostError;
+use crate::runtime::bindings::celer::plugin as wit;
+use crate::runtime::manifest::{Grants, Manifest};
+
+/// Who is calling: carried by every capability for its log lines.
+#[derive(Debug, Clone)]
+pub struct JobInfo {
+    pub job_id: String,
+    pub task: String,
+    pub plugin: String,
+    pub attempt: u32,
+}
+
+/// Process-wide state of the capabilities: the backends all jobs share.
+#[derive(Clone)]
+pub struct Capabilities {
+    broker: Arc<dyn Broker>,
+}
+
+/// Why a manifest's grants cannot be honoured by this host.
+#[derive(Debug, thiserror::Error)]
+#[error("grant {grant} cannot be honoured: {reason}")]
+pub struct GrantError {
+    pub grant: &'static str,
+    pub reason: String,
+}
+
+/// Every capability's state for one job; lives in that job's `Store`.
+pub struct JobCaps {
+    pub log: log::LogCap,
+    pub jobs: jobs::JobsCap,
+    pub database: database::DatabaseCap,
+    pub cache: cache::CacheCap,
+    pub storage: storage::StorageCap,
+    pub mail: mail::MailCap,
+}
+
+/// A store's data that carries a [`JobCaps`]; lets the linker reach each
+/// capability's state from the store.
+pub trait HasCaps: Send + 'static {
+    fn caps(&mut self) -> &mut JobCaps;
+}
+
+impl Capabilities {
+    pub fn new(broker: Arc<dyn Broker>) -> Self {
+        Capabilities { broker }
+    }
+
+    /// Refuses, at load, a manifest that names something impossible.
+    pub fn check_grants(&self, manifest: &Manifest) -> Result<(), GrantError> {
+        database::check_grants(&manifest.grants)?;
+        cache::check_grants(&manifest.grants)?;
+        storage::check_grants(&manifest.grants)?;
+        mail::check_grants(&manifest.grants)?;
+        jobs::check_grants(&manifest.grants)?;
+        Ok(())
+    }
+
+    /// Fresh per-job state holding only this plugin's grants.
+    pub fn for_job(
+        &self,
+        info: Arc<JobInfo>,
+        grants: &Arc<Grants>,
+        log: log::JobLog,
+        progress: Arc<tokio::sync::watch::Sender<Option<crate::job::Progress>>>,
+    ) -> JobCaps {
+        JobCaps {
+            log: log::LogCap::new(info.clone(), log, progress),
+            jobs: jobs::JobsCap::new(info.clone(), grants.clone(), self.broker.clone()),
+            database: database::DatabaseCap::new(info.clone(), grants.clone()),
+            cache: cache::CacheCap::new(info.clone(), grants.clone()),
+            storage: storage::StorageCap::new(info.clone(), grants.clone()),
+            mail: mail::MailCap::new(info, grants.clone()),
+        }
+    }
+
+    /// Wires every interface into the linker, once per engine.
+    pub fn add_to_linker<T: HasCaps>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+        wit::types::add_to_linker::<T, HasSelf<JobCaps>>(linker, |t| t.caps())?;
+        wit::log::add_to_linker::<T, HasSelf<log::LogCap>>(linker, |t| &mut t.caps().log)?;
+        wit::jobs::add_to_linker::<T, HasSelf<jobs::JobsCap>>(linker, |t| &mut t.caps().jobs)?;
+        wit::database::add_to_linker::<T, HasSelf<database::DatabaseCap>>(linker, |t| &mut t.caps().database)?;
+        wit::cache::add_to_linker::<T, HasSelf<cache::CacheCap>>(linker, |t| &mut t.caps().cache)?;
+        wit::storage::add_to_linker::<T, HasSelf<storage::StorageCap>>(linker, |t| &mut t.caps().storage)?;
+        wit::mail::add_to_linker::<T, HasSelf<mail::MailCap>>(linker, |t| &mut t.caps().mail)?;
+        Ok(())
+    }
+}
+
+impl wit::types::Host for JobCaps {}
+
+impl JobCaps {
+    /// What the job reached, for its status: one key per capability that was
+    /// used, plus every denial. `None` when the job touched nothing.
+    pub fn touched(&self) -> Option<Value> {
+        let mut out = Map::new();
+        let mut denials = Vec::new();
+        self.jobs.record.report("enqueued", &mut out, &mut denials);
+        self.database.record.report("database", &mut out, &mut denials);
+        self.cache.record.report("cache", &mut out, &mut denials);
+        self.storage.record.report("storage", &mut out, &mut denials);
+        self.mail.record.report("mail", &mut out, &mut denials);
+        if !denials.is_empty() {
+            out.insert("denials".into(), Value::Array(denials));
+        }
+        (!out.is_empty()).then_some(Value::Object(out))
+    }
+}
+
+/// One capability's audit trail for one job.
+#[derive(Debug, Default)]
+pub struct Record {
+    /// What was reached, in call order (capped).
+    pub used: Vec<Value>,
+    /// What was refused.
+    pub denials: Vec<Value>,
+}
+
+/// A job can call a capability in a loop; its status keeps the first this many entries.
+const RECORD_CAP: usize = 200;
+
+impl Record {
+    fn used(&mut self, entry: Value) {
+        if self.used.len() < RECORD_CAP {
+            self.used.push(entry);
+        }
+    }
+
+    fn report(&self, key: &str, out: &mut Map<String, Value>, denials: &mut Vec<Value>) {
+        if !self.used.is_empty() {
+            out.insert(key.into(), Value::Array(self.used.clone()));
+        }
+        denials.extend(self.denials.iter().cloned());
+    }
+
+    /// Refuses a call: records it, logs one line, returns the typed error.
+    fn deny(&mut self, info: &JobInfo, capability: &'static str, what: String) -> HostError {
+        tracing::warn!(
+            job_id = %info.job_id, task = %info.task, plugin = %info.plugin, attempt = info.attempt,
+            capability, what = %what, "denied: not granted by the plugin's manifest"
+        );
+        if self.denials.len() < RECORD_CAP {
+            self.denials.push(serde_json::json!({"capability": capability, "what": what}));
+        }
+        HostError::Denied(format!("{capability}: {what} is not granted to plugin {}", info.plugin))
+    }
+}
+
+/// The error of an interface whose backend this build does not have yet.
+fn not_configured(capability: &str) -> HostError {
+    HostError::Unavailable(format!(
+        "{capability}: no {capability} backend is configured on this host"
+    ))
+}
+
+/// Whether `key` starts with one of the granted prefixes.
+fn prefix_granted(prefixes: &[String], key: &str) -> bool {
+    prefixes.iter().any(|p| key.starts_with(p.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_only_from_the_start() {
+        let granted = vec!["exports/".to_string(), "is_member_".to_string()];
+        assert!(prefix_granted(&granted, "exports/42.zip"));
+        assert!(prefix_granted(&granted, "is_member_7_3"));
+        assert!(!prefix_granted(&granted, "x/exports/42.zip"));
+        assert!(!prefix_granted(&granted, "exports"));
+        assert!(!prefix_granted(&[], "anything"));
+    }
+}

@@ -1,0 +1,124 @@
+//! Command-line interface: one module per group of commands.
+
+mod dead;
+mod enqueue;
+mod plugins;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use celer::broker::Broker;
+use celer::broker::embedded::EmbeddedBroker;
+use celer::config::Config;
+
+/// A failure of a command, with the exit code it deserves.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad usage or bad input: exit 2.
+    #[error("{0}")]
+    Usage(String),
+    /// The work could not be done: exit 1.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Failed(_) => 1,
+        }
+    }
+}
+
+impl From<celer::config::ConfigError> for CliError {
+    fn from(e: celer::config::ConfigError) -> Self {
+        CliError::Usage(e.to_string())
+    }
+}
+
+impl From<celer::broker::BrokerError> for CliError {
+    fn from(e: celer::broker::BrokerError) -> Self {
+        match e {
+            celer::broker::BrokerError::Invalid(m) => CliError::Usage(m),
+            other => CliError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// celer runs background jobs as sandboxed WebAssembly components.
+#[derive(Debug, Parser)]
+#[command(name = "celer", version, about)]
+pub struct Cli {
+    /// Configuration file (default: ./celer.toml when present).
+    #[arg(long, global = true, env = "CELER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the host: consume queues and run jobs until SIGTERM.
+    Serve(serve::ServeArgs),
+    /// Put a job on a queue; prints its id (or its final status with --wait).
+    Enqueue(enqueue::EnqueueArgs),
+    /// Print the status JSON of a job.
+    Status {
+        id: String,
+    },
+    /// Cancel a job that has not started, or ask its worker to stop it.
+    Cancel {
+        id: String,
+    },
+    /// List the plugins in the plugins directory and whether each loads.
+    Plugins {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Plugin tools.
+    Plugin {
+        #[command(subcommand)]
+        command: plugins::PluginCommand,
+    },
+    /// The dead-letter queue.
+    Dead {
+        #[command(subcommand)]
+        command: dead::DeadCommand,
+    },
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve(args) => serve::serve(config, args).await,
+        Command::Enqueue(args) => enqueue::enqueue(&config, args).await,
+        Command::Status { id } => enqueue::status(&config, &id).await,
+        Command::Cancel { id } => enqueue::cancel(&config, &id).await,
+        Command::Plugins { json } => plugins::list(&config, json).await,
+        Command::Plugin { command } => plugins::run(&config, command).await,
+        Command::Dead { command } => dead::run(&config, command).await,
+    }
+}
+
+/// The broker named by the configuration.
+async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>, CliError> {
+    let path = config.broker_path();
+    let broker = EmbeddedBroker::open(&path)
+        .await
+        .map_err(|e| CliError::Failed(format!("cannot open the embedded broker at {}: {e}", path.display())))?;
+    Ok(Arc::new(broker))
+}
+
+/// Prints a value as pretty JSON on stdout.
+fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Failed(e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! `celer.toml` and its environment overrides. With no file and no
+//! environment at all, every value falls back to the embedded default: one
+//! machine, nothing else installed, everything under `./celer-data`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::broker::backoff::Backoff;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value in environment variable {var}: {message}")]
+    Env { var: &'static str, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the embedded default keeps its database, compiled-code cache,
+    /// storage and outbox. `CELER_DATA_DIR`.
+    pub data_dir: PathBuf,
+    pub plugins: PluginsConfig,
+    pub broker: BrokerConfig,
+    pub worker: WorkerConfig,
+    pub retry: Backoff,
+    pub sandbox: SandboxConfig,
+}
+
+/// `[plugins]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Watched for `<name>.wasm` + `<name>.toml`. `CELER_PLUGINS_DIR`.
+    pub dir: PathBuf,
+    /// Compiled code, keyed by the digest of each `.wasm`; defaults to
+    /// `<data_dir>/cache`. `CELER_CACHE_DIR`.
+    pub cache_dir: Option<PathBuf>,
+    /// Quiet time after the last file event before a plugin is (re)loaded,
+    /// so that a file still being written is not loaded half-way.
+    pub debounce_ms: u64,
+}
+
+/// `[broker]`
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `sqlite://path` for the embedded broker; defaults to
+    /// `<data_dir>/celer.db`. A `DATABASE_URL` of the form `sqlite://…`
+    /// sets it too (the embedded default keeps everything in one file).
+    pub url: Option<String>,
+}
+
+/// `[worker]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Jobs running at once on this host, over all plugins. `CELER_CONCURRENCY`.
+    pub concurrency: usize,
+    /// Queues this host consumes. `CELER_QUEUES` (comma separated).
+    pub queues: Vec<String>,
+    /// A running job's lease; renewed every third of it. A job whose host
+    /// died runs again once this has passed.
+    pub lease_ms: u64,
+    /// On SIGTERM, how long running jobs may take to finish before their
+    /// leases are handed back.
+    pub grace_ms: u64,
+    /// How often an idle worker looks for new jobs.
+    pub poll_ms: u64,
+    /// Names this host in leases and job status; defaults to `hostname-pid`.
+    pub host_id: Option<String>,
+}
+
+/// `[sandbox]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// The largest `limits.memory_mb` any plugin may ask for; the pooling
+    /// allocator reserves this much address space per instance slot.
+    pub max_memory_mb: u64,
+    /// `limits.memory_mb` of a manifest that does not say.
+    pub default_memory_mb: u64,
+    /// `limits.timeout_s` of a manifest that does not say.
+    pub default_timeout_s: u64,
+    /// Guest stdout + stderr + log lines kept per job; the rest is dropped
+    /// (and the log says so).
+    pub log_cap_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("celer-data"),
+            plugins: PluginsConfig::default(),
+            broker: BrokerConfig::default(),
+            worker: WorkerConfig::default(),
+            retry: Backoff::default(),
+            sandbox: SandboxConfig::default(),
+        }
+    }
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig { dir: PathBuf::from("plugins"), cache_dir: None, debounce_ms: 150 }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: 16,
+            queues: vec![crate::job::DEFAULT_QUEUE.to_string()],
+            lease_ms: 30_000,
+            grace_ms: 30_000,
+            poll_ms: 100,
+            host_id: None,
+        }
+    }
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            max_memory_mb: 512,
+            default_memory_mb: 64,
+            default_timeout_s: 300,
+            log_cap_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (which must exist), or `./celer.toml` when present, then
+    /// applies environment overrides and checks the result.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let implicit = Path::new("celer.toml");
+        let file = match path {
+            Some(p) => Some(p),
+            None if implicit.exists() => Some(implicit),
+            None => None,
+        };
+        let mut config = match file {
+            Some(p) => Self::from_file(p)?,
+            None => Config::default(),
+        };
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.message().to_string() })
+    }
+
+    /// Applies the documented environment variables; `get` is the
+    /// environment (a closure so tests need not mutate the process's).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get("CELER_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = get("CELER_PLUGINS_DIR") {
+            self.plugins.dir = PathBuf::from(v);
+        }
+        if let Some(v) = get("CELER_CACHE_DIR") {
+            self.plugins.cache_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("DATABASE_URL").filter(|v| v.starts_with("sqlite:")) {
+            self.broker.url = Some(v);
+        }
+        if let Some(v) = get("CELER_BROKER_URL") {
+            self.broker.url = Some(v);
+        }
+        if let Some(v) = get("CELER_CONCURRENCY") {
+            self.worker.concurrency = v.parse().map_err(|_| ConfigError::Env {
+                var: "CELER_CONCURRENCY",
+                message: format!("expected a positive integer, got {v:?}"),
+            })?;
+        }
+        if let Some(v) = get("CELER_QUEUES") {
+            self.worker.queues =
+                v.split(',').map(str::trim).filter(|q| !q.is_empty()).map(String::from).collect();
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.worker.concurrency == 0 {
+            return Err(ConfigError::Invalid("worker.concurrency must be at least 1".into()));
+        }
+        if self.worker.queues.is_empty() {
+            return Err(ConfigError::Invalid("worker.queues is empty".into()));
+        }
+        if self.worker.lease_ms < 300 {
+            return Err(ConfigError::Invalid("worker.lease_ms must be at least 300".into()));
+        }
+        if self.sandbox.default_memory_mb > self.sandbox.max_memory_mb {
+            return Err(ConfigError::Invalid(
+                "sandbox.default_memory_mb is larger than sandbox.max_memory_mb".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The compiled-code cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.plugins.cache_dir.clone().unwrap_or_else(|| self.data_dir.join("cache"))
+    }
+
+    /// The embedded broker's database file.
+    pub fn broker_path(&self) -> PathBuf {
+        match &self.broker.url {
+            Some(url) => PathBuf::from(
+                url.trim_start_matches("sqlite://").trim_start_matches("sqlite:"),
+            ),
+            None => self.data_dir.join("celer.db"),
+        }
+    }
+
+    /// This host's name in leases and job status.
+    pub fn host_id(&self) -> String {
+        self.worker.host_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "host".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        let c: Config = toml::from_str("").expect("empty config parses");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.broker_path(), PathBuf::from("celer-data/celer.db"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<Config>("[worker]\nconcurency = 3\n").expect_err("typo refused");
+        assert!(err.to_string().contains("concurency"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let mut c: Config = toml::from_str("[worker]\nconcurrency = 3\n").expect("parses");
+        c.apply_env(|k| match k {
+            "CELER_CONCURRENCY" => Some("7".into()),
+            "CELER_QUEUES" => Some("a, b,".into()),
+            "DATABASE_URL" => Some("sqlite://x/y.db".into()),
+            _ => None,
+        })
+        .expect("valid env");
+        assert_eq!(c.worker.concurrency, 7);
+        assert_eq!(c.worker.queues, vec!["a", "b"]);
+        assert_eq!(c.broker_path(), PathBuf::from("x/y.db"));
+    }
+
+    #[test]
+    fn postgres_database_url_does_not_move_the_embedded_queue() {
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "DATABASE_URL").then(|| "postgres://db/app".into())).expect("ok");
+        assert_eq!(c.broker_path(), PathBuf::from("celer-data/celer.db"));
+    }
+
+    #[test]
+    fn bad_env_value_names_the_variable() {
+        let mut c = Config::default();
+        let err = c.apply_env(|k| (k == "CELER_CONCURRENCY").then(|| "many".into())).expect_err("bad");
+        assert!(err.to_string().contains("CELER_CONCURRENCY"), "{err}");
+    }
+}

@@ -1,0 +1,249 @@
+//! The job as every part of celer sees it: what a producer asks for
+//! ([`NewJob`]), the envelope a worker runs ([`Job`]), its life cycle
+//! ([`JobState`]) and the status JSON that `celer status` and the HTTP API
+//! print ([`JobStatus`]). One definition, so the CLI, the broker and the
+//! worker cannot drift apart.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Default retry budget when a producer does not say.
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+/// Default queue name.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// A job a producer wants run; the broker gives it an id and an envelope.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NewJob {
+    pub task: String,
+    /// Positional arguments; always a JSON array.
+    pub args: Value,
+    /// Keyword arguments; always a JSON object.
+    pub kwargs: Value,
+    pub queue: String,
+    /// Higher runs first among jobs that are due.
+    pub priority: i32,
+    pub max_retries: u32,
+    /// Not before this instant (`--delay` / `--eta`); `None` means now.
+    pub eta: Option<DateTime<Utc>>,
+    /// Not after this instant: the job turns `expired` instead of running.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Overrides the plugin's `limits.timeout_s` for this job.
+    pub timeout_ms: Option<u64>,
+    /// A second enqueue with the same key returns the first job's id.
+    pub idempotency_key: Option<String>,
+    /// The job that enqueued this one.
+    pub parent_id: Option<String>,
+}
+
+impl NewJob {
+    /// A job with the defaults for everything but its task and arguments.
+    pub fn new(task: impl Into<String>, args: Value, kwargs: Value) -> Self {
+        NewJob {
+            task: task.into(),
+            args,
+            kwargs,
+            queue: DEFAULT_QUEUE.to_string(),
+            priority: 0,
+            max_retries: DEFAULT_MAX_RETRIES,
+            eta: None,
+            expires_at: None,
+            timeout_ms: None,
+            idempotency_key: None,
+            parent_id: None,
+        }
+    }
+
+    /// Checks the shape producers most often get wrong, so that a bad job is
+    /// refused at the door instead of failing later in a worker.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.task.trim().is_empty() {
+            return Err("task name is empty".into());
+        }
+        if !self.args.is_array() {
+            return Err(format!("args must be a JSON array, got {}", json_kind(&self.args)));
+        }
+        if !self.kwargs.is_object() {
+            return Err(format!("kwargs must be a JSON object, got {}", json_kind(&self.kwargs)));
+        }
+        if self.queue.trim().is_empty() {
+            return Err("queue name is empty".into());
+        }
+        Ok(())
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The envelope of a job once enqueued (the design's "Job" JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub task: String,
+    pub args: Value,
+    pub kwargs: Value,
+    pub queue: String,
+    pub priority: i32,
+    /// 0 on the first delivery; +1 for every retry or redelivery.
+    pub attempt: u32,
+    pub max_retries: u32,
+    pub eta: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub timeout_ms: Option<u64>,
+    pub idempotency_key: Option<String>,
+    pub parent_id: Option<String>,
+    pub enqueued_at: DateTime<Utc>,
+}
+
+/// Where a job is in its life cycle.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting for its eta.
+    Scheduled,
+    /// Due; waiting for a worker.
+    Queued,
+    /// Leased by a worker.
+    Running,
+    /// Failed an attempt; waiting for its backoff to pass.
+    Retrying,
+    Succeeded,
+    /// Out of retries, or failed permanently: also in the dead-letter queue.
+    Failed,
+    Cancelled,
+    /// Its `expires_at` passed before it could run.
+    Expired,
+}
+
+impl JobState {
+    /// The text stored by brokers and printed in status JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Scheduled => "scheduled",
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Retrying => "retrying",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::Expired => "expired",
+        }
+    }
+
+    /// Parses what [`JobState::as_str`] wrote.
+    pub fn parse(s: &str) -> Option<JobState> {
+        Some(match s {
+            "scheduled" => JobState::Scheduled,
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "retrying" => JobState::Retrying,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            "expired" => JobState::Expired,
+            _ => return None,
+        })
+    }
+
+    /// No further transition happens from a terminal state (but a failed
+    /// job can be brought back by `celer dead retry`).
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Expired
+        )
+    }
+}
+
+/// Why a job attempt failed; the `kind` in status JSON.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// Ran past its `timeout_ms` / `limits.timeout_s`.
+    Timeout,
+    /// Tried to grow its memory past `limits.memory_mb`.
+    MemoryLimit,
+    /// The guest trapped: a panic, `unreachable`, an out-of-bounds access.
+    Trap,
+    /// Asked for something its grants do not allow, and failed because of it.
+    Denied,
+    /// A backend was down, or the worker lost the job's lease.
+    Unavailable,
+    /// The arguments did not fit the task.
+    InvalidArgs,
+    /// No loaded plugin declares the task.
+    UnknownTask,
+    /// The plugin returned its own failure.
+    Plugin,
+    /// Stopped by `celer cancel` / `DELETE /api/jobs/{id}`.
+    Cancelled,
+    /// The host that ran it vanished too often (lease lost on every attempt).
+    Lost,
+}
+
+impl ErrorKind {
+    /// Whether another attempt could succeed. A timeout, a trap or a
+    /// memory-limit hit is retried (a flaky network call can cause either);
+    /// an unknown task, bad arguments or a denial will fail the same way.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Timeout
+                | ErrorKind::MemoryLimit
+                | ErrorKind::Trap
+                | ErrorKind::Unavailable
+                | ErrorKind::Plugin
+                | ErrorKind::Lost
+        )
+    }
+}
+
+/// A failure as recorded in status JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl JobError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        JobError { kind, message: message.into() }
+    }
+}
+
+/// Progress as last reported by the plugin.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+/// The status JSON: the envelope plus everything known of its run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobStatus {
+    #[serde(flatten)]
+    pub job: Job,
+    pub state: JobState,
+    pub result: Option<Value>,
+    pub error: Option<JobError>,
+    pub progress: Option<Progress>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub plugin: Option<String>,
+    pub plugin_version: Option<String>,
+    pub host: Option<String>,
+    /// What the job reached through its grants (see `capabilities`).
+    pub touched: Option<Value>,
+    /// The job's captured log: guest stdout/stderr and `log` calls, capped.
+    pub log: Option<String>,
+}

@@ -1,0 +1,228 @@
+//! The worker loop: lease as many jobs as there are free slots (never more,
+//! so a busy host does not sit on jobs another host could run), run each in
+//! the sandbox while keeping its lease alive, and record the outcome —
+//! success, a retry after backoff, or a dead letter. On shutdown it stops
+//! leasing, gives running jobs a grace period, then hands their leases back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::broker::backoff::Backoff;
+use crate::broker::{Broker, Delivery, FetchRequest, LeaseStatus, Outcome, RunRecord};
+use crate::config::WorkerConfig;
+use crate::job::{ErrorKind, JobError};
+use crate::runtime::Runtime;
+use crate::runtime::registry::Registry;
+use crate::runtime::sandbox::{JobControl, RunOutcome, StopReason};
+
+/// Everything a worker needs; cheap to clone into each job's task.
+#[derive(Clone)]
+pub struct Worker {
+    pub broker: Arc<dyn Broker>,
+    pub registry: Arc<Registry>,
+    pub runtime: Arc<Runtime>,
+    pub config: WorkerConfig,
+    pub backoff: Backoff,
+    pub host: String,
+}
+
+/// How long to wait before asking an unreachable broker again.
+const BROKER_RETRY: Duration = Duration::from_millis(500);
+
+impl Worker {
+    /// Runs until `shutdown` turns true, then drains as described above.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let slots = Arc::new(Semaphore::new(self.config.concurrency));
+        let mut running: JoinSet<()> = JoinSet::new();
+        let controls: Arc<std::sync::Mutex<Vec<(String, Arc<JobControl>)>>> = Arc::default();
+        let lease = Duration::from_millis(self.config.lease_ms);
+        let poll = Duration::from_millis(self.config.poll_ms);
+        tracing::info!(host = %self.host, queues = ?self.config.queues, concurrency = self.config.concurrency, "worker started");
+
+        while !*shutdown.borrow() {
+            while running.try_join_next().is_some() {}
+            let free = slots.available_permits();
+            if free == 0 {
+                tokio::select! {
+                    _ = running.join_next() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            let exclude = self.registry.saturated_tasks();
+            let request = FetchRequest { host: &self.host, queues: &self.config.queues, exclude_tasks: &exclude, max: free, lease };
+            let deliveries = match self.broker.fetch(request).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot fetch jobs; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(BROKER_RETRY) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    continue;
+                }
+            };
+            let got = deliveries.len();
+            for delivery in deliveries {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    // Cannot happen (we leased at most `free`); never lose the job.
+                    let _ = self.broker.release(&delivery.lease).await;
+                    continue;
+                };
+                let control = Arc::new(JobControl::default());
+                if let Ok(mut c) = controls.lock() {
+                    c.retain(|(_, c)| Arc::strong_count(c) > 1);
+                    c.push((delivery.job.id.clone(), control.clone()));
+                }
+                let worker = self.clone();
+                running.spawn(async move {
+                    worker.run_delivery(delivery, control).await;
+                    drop(permit);
+                });
+            }
+            if got < free {
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+
+        let grace = Duration::from_millis(self.config.grace_ms);
+        tracing::info!(running = running.len(), grace_ms = self.config.grace_ms, "worker stopping: no new jobs; waiting for running ones");
+        let drained = tokio::time::timeout(grace, async { while running.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(running = running.len(), "grace period over: handing the remaining jobs back to the queue");
+            if let Ok(c) = controls.lock() {
+                for (_, control) in c.iter() {
+                    control.stop(StopReason::Shutdown);
+                }
+            }
+            while running.join_next().await.is_some() {}
+        }
+        tracing::info!("worker stopped");
+    }
+
+    /// Runs one leased job to its recorded outcome.
+    async fn run_delivery(&self, delivery: Delivery, control: Arc<JobControl>) {
+        let Delivery { job, lease } = delivery;
+        let Some(plugin) = self.registry.lookup(&job.task) else {
+            let error = JobError::new(ErrorKind::UnknownTask, format!("no loaded plugin serves task {:?}", job.task));
+            tracing::warn!(job_id = %job.id, task = %job.task, "{}", error.message);
+            self.finish(&lease, Outcome::Dead { error }, RunRecord::default()).await;
+            return;
+        };
+        let Ok(_plugin_slot) = plugin.slots.clone().try_acquire_owned() else {
+            // Its plugin filled up between fetch and now: give it back unharmed.
+            if let Err(e) = self.broker.release(&lease).await {
+                tracing::warn!(job_id = %job.id, error = %e, "cannot release a job; it runs again once its lease expires");
+            }
+            return;
+        };
+
+        let keeper = tokio::spawn(keep_lease(self.broker.clone(), lease.clone(), control.clone(), Duration::from_millis(self.config.lease_ms)));
+        let started = Instant::now();
+        let report = self.runtime.run_job(&plugin, &job, control).await;
+        keeper.abort();
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+
+        let record = RunRecord {
+            plugin: Some(plugin.name.clone()),
+            plugin_version: Some(plugin.version.clone()),
+            touched: report.touched,
+            log: report.log,
+        };
+        let outcome = match report.outcome {
+            RunOutcome::Succeeded(result) => {
+                tracing::info!(job_id = %job.id, task = %job.task, plugin = %plugin.name, attempt = job.attempt, elapsed_ms, "job succeeded");
+                Outcome::Succeeded { result }
+            }
+            RunOutcome::Failed { error, retryable, retry_after } => {
+                if retryable && job.attempt < job.max_retries {
+                    let delay = retry_after.unwrap_or_else(|| self.backoff.delay(job.attempt));
+                    tracing::warn!(
+                        job_id = %job.id, task = %job.task, plugin = %plugin.name, attempt = job.attempt,
+                        kind = ?error.kind, retry_in_ms = delay.as_millis() as u64, "job failed, will retry: {}", error.message
+                    );
+                    let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                    Outcome::Retry { error, at }
+                } else {
+                    tracing::error!(
+                        job_id = %job.id, task = %job.task, plugin = %plugin.name, attempt = job.attempt,
+                        kind = ?error.kind, "job failed, dead-lettered: {}", error.message
+                    );
+                    Outcome::Dead { error }
+                }
+            }
+            RunOutcome::Stopped(StopReason::Cancelled) => {
+                tracing::info!(job_id = %job.id, task = %job.task, "job cancelled while running");
+                Outcome::Cancelled { error: JobError::new(ErrorKind::Cancelled, "cancelled while running") }
+            }
+            RunOutcome::Stopped(StopReason::LeaseLost) => {
+                tracing::warn!(job_id = %job.id, task = %job.task, "lease lost (another worker owns the job now); outcome not recorded");
+                return;
+            }
+            RunOutcome::Stopped(StopReason::Shutdown) => {
+                tracing::warn!(job_id = %job.id, task = %job.task, "stopped by shutdown; job handed back to the queue");
+                if let Err(e) = self.broker.release(&lease).await {
+                    tracing::warn!(job_id = %job.id, error = %e, "cannot release a job; it runs again once its lease expires");
+                }
+                return;
+            }
+        };
+        self.finish(&lease, outcome, record).await;
+    }
+
+    /// Records an outcome, retrying briefly when the broker is unreachable.
+    /// If it stays unreachable, the lease expires and the job runs again:
+    /// at-least-once, never lost.
+    async fn finish(&self, lease: &crate::broker::Lease, outcome: Outcome, record: RunRecord) {
+        for attempt in 0..5u32 {
+            match self.broker.complete(lease, outcome.clone(), record.clone()).await {
+                Ok(true) => return,
+                Ok(false) => {
+                    tracing::warn!(job_id = %lease.job_id, "lease no longer held; another worker owns the job, outcome dropped");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %lease.job_id, error = %e, attempt, "cannot record the outcome; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+            }
+        }
+        tracing::error!(job_id = %lease.job_id, "giving up recording the outcome; the job runs again once its lease expires");
+    }
+}
+
+/// Renews the lease every third of its length, forwards cancel requests and
+/// lease loss to the running guest, and publishes progress.
+async fn keep_lease(broker: Arc<dyn Broker>, lease: crate::broker::Lease, control: Arc<JobControl>, ttl: Duration) {
+    let mut progress = control.progress();
+    let mut renew = tokio::time::interval(ttl / 3);
+    renew.tick().await;
+    loop {
+        tokio::select! {
+            _ = renew.tick() => match broker.renew(&lease, ttl).await {
+                Ok(LeaseStatus::Held { cancel_requested: true }) => control.stop(StopReason::Cancelled),
+                Ok(LeaseStatus::Held { cancel_requested: false }) => {}
+                Ok(LeaseStatus::Lost) => { control.stop(StopReason::LeaseLost); return; }
+                Err(e) => tracing::warn!(job_id = %lease.job_id, error = %e, "cannot renew lease; will try again"),
+            },
+            changed = progress.changed() => {
+                if changed.is_err() { return; }
+                let current = *progress.borrow_and_update();
+                if let Some(p) = current {
+                    if let Err(e) = broker.progress(&lease, p.done, p.total).await {
+                        tracing::debug!(job_id = %lease.job_id, error = %e, "cannot publish progress");
+                    }
+                    // At most a few progress writes per second.
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+}
