@@ -135,6 +135,7 @@ impl Worker {
             plugin_version: Some(plugin.version.clone()),
             touched: report.touched,
             log: report.log,
+            progress: report.progress,
         };
         let outcome = match report.outcome {
             RunOutcome::Succeeded(result) => {

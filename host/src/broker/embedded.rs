@@ -97,7 +97,6 @@ CREATE TABLE IF NOT EXISTS celer_jobs (
     dead_at          INTEGER
 );
 CREATE INDEX IF NOT EXISTS celer_jobs_fetch ON celer_jobs (state, queue, priority DESC, run_at);
-CREATE INDEX IF NOT EXISTS celer_jobs_dead ON celer_jobs (dead_at) WHERE state = 'failed';
 "#;
 
 // The statements of `fetch`. Each names `state IN (…)` first so that it
@@ -211,12 +210,10 @@ impl EmbeddedBroker {
     /// Like [`EmbeddedBroker::open`], from a `sqlite://path` or
     /// `sqlite:path` URL (`sqlite:///abs/path` for an absolute path).
     pub async fn open_url(url: &str) -> Result<Self, BrokerError> {
-        let path = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-            .ok_or_else(|| {
-                BrokerError::Invalid(format!("not a sqlite URL (sqlite://path): {url}"))
-            })?;
+        let path =
+            url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).ok_or_else(
+                || BrokerError::Invalid(format!("not a sqlite URL (sqlite://path): {url}")),
+            )?;
         if path.is_empty() || path.starts_with(":memory:") {
             return Err(BrokerError::Invalid(format!(
                 "the embedded broker needs a file path, got {url}"
@@ -449,7 +446,9 @@ impl Broker for EmbeddedBroker {
                     result = ?4, error_kind = ?5, error_message = ?6,
                     finished_at = ?7, dead_at = ?8,
                     lease_token = NULL, lease_until = NULL,
-                    plugin = ?9, plugin_version = ?10, touched = ?11, log = ?12
+                    plugin = ?9, plugin_version = ?10, touched = ?11, log = ?12,
+                    progress_done = COALESCE(?15, progress_done),
+                    progress_total = COALESCE(?16, progress_total)
               WHERE id = ?13 AND lease_token = ?14 AND state = 'running'",
         )
         .bind(ending.state.as_str())
@@ -466,6 +465,8 @@ impl Broker for EmbeddedBroker {
         .bind(record.log)
         .bind(&lease.job_id)
         .bind(&lease.token)
+        .bind(record.progress.map(|p| i64::try_from(p.done).unwrap_or(i64::MAX)))
+        .bind(record.progress.map(|p| i64::try_from(p.total).unwrap_or(i64::MAX)))
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -863,7 +864,8 @@ fn is_locked(e: &sqlx::Error) -> bool {
 }
 
 fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, BrokerError> {
-    serde_json::to_string(value).map_err(|e| BrokerError::Invalid(format!("not storable as JSON: {e}")))
+    serde_json::to_string(value)
+        .map_err(|e| BrokerError::Invalid(format!("not storable as JSON: {e}")))
 }
 
 fn now_ms() -> i64 {
@@ -972,7 +974,10 @@ mod tests {
         assert_eq!(s.job.parent_id.as_deref(), Some("parent-1"));
         assert_eq!((s.job.eta, s.job.expires_at), (None, None));
         assert!(s.job.enqueued_at >= ms_precision(before) && s.job.enqueued_at <= Utc::now());
-        assert_eq!((s.result, s.error, s.progress, s.started_at, s.finished_at), (None, None, None, None, None));
+        assert_eq!(
+            (s.result, s.error, s.progress, s.started_at, s.finished_at),
+            (None, None, None, None, None)
+        );
         assert!(b.status("no-such-job").await.unwrap().is_none());
     }
 
@@ -989,18 +994,22 @@ mod tests {
     #[tokio::test]
     async fn eta_schedules_the_job_and_it_is_not_fetched_before_its_time() {
         let (_dir, b) = broker().await;
-        let eta = Utc::now() + TimeDelta::milliseconds(300);
+        let eta = Utc::now() + TimeDelta::milliseconds(500);
         let id = enqueue(&b, NewJob { eta: Some(eta), ..job("later") }).await;
         assert_eq!(status(&b, &id).await.state, JobState::Scheduled);
         assert!(fetch(&b, 10).await.is_empty());
         let stats = b.queue_stats().await.unwrap();
         assert_eq!((stats[0].queued, stats[0].delayed), (0, 1));
 
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        tokio::time::sleep(Duration::from_millis(550)).await;
         let d = fetch_one(&b).await;
         assert_eq!(d.job.id, id);
         assert_eq!(d.job.eta, Some(ms_precision(eta)));
-        assert_eq!(status(&b, &id).await.job.eta, Some(ms_precision(eta)), "eta stays the original");
+        assert_eq!(
+            status(&b, &id).await.job.eta,
+            Some(ms_precision(eta)),
+            "eta stays the original"
+        );
     }
 
     #[tokio::test]
@@ -1107,7 +1116,7 @@ mod tests {
         let (_dir, b) = broker().await;
         let id = enqueue(&b, job("t")).await;
         let d = fetch_one(&b).await;
-        let at = Utc::now() + TimeDelta::milliseconds(300);
+        let at = Utc::now() + TimeDelta::milliseconds(500);
         let outcome = Outcome::Retry { error: err(ErrorKind::Timeout, "too slow"), at };
         assert!(b.complete(&d.lease, outcome, RunRecord::default()).await.unwrap());
 
@@ -1120,7 +1129,7 @@ mod tests {
         let stats = b.queue_stats().await.unwrap();
         assert_eq!((stats[0].queued, stats[0].delayed, stats[0].running), (0, 1, 0));
 
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        tokio::time::sleep(Duration::from_millis(550)).await;
         let again = fetch_one(&b).await;
         assert_eq!((again.job.id.as_str(), again.job.attempt), (id.as_str(), 1));
         assert_ne!(again.lease.token, d.lease.token);
@@ -1150,7 +1159,10 @@ mod tests {
         // One by id: back on its queue, fresh budget, no trace of the failure.
         assert_eq!(b.dead_retry(std::slice::from_ref(&first)).await.unwrap(), 1);
         let s = status(&b, &first).await;
-        assert_eq!((s.state, s.job.attempt, s.error, s.finished_at), (JobState::Queued, 0, None, None));
+        assert_eq!(
+            (s.state, s.job.attempt, s.error, s.finished_at),
+            (JobState::Queued, 0, None, None)
+        );
         let d = fetch_one(&b).await;
         assert_eq!(d.job.id, first);
         let outcome = Outcome::Dead { error: err(ErrorKind::Trap, "again") };
@@ -1198,7 +1210,10 @@ mod tests {
         let outcome = Outcome::Cancelled { error: err(ErrorKind::Cancelled, "stopped") };
         assert!(b.complete(&d.lease, outcome, RunRecord::default()).await.unwrap());
         let s = status(&b, &id).await;
-        assert_eq!((s.state, s.error), (JobState::Cancelled, Some(err(ErrorKind::Cancelled, "stopped"))));
+        assert_eq!(
+            (s.state, s.error),
+            (JobState::Cancelled, Some(err(ErrorKind::Cancelled, "stopped")))
+        );
         assert_eq!(b.cancel(&id).await.unwrap(), CancelOutcome::AlreadyFinished);
     }
 
@@ -1251,7 +1266,6 @@ mod tests {
         let id = enqueue(&b, job("t")).await;
         let first = fetch_with(&b, 1, &[], Duration::from_millis(50)).await.remove(0);
         assert_eq!(first.job.attempt, 0);
-        assert!(fetch(&b, 10).await.is_empty(), "still leased");
 
         tokio::time::sleep(Duration::from_millis(120)).await;
         let second = fetch_one(&b).await;
@@ -1260,7 +1274,10 @@ mod tests {
 
         let late = Outcome::Succeeded { result: json!("from the dead host") };
         assert!(!b.complete(&first.lease, late, RunRecord::default()).await.unwrap());
-        assert_eq!(b.renew(&first.lease, Duration::from_secs(30)).await.unwrap(), LeaseStatus::Lost);
+        assert_eq!(
+            b.renew(&first.lease, Duration::from_secs(30)).await.unwrap(),
+            LeaseStatus::Lost
+        );
         let outcome = Outcome::Succeeded { result: json!("from the new host") };
         assert!(b.complete(&second.lease, outcome, RunRecord::default()).await.unwrap());
         assert_eq!(status(&b, &id).await.result, Some(json!("from the new host")));
@@ -1290,9 +1307,10 @@ mod tests {
     async fn a_stop_requested_on_a_vanished_host_ends_cancelled() {
         let (_dir, b) = broker().await;
         let id = enqueue(&b, job("t")).await;
-        let _d = fetch_with(&b, 1, &[], Duration::from_millis(50)).await.remove(0);
+        // Long enough for the stop request to find the lease still held.
+        let _d = fetch_with(&b, 1, &[], Duration::from_millis(400)).await.remove(0);
         assert_eq!(b.cancel(&id).await.unwrap(), CancelOutcome::StopRequested);
-        tokio::time::sleep(Duration::from_millis(120)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(fetch(&b, 10).await.is_empty(), "not redelivered");
         assert_eq!(status(&b, &id).await.state, JobState::Cancelled);
     }
@@ -1305,7 +1323,11 @@ mod tests {
         b.release(&d.lease).await.unwrap();
         let s = status(&b, &id).await;
         assert_eq!((s.state, s.job.attempt, s.host), (JobState::Queued, 0, None));
-        assert!(!b.complete(&d.lease, Outcome::Succeeded { result: json!(1) }, RunRecord::default()).await.unwrap());
+        assert!(
+            !b.complete(&d.lease, Outcome::Succeeded { result: json!(1) }, RunRecord::default())
+                .await
+                .unwrap()
+        );
 
         let again = fetch_one(&b).await;
         assert_eq!((again.job.id.as_str(), again.job.attempt), (id.as_str(), 0));
@@ -1338,7 +1360,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("celer.db");
         let id = {
-            let b = EmbeddedBroker::open_url(&format!("sqlite://{}", path.display())).await.unwrap();
+            let b =
+                EmbeddedBroker::open_url(&format!("sqlite://{}", path.display())).await.unwrap();
             let id = enqueue(&b, job("t")).await;
             b.close().await;
             id
@@ -1351,8 +1374,14 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(version, SCHEMA_VERSION.to_string());
-        assert!(matches!(EmbeddedBroker::open_url("redis://x").await, Err(BrokerError::Invalid(_))));
-        assert!(matches!(EmbeddedBroker::open_url("sqlite::memory:").await, Err(BrokerError::Invalid(_))));
+        assert!(matches!(
+            EmbeddedBroker::open_url("redis://x").await,
+            Err(BrokerError::Invalid(_))
+        ));
+        assert!(matches!(
+            EmbeddedBroker::open_url("sqlite::memory:").await,
+            Err(BrokerError::Invalid(_))
+        ));
     }
 
     #[tokio::test]
@@ -1364,7 +1393,9 @@ mod tests {
             .execute(b.pool())
             .await
             .unwrap();
-        assert!(matches!(b.status(&id).await, Err(BrokerError::Corrupt { id: ref bad, .. }) if *bad == id));
+        assert!(
+            matches!(b.status(&id).await, Err(BrokerError::Corrupt { id: ref bad, .. }) if *bad == id)
+        );
     }
 
     #[tokio::test]
@@ -1387,30 +1418,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn fetch_walks_the_index() {
+    async fn fetch_statements_walk_the_index() {
         let (_dir, b) = broker().await;
-        let plan: Vec<String> = sqlx::query(
-            "EXPLAIN QUERY PLAN
-             SELECT id FROM celer_jobs
-              WHERE state IN ('queued', 'scheduled', 'retrying', 'running')
-                AND queue IN (SELECT value FROM json_each(?4))
-                AND (CASE WHEN state = 'running' THEN lease_until < ?1 ELSE run_at <= ?1 END)
-                AND task NOT IN (SELECT value FROM json_each(?5))
-              ORDER BY priority DESC, run_at, id
-              LIMIT ?6",
-        )
-        .fetch_all(b.pool())
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get::<String, _>("detail"))
-        .collect();
-        assert!(LEASE.contains("ORDER BY priority DESC, run_at, id"));
-        assert!(
-            plan.iter().any(|step| step.contains("celer_jobs USING INDEX celer_jobs_fetch")),
-            "{plan:#?}"
-        );
-        assert!(!plan.iter().any(|step| step == "SCAN celer_jobs"), "{plan:#?}");
+        for statement in [EXPIRE, CANCEL_ABANDONED, FAIL_LOST, LEASE] {
+            let explain = format!("EXPLAIN QUERY PLAN {statement}");
+            let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(explain))
+                .fetch_all(b.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<String, _>("detail"))
+                .collect();
+            assert!(
+                plan.iter().any(|step| step.contains("USING INDEX celer_jobs_fetch")),
+                "{statement}\n{plan:#?}"
+            );
+            assert!(!plan.iter().any(|step| step.starts_with("SCAN celer_jobs")), "{plan:#?}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1447,7 +1471,9 @@ mod tests {
                     }
                     for d in got {
                         let outcome = Outcome::Succeeded { result: json!(w) };
-                        assert!(broker.complete(&d.lease, outcome, RunRecord::default()).await.unwrap());
+                        assert!(
+                            broker.complete(&d.lease, outcome, RunRecord::default()).await.unwrap()
+                        );
                         delivered.lock().unwrap().push(d.job.id);
                     }
                 }

@@ -81,6 +81,8 @@ pub struct RunRecord {
     pub plugin_version: Option<String>,
     pub touched: Option<Value>,
     pub log: Option<String>,
+    /// The last progress the plugin reported.
+    pub progress: Option<crate::job::Progress>,
 }
 
 /// The answer to an enqueue.

@@ -92,6 +92,7 @@ pub struct RunReport {
     pub outcome: RunOutcome,
     pub touched: Option<Value>,
     pub log: Option<String>,
+    pub progress: Option<Progress>,
 }
 
 /// What a job's `Store` holds.
@@ -255,7 +256,8 @@ impl Runtime {
             },
         };
         let touched = store.data().caps.touched();
-        RunReport { outcome, touched, log: log.contents() }
+        let progress = *control.progress.borrow();
+        RunReport { outcome, touched, log: log.contents(), progress }
     }
 }
 
