@@ -10,7 +10,8 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    init_logging();
+    // The host logs its work; one-shot commands only speak up when something is wrong.
+    init_logging(if args.is_serve() { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -29,13 +30,13 @@ fn main() -> ExitCode {
 
 /// Logs go to stderr: human-readable by default, JSON lines with
 /// `CELER_LOG_FORMAT=json`; the level comes from `CELER_LOG` or `RUST_LOG`.
-fn init_logging() {
+fn init_logging(default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("CELER_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info,wasmtime=warn,cranelift=warn,sqlx=warn"));
+        .unwrap_or_else(|| EnvFilter::new(format!("{default_level},wasmtime=warn,cranelift=warn,sqlx=warn")));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if std::env::var("CELER_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();

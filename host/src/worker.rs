@@ -93,6 +93,7 @@ impl Worker {
         }
 
         let grace = Duration::from_millis(self.config.grace_ms);
+        while running.try_join_next().is_some() {}
         tracing::info!(running = running.len(), grace_ms = self.config.grace_ms, "worker stopping: no new jobs; waiting for running ones");
         let drained = tokio::time::timeout(grace, async { while running.join_next().await.is_some() {} }).await;
         if drained.is_err() {

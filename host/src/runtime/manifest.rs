@@ -86,7 +86,7 @@ pub struct DatabaseGrants {
 }
 
 /// `mail = true`, or `mail = { senders = ["noreply@example.com"] }`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
 #[serde(untagged)]
 pub enum MailGrant {
     #[default]
@@ -96,6 +96,23 @@ pub enum MailGrant {
     Senders {
         senders: Vec<String>,
     },
+}
+
+/// Written back as the manifest would say it (`false` when absent), for
+/// `celer plugins`.
+impl Serialize for MailGrant {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MailGrant::None => s.serialize_bool(false),
+            MailGrant::Allowed(b) => s.serialize_bool(*b),
+            MailGrant::Senders { senders } => {
+                use serde::ser::SerializeMap;
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("senders", senders)?;
+                m.end()
+            }
+        }
+    }
 }
 
 impl MailGrant {
@@ -222,6 +239,7 @@ link_ttl_days = 7
         assert!(m.grants.mail.allowed());
         let m = Manifest::parse("[plugin]\nname='m'\ntasks=['m.x']\n").expect("ok");
         assert!(!m.grants.mail.allowed());
+        assert_eq!(serde_json::to_value(&m.grants.mail).expect("serializes"), serde_json::json!(false));
     }
 
     #[test]

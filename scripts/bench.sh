@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# `make bench`: release-build benchmarks. Prints one JSON line per figure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/plugins"
+cp target/wasm32-wasip2/release/hello.wasm "$work/plugins/hello.wasm"
+cp plugins/hello/celer-plugin.toml "$work/plugins/hello.toml"
+echo "== sandbox cost and embedded-queue throughput (release build) ==" >&2
+cargo bench -p celer --bench sandbox -- "$work/plugins" "${BENCH_ITERATIONS:-20000}"
