@@ -1092,6 +1092,7 @@ mod tests {
             plugin_version: Some("1.2.0".into()),
             touched: Some(json!({"tables": ["users"]})),
             log: Some("sent 1 mail\n".into()),
+            progress: Some(Progress { done: 1, total: 1 }),
         };
         let outcome = Outcome::Succeeded { result: json!({"sent": 1}) };
         assert!(b.complete(&d.lease, outcome, record).await.unwrap());
@@ -1104,6 +1105,7 @@ mod tests {
         assert_eq!(s.plugin_version.as_deref(), Some("1.2.0"));
         assert_eq!(s.touched, Some(json!({"tables": ["users"]})));
         assert_eq!(s.log.as_deref(), Some("sent 1 mail\n"));
+        assert_eq!(s.progress, Some(Progress { done: 1, total: 1 }));
 
         let again = Outcome::Dead { error: err(ErrorKind::Plugin, "late") };
         assert!(!b.complete(&d.lease, again, RunRecord::default()).await.unwrap());

@@ -51,7 +51,7 @@ impl Host for StorageCap {
         Err(self.refuse("create", &key))
     }
 
-    async fn get(&mut self, key: String) -> Result<Vec<u8>, HostError> {
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, HostError> {
         Err(self.refuse("get", &key))
     }
 

@@ -106,10 +106,14 @@ impl Context {
             .get_or_init(|| serde_json::from_str(&self.config_text).unwrap_or(Value::Null))
     }
 
-    /// The manifest's `[config]` table decoded into `T`. A mismatch is the
-    /// operator's mistake and will not heal by retrying, so it is a `fail`.
+    /// The manifest's `[config]` table decoded into `T` (no table reads as
+    /// `{}`). A mismatch is the operator's mistake and will not heal by
+    /// retrying, so it is a `fail`.
     pub fn config<T: DeserializeOwned>(&self) -> Result<T, TaskError> {
-        let text = if self.config_text.trim().is_empty() { "{}" } else { &self.config_text };
+        let text = match self.config_text.trim() {
+            "" | "null" => "{}",
+            text => text,
+        };
         serde_json::from_str(text).map_err(|e| TaskError::fail(format!("invalid config: {e}")))
     }
 
@@ -326,6 +330,8 @@ mod tests {
         let (ctx, ..) = Context::from_job(job(""));
         assert_eq!(ctx.config::<Config>().unwrap().greeting, None);
         assert_eq!(ctx.config_value(), &Value::Null);
+        let (ctx, ..) = Context::from_job(job("null"));
+        assert_eq!(ctx.config::<Config>().unwrap().greeting, None);
         let (ctx, ..) = Context::from_job(job(r#"{"greeting": 1}"#));
         let err = ctx.config::<Config>().err().unwrap();
         assert!(matches!(&err, TaskError::Fail(m) if m.starts_with("invalid config: ")), "{err}");

@@ -83,11 +83,22 @@ struct Sleep {
 /// the host could use to stop it: for SIGKILL mid-job and shutdown tests.
 fn sleep(_: &Context, Sleep { ms }: Sleep) -> Result<Value, TaskError> {
     let until = Duration::from_millis(ms);
+    let started_ms = unix_ms();
     let start = Instant::now();
     while start.elapsed() < until {
         black_box(());
     }
-    Ok(json!({ "slept_ms": ms }))
+    // The guest's own clock readings: tests use them to see which runs
+    // really overlapped, independent of when the host leased the jobs.
+    Ok(json!({ "slept_ms": ms, "started_ms": started_ms, "ended_ms": unix_ms() }))
+}
+
+/// Wall-clock milliseconds since the Unix epoch (WASI wall clock).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Bytes written by `hostile.print_flood`: 10 MiB.
