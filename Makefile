@@ -4,7 +4,7 @@
 CARGO ?= cargo
 WASM_DIR := target/wasm32-wasip2/release
 
-.PHONY: demo test bench setup plugins host clean
+.PHONY: demo test bench setup plugins host services clean
 
 ## setup: toolchain pieces the build needs (idempotent)
 setup:
@@ -22,8 +22,12 @@ host:
 demo: plugins host
 	@scripts/demo.sh
 
-## test: every test: unit, SDK, and end-to-end against real celer processes
-test: plugins host
+## services: start the real services the tests use (Redis, …), idempotently
+services:
+	@scripts/services.sh up
+
+## test: every test: unit, SDK, and end-to-end against real celer processes and services
+test: plugins host services
 	cd plugins && $(CARGO) test -p celer-plugin
 	$(CARGO) nextest run --workspace --no-fail-fast
 

@@ -33,7 +33,9 @@ async fn main() -> anyhow::Result<()> {
     let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::open(&work.path().join("celer.db")).await?);
     let sandbox = SandboxConfig::default();
     let concurrency = 8;
-    let runtime = Arc::new(Runtime::new(&sandbox, Capabilities::new(broker.clone()), work.path().join("cache"), concurrency + 4)?);
+    let config = celer::config::Config { data_dir: work.path().to_path_buf(), ..Default::default() };
+    let capabilities = Capabilities::connect(&config, broker.clone()).await?;
+    let runtime = Arc::new(Runtime::new(&sandbox, capabilities, work.path().join("cache"), concurrency + 4)?);
     let registry = Arc::new(Registry::new(runtime.clone(), plugins.clone()));
     registry.scan().await;
     let plugin = registry.lookup("hello.noop").ok_or_else(|| anyhow::anyhow!("hello.noop not loaded from {}", plugins.display()))?;

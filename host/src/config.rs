@@ -33,6 +33,89 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub retry: Backoff,
     pub sandbox: SandboxConfig,
+    pub database: DatabaseConfig,
+    pub cache: CacheConfig,
+    pub storage: StorageConfig,
+    pub mail: MailConfig,
+    pub http: HttpConfig,
+}
+
+/// `[database]`: the domain database plugins reach through `database`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://…` or `sqlite://path`; defaults to the embedded SQLite
+    /// file (`<data_dir>/celer.db`). `DATABASE_URL`.
+    pub url: Option<String>,
+}
+
+/// `[cache]`: the cache plugins reach through `cache`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// `redis://…`; defaults to an in-process cache. `CELER_REDIS_URL` / `REDIS_URL`.
+    pub url: Option<String>,
+    /// django-redis `KEY_PREFIX`: keys are stored as `<prefix>:<version>:<key>`.
+    pub key_prefix: String,
+    /// django-redis `VERSION`.
+    pub version: u32,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { url: None, key_prefix: String::new(), version: 1 }
+    }
+}
+
+/// `[storage]`: the object store plugins reach through `storage`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `s3://bucket/prefix` (with the standard `AWS_*` variables and
+    /// `AWS_ENDPOINT_URL`) or `file://dir`; defaults to
+    /// `file://<data_dir>/storage`. `CELER_STORAGE`.
+    pub url: Option<String>,
+    /// Signs `file://` download links; generated and kept in the data dir
+    /// when absent. `CELER_LINK_SECRET`.
+    pub link_secret: Option<String>,
+    /// The host's public base URL for `file://` download links; defaults to
+    /// `http://<http.listen>`. `CELER_PUBLIC_URL`.
+    pub public_url: Option<String>,
+}
+
+/// `[mail]`: outgoing mail plugins send through `mail`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailConfig {
+    /// `smtp://user:pass@host:port` (STARTTLS when offered), `smtps://…`,
+    /// or `file://dir` for an outbox of `.eml` files; defaults to
+    /// `file://<data_dir>/outbox`. `CELER_SMTP_URL`.
+    pub url: Option<String>,
+    /// Sender when a message names none.
+    pub from: String,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        MailConfig { url: None, from: "celer@localhost".into() }
+    }
+}
+
+/// `[http]`: the host's HTTP listener (health, metrics, API, download links).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `CELER_LISTEN`.
+    pub listen: String,
+    /// When set, every route but `/healthz` and signed download links needs
+    /// `Authorization: Bearer <token>`. `CELER_API_TOKEN`.
+    pub token: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: "127.0.0.1:8642".into(), token: None }
+    }
 }
 
 /// `[plugins]`
@@ -104,6 +187,11 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             retry: Backoff::default(),
             sandbox: SandboxConfig::default(),
+            database: DatabaseConfig::default(),
+            cache: CacheConfig::default(),
+            storage: StorageConfig::default(),
+            mail: MailConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -176,8 +264,32 @@ impl Config {
         if let Some(v) = get("CELER_CACHE_DIR") {
             self.plugins.cache_dir = Some(PathBuf::from(v));
         }
-        if let Some(v) = get("DATABASE_URL").filter(|v| v.starts_with("sqlite:")) {
-            self.broker.url = Some(v);
+        if let Some(v) = get("DATABASE_URL") {
+            if v.starts_with("sqlite:") {
+                self.broker.url = Some(v.clone());
+            }
+            self.database.url = Some(v);
+        }
+        if let Some(v) = get("CELER_REDIS_URL").or_else(|| get("REDIS_URL")) {
+            self.cache.url = Some(v);
+        }
+        if let Some(v) = get("CELER_STORAGE") {
+            self.storage.url = Some(v);
+        }
+        if let Some(v) = get("CELER_LINK_SECRET") {
+            self.storage.link_secret = Some(v);
+        }
+        if let Some(v) = get("CELER_PUBLIC_URL") {
+            self.storage.public_url = Some(v);
+        }
+        if let Some(v) = get("CELER_SMTP_URL") {
+            self.mail.url = Some(v);
+        }
+        if let Some(v) = get("CELER_LISTEN") {
+            self.http.listen = v;
+        }
+        if let Some(v) = get("CELER_API_TOKEN") {
+            self.http.token = Some(v);
         }
         if let Some(v) = get("CELER_BROKER_URL") {
             self.broker.url = Some(v);
@@ -226,6 +338,11 @@ impl Config {
             ),
             None => self.data_dir.join("celer.db"),
         }
+    }
+
+    /// The domain database URL: `[database] url`, or the embedded SQLite file.
+    pub fn database_url(&self) -> String {
+        self.database.url.clone().unwrap_or_else(|| format!("sqlite://{}", self.broker_path().display()))
     }
 
     /// This host's name in leases and job status.

@@ -49,6 +49,15 @@ pub struct Env {
     pub plugins: PathBuf,
     pub data: PathBuf,
     config: PathBuf,
+    vars: Vec<(String, String)>,
+    /// The host's HTTP port (`CELER_LISTEN`), free when the Env was made.
+    pub port: u16,
+}
+
+/// The test services `scripts/services.sh up` starts (see scripts/services/ports.sh).
+pub mod services {
+    /// Redis for the cache and broker tests.
+    pub const REDIS_URL: &str = "redis://127.0.0.1:6390";
 }
 
 /// Test defaults: fast polling, short leases and backoff, so that tests
@@ -78,7 +87,18 @@ impl Env {
         std::fs::create_dir_all(&plugins).expect("plugins dir");
         let config = dir.path().join("celer.toml");
         std::fs::write(&config, config_text).expect("config");
-        Env { dir, plugins, data, config }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        Env { dir, plugins, data, config, vars: Vec::new(), port }
+    }
+
+    /// Sets an environment variable for every `celer` this Env runs
+    /// (e.g. a backend URL).
+    pub fn var(mut self, key: &str, value: &str) -> Env {
+        self.vars.push((key.to_string(), value.to_string()));
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -117,7 +137,16 @@ impl Env {
             .env_remove("DATABASE_URL")
             .env_remove("CELER_BROKER_URL")
             .env_remove("CELER_CONCURRENCY")
-            .env_remove("CELER_QUEUES");
+            .env_remove("CELER_QUEUES")
+            .env_remove("CELER_REDIS_URL")
+            .env_remove("REDIS_URL")
+            .env_remove("CELER_STORAGE")
+            .env_remove("CELER_SMTP_URL");
+        // Each test gets its own listener port, so tests can run side by side.
+        c.env("CELER_LISTEN", format!("127.0.0.1:{}", self.port));
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
         c
     }
 

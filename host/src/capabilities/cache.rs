@@ -6,9 +6,10 @@
 
 use std::sync::Arc;
 
-use super::{GrantError, JobInfo, Record, not_configured, prefix_granted};
+use super::{BackendError, GrantError, JobInfo, Record, not_configured, prefix_granted};
 use crate::runtime::bindings::HostError;
 use crate::runtime::bindings::celer::plugin::cache::Host;
+use crate::config::Config;
 use crate::runtime::manifest::Grants;
 
 /// An empty prefix would grant every key: refused, so that "everything" is
@@ -20,16 +21,40 @@ pub fn check_grants(grants: &Grants) -> Result<(), GrantError> {
     }
 }
 
+/// The process-wide cache backend, shared by every job.
+pub struct Backend {
+    _unconfigured: (),
+}
+
+impl Backend {
+    /// Connects to what the configuration names.
+    pub async fn connect(_config: &Config) -> Result<Backend, BackendError> {
+        Ok(Backend { _unconfigured: () })
+    }
+
+    /// Prepares the backend for a plugin at load (e.g. database roles).
+    pub async fn prepare(&self, _plugin: &str, _grants: &Grants) -> Result<(), GrantError> {
+        Ok(())
+    }
+
+    /// Whether the backend answers, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// Per-job state of the cache interface.
 pub struct CacheCap {
     info: Arc<JobInfo>,
     grants: Arc<Grants>,
+    #[allow(dead_code)] // read once the backend is wired in
+    backend: Arc<Backend>,
     pub(super) record: Record,
 }
 
 impl CacheCap {
-    pub fn new(info: Arc<JobInfo>, grants: Arc<Grants>) -> Self {
-        CacheCap { info, grants, record: Record::default() }
+    pub fn new(info: Arc<JobInfo>, grants: Arc<Grants>, backend: Arc<Backend>) -> Self {
+        CacheCap { info, grants, backend, record: Record::default() }
     }
 
     fn refuse(&mut self, op: &str, key: &str) -> HostError {

@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use wasmtime::component::Resource;
 
-use super::{GrantError, JobInfo, Record, not_configured};
+use super::{BackendError, GrantError, JobInfo, Record, not_configured};
 use crate::runtime::bindings::HostError;
 use crate::runtime::bindings::celer::plugin::database::{Host, HostCursor, Row, Value};
+use crate::config::Config;
 use crate::runtime::manifest::Grants;
 
 /// A table name must be a plain SQL identifier (optionally schema-qualified),
@@ -35,16 +36,40 @@ pub struct Cursor {
     _private: (),
 }
 
+/// The process-wide database backend, shared by every job.
+pub struct Backend {
+    _unconfigured: (),
+}
+
+impl Backend {
+    /// Connects to what the configuration names.
+    pub async fn connect(_config: &Config) -> Result<Backend, BackendError> {
+        Ok(Backend { _unconfigured: () })
+    }
+
+    /// Prepares the backend for a plugin at load (e.g. database roles).
+    pub async fn prepare(&self, _plugin: &str, _grants: &Grants) -> Result<(), GrantError> {
+        Ok(())
+    }
+
+    /// Whether the backend answers, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// Per-job state of the database interface.
 pub struct DatabaseCap {
     info: Arc<JobInfo>,
     grants: Arc<Grants>,
+    #[allow(dead_code)] // read once the backend is wired in
+    backend: Arc<Backend>,
     pub(super) record: Record,
 }
 
 impl DatabaseCap {
-    pub fn new(info: Arc<JobInfo>, grants: Arc<Grants>) -> Self {
-        DatabaseCap { info, grants, record: Record::default() }
+    pub fn new(info: Arc<JobInfo>, grants: Arc<Grants>, backend: Arc<Backend>) -> Self {
+        DatabaseCap { info, grants, backend, record: Record::default() }
     }
 
     /// The error for a statement: `denied` without a grant, else

@@ -6,9 +6,10 @@
 
 use std::sync::Arc;
 
-use super::{GrantError, JobInfo, Record, not_configured};
+use super::{BackendError, GrantError, JobInfo, Record, not_configured};
 use crate::runtime::bindings::HostError;
 use crate::runtime::bindings::celer::plugin::mail::{Host, Message};
+use crate::config::Config;
 use crate::runtime::manifest::{Grants, MailGrant};
 
 /// A sender grant must look like an address.
@@ -21,16 +22,40 @@ pub fn check_grants(grants: &Grants) -> Result<(), GrantError> {
     Ok(())
 }
 
+/// The process-wide mail backend, shared by every job.
+pub struct Backend {
+    _unconfigured: (),
+}
+
+impl Backend {
+    /// Connects to what the configuration names.
+    pub async fn connect(_config: &Config) -> Result<Backend, BackendError> {
+        Ok(Backend { _unconfigured: () })
+    }
+
+    /// Prepares the backend for a plugin at load (e.g. database roles).
+    pub async fn prepare(&self, _plugin: &str, _grants: &Grants) -> Result<(), GrantError> {
+        Ok(())
+    }
+
+    /// Whether the backend answers, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// Per-job state of the mail interface.
 pub struct MailCap {
     info: Arc<JobInfo>,
     grants: Arc<Grants>,
+    #[allow(dead_code)] // read once the backend is wired in
+    backend: Arc<Backend>,
     pub(super) record: Record,
 }
 
 impl MailCap {
-    pub fn new(info: Arc<JobInfo>, grants: Arc<Grants>) -> Self {
-        MailCap { info, grants, record: Record::default() }
+    pub fn new(info: Arc<JobInfo>, grants: Arc<Grants>, backend: Arc<Backend>) -> Self {
+        MailCap { info, grants, backend, record: Record::default() }
     }
 }
 

@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 use wasmtime::component::{HasSelf, Linker};
 
 use crate::broker::Broker;
+use crate::config::Config;
 use crate::runtime::bindings::HostError;
 use crate::runtime::bindings::celer::plugin as wit;
 use crate::runtime::manifest::{Grants, Manifest};
@@ -39,6 +40,18 @@ pub struct JobInfo {
 #[derive(Clone)]
 pub struct Capabilities {
     broker: Arc<dyn Broker>,
+    database: Arc<database::Backend>,
+    cache: Arc<cache::Backend>,
+    storage: Arc<storage::Backend>,
+    mail: Arc<mail::Backend>,
+}
+
+/// A backend named by the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{capability} backend: {reason}")]
+pub struct BackendError {
+    pub capability: &'static str,
+    pub reason: String,
 }
 
 /// Why a manifest's grants cannot be honoured by this host.
@@ -66,18 +79,42 @@ pub trait HasCaps: Send + 'static {
 }
 
 impl Capabilities {
-    pub fn new(broker: Arc<dyn Broker>) -> Self {
-        Capabilities { broker }
+    /// Connects every backend the configuration names (the embedded
+    /// default when it names none).
+    pub async fn connect(config: &Config, broker: Arc<dyn Broker>) -> Result<Self, BackendError> {
+        Ok(Capabilities {
+            broker,
+            database: Arc::new(database::Backend::connect(config).await?),
+            cache: Arc::new(cache::Backend::connect(config).await?),
+            storage: Arc::new(storage::Backend::connect(config).await?),
+            mail: Arc::new(mail::Backend::connect(config).await?),
+        })
     }
 
-    /// Refuses, at load, a manifest that names something impossible.
-    pub fn check_grants(&self, manifest: &Manifest) -> Result<(), GrantError> {
-        database::check_grants(&manifest.grants)?;
-        cache::check_grants(&manifest.grants)?;
-        storage::check_grants(&manifest.grants)?;
-        mail::check_grants(&manifest.grants)?;
-        jobs::check_grants(&manifest.grants)?;
+    /// Refuses, at load, a manifest that names something impossible, and
+    /// prepares the backends for the plugin (e.g. its database role).
+    pub async fn prepare(&self, manifest: &Manifest) -> Result<(), GrantError> {
+        let (name, grants) = (&manifest.plugin.name, &manifest.grants);
+        database::check_grants(grants)?;
+        cache::check_grants(grants)?;
+        storage::check_grants(grants)?;
+        mail::check_grants(grants)?;
+        jobs::check_grants(grants)?;
+        self.database.prepare(name, grants).await?;
+        self.cache.prepare(name, grants).await?;
+        self.storage.prepare(name, grants).await?;
+        self.mail.prepare(name, grants).await?;
         Ok(())
+    }
+
+    /// Which backends answer, for `/readyz`: (capability, error if any).
+    pub async fn ping(&self) -> Vec<(&'static str, Result<(), String>)> {
+        vec![
+            ("database", self.database.ping().await),
+            ("cache", self.cache.ping().await),
+            ("storage", self.storage.ping().await),
+            ("mail", self.mail.ping().await),
+        ]
     }
 
     /// Fresh per-job state holding only this plugin's grants.
@@ -91,10 +128,10 @@ impl Capabilities {
         JobCaps {
             log: log::LogCap::new(info.clone(), log, progress),
             jobs: jobs::JobsCap::new(info.clone(), grants.clone(), self.broker.clone()),
-            database: database::DatabaseCap::new(info.clone(), grants.clone()),
-            cache: cache::CacheCap::new(info.clone(), grants.clone()),
-            storage: storage::StorageCap::new(info.clone(), grants.clone()),
-            mail: mail::MailCap::new(info, grants.clone()),
+            database: database::DatabaseCap::new(info.clone(), grants.clone(), self.database.clone()),
+            cache: cache::CacheCap::new(info.clone(), grants.clone(), self.cache.clone()),
+            storage: storage::StorageCap::new(info.clone(), grants.clone(), self.storage.clone()),
+            mail: mail::MailCap::new(info, grants.clone(), self.mail.clone()),
         }
     }
 

@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use wasmtime::component::Resource;
 
-use super::{GrantError, JobInfo, Record, not_configured, prefix_granted};
+use super::{BackendError, GrantError, JobInfo, Record, not_configured, prefix_granted};
 use crate::runtime::bindings::HostError;
 use crate::runtime::bindings::celer::plugin::storage::{Host, HostWriter, ObjectInfo};
+use crate::config::Config;
 use crate::runtime::manifest::Grants;
 
 /// An empty prefix would grant the whole bucket: refused.
@@ -26,16 +27,40 @@ pub struct Writer {
     _private: (),
 }
 
+/// The process-wide storage backend, shared by every job.
+pub struct Backend {
+    _unconfigured: (),
+}
+
+impl Backend {
+    /// Connects to what the configuration names.
+    pub async fn connect(_config: &Config) -> Result<Backend, BackendError> {
+        Ok(Backend { _unconfigured: () })
+    }
+
+    /// Prepares the backend for a plugin at load (e.g. database roles).
+    pub async fn prepare(&self, _plugin: &str, _grants: &Grants) -> Result<(), GrantError> {
+        Ok(())
+    }
+
+    /// Whether the backend answers, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// Per-job state of the storage interface.
 pub struct StorageCap {
     info: Arc<JobInfo>,
     grants: Arc<Grants>,
+    #[allow(dead_code)] // read once the backend is wired in
+    backend: Arc<Backend>,
     pub(super) record: Record,
 }
 
 impl StorageCap {
-    pub fn new(info: Arc<JobInfo>, grants: Arc<Grants>) -> Self {
-        StorageCap { info, grants, record: Record::default() }
+    pub fn new(info: Arc<JobInfo>, grants: Arc<Grants>, backend: Arc<Backend>) -> Self {
+        StorageCap { info, grants, backend, record: Record::default() }
     }
 
     fn refuse(&mut self, op: &str, key: &str) -> HostError {

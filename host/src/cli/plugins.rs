@@ -29,7 +29,8 @@ pub enum PluginCommand {
 
 async fn runtime(config: &Config) -> Result<Arc<Runtime>, CliError> {
     let broker = open_broker(config).await?;
-    Runtime::new(&config.sandbox, Capabilities::new(broker), config.cache_dir(), 4)
+    let capabilities = Capabilities::connect(config, broker).await.map_err(|e| CliError::Failed(e.to_string()))?;
+    Runtime::new(&config.sandbox, capabilities, config.cache_dir(), 4)
         .map(Arc::new)
         .map_err(|e| CliError::Failed(e.to_string()))
 }

@@ -37,7 +37,8 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
     }
     let broker = open_broker(&config).await?;
     let slots = u32::try_from(config.worker.concurrency).unwrap_or(u32::MAX / 2).saturating_add(LOAD_SLOTS);
-    let runtime = Runtime::new(&config.sandbox, Capabilities::new(broker.clone()), config.cache_dir(), slots)
+    let capabilities = Capabilities::connect(&config, broker.clone()).await.map_err(|e| CliError::Failed(e.to_string()))?;
+    let runtime = Runtime::new(&config.sandbox, capabilities, config.cache_dir(), slots)
         .map_err(|e| CliError::Failed(e.to_string()))?;
     let runtime = Arc::new(runtime);
     let registry = Arc::new(Registry::new(runtime.clone(), config.plugins.dir.clone()));

@@ -110,7 +110,8 @@ impl Runtime {
         let manifest_err = |source| LoadError::Manifest { path: manifest_path.to_path_buf(), source };
         let manifest = Manifest::load(manifest_path).map_err(manifest_err)?;
         self.capabilities
-            .check_grants(&manifest)
+            .prepare(&manifest)
+            .await
             .map_err(|source| LoadError::Grants { path: manifest_path.to_path_buf(), source })?;
         let limits = manifest
             .effective_limits(&self.sandbox, usize::MAX)
