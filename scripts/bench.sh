@@ -10,3 +10,7 @@ cp target/wasm32-wasip2/release/hello.wasm "$work/plugins/hello.wasm"
 cp plugins/hello/celer-plugin.toml "$work/plugins/hello.toml"
 echo "== sandbox cost and embedded-queue throughput (release build) ==" >&2
 cargo bench -p celer --bench sandbox -- "$work/plugins" "${BENCH_ITERATIONS:-20000}"
+cp target/wasm32-wasip2/release/cache_probe.wasm "$work/plugins/cache_probe.wasm"
+cp tests/plugins/cache-probe/celer-plugin.toml "$work/plugins/cache_probe.toml"
+echo "== cache get from a guest vs from Rust: in-process, and Redis when reachable (release build) ==" >&2
+cargo bench -p celer --bench cache_call -- "$work/plugins" "${BENCH_CACHE_GETS:-20000}"

@@ -38,15 +38,37 @@ pub struct Config {
     pub storage: StorageConfig,
     pub mail: MailConfig,
     pub http: HttpConfig,
+    pub scheduler: crate::scheduler::SchedulerConfig,
+    pub celery: CeleryConfig,
 }
 
 /// `[database]`: the domain database plugins reach through `database`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// `postgres://…` or `sqlite://path`; defaults to the embedded SQLite
     /// file (`<data_dir>/celer.db`). `DATABASE_URL`.
     pub url: Option<String>,
+    /// Rows one `query` may return before it is `budget-exceeded`.
+    pub max_rows_per_query: u64,
+    /// Bytes (of values) one `query` may return before it is `budget-exceeded`.
+    pub max_bytes_per_query: u64,
+    /// PostgreSQL: each plugin's role is `<role_prefix><plugin name>`.
+    pub role_prefix: String,
+    /// Connections of the plugins' pool (separate from the broker's).
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            max_rows_per_query: 1_000_000,
+            max_bytes_per_query: 256 << 20,
+            role_prefix: "celer_plugin_".into(),
+            max_connections: 10,
+        }
+    }
 }
 
 /// `[cache]`: the cache plugins reach through `cache`.
@@ -133,13 +155,63 @@ pub struct PluginsConfig {
 }
 
 /// `[broker]`
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// `sqlite://path` for the embedded broker; defaults to
-    /// `<data_dir>/celer.db`. A `DATABASE_URL` of the form `sqlite://…`
-    /// sets it too (the embedded default keeps everything in one file).
+    /// `sqlite://path` for the embedded broker (the default:
+    /// `<data_dir>/celer.db`; a `DATABASE_URL` of the form `sqlite://…`
+    /// sets it too), or `redis://host:port/db` / `redis+cluster://h:p,h:p`
+    /// for the Redis broker (see docs/redis.md). `CELER_BROKER_URL`.
     pub url: Option<String>,
+    /// Redis broker: prefix of every key (no braces). `CELER_BROKER_PREFIX`.
+    pub prefix: String,
+    /// Redis broker: how long a finished job's status stays readable.
+    pub result_ttl_s: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig { url: None, prefix: "celer:".into(), result_ttl_s: 86_400 }
+    }
+}
+
+impl BrokerConfig {
+    /// Whether the URL names the Redis broker.
+    pub fn is_redis(&self) -> bool {
+        self.url.as_deref().is_some_and(|u| u.starts_with("redis") || u.starts_with("unix:"))
+    }
+}
+
+/// `[celery]`: consume Celery protocol v2 messages from kombu's Redis lists
+/// and write Celery results (see docs/celery.md).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CeleryConfig {
+    /// `CELER_CELERY_ENABLED=1`.
+    pub enabled: bool,
+    /// The Redis the Django app's Celery uses as broker and result backend
+    /// (its `broker_url`, with the db); defaults to `[broker] url` when that
+    /// is Redis. `CELER_CELERY_URL`.
+    pub url: Option<String>,
+    /// Celery queues (kombu lists) to consume; each becomes the celer queue
+    /// of the same name, which this host's worker also consumes.
+    pub queues: Vec<String>,
+    /// kombu's `global_keyprefix` (transport option), if the app sets one.
+    pub key_prefix: String,
+    /// Celery's `result_expires`: TTL of `celery-task-meta-<id>`.
+    pub result_expires_s: u64,
+}
+
+impl Default for CeleryConfig {
+    fn default() -> Self {
+        CeleryConfig {
+            enabled: false,
+            url: None,
+            queues: vec!["celery".into()],
+            key_prefix: String::new(),
+            result_expires_s: 86_400,
+        }
+    }
 }
 
 /// `[worker]`
@@ -192,6 +264,8 @@ impl Default for Config {
             storage: StorageConfig::default(),
             mail: MailConfig::default(),
             http: HttpConfig::default(),
+            scheduler: crate::scheduler::SchedulerConfig::default(),
+            celery: CeleryConfig::default(),
         }
     }
 }
@@ -294,6 +368,15 @@ impl Config {
         if let Some(v) = get("CELER_BROKER_URL") {
             self.broker.url = Some(v);
         }
+        if let Some(v) = get("CELER_BROKER_PREFIX") {
+            self.broker.prefix = v;
+        }
+        if let Some(v) = get("CELER_CELERY_URL") {
+            self.celery.url = Some(v);
+        }
+        if let Some(v) = get("CELER_CELERY_ENABLED") {
+            self.celery.enabled = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+        }
         if let Some(v) = get("CELER_CONCURRENCY") {
             self.worker.concurrency = v.parse().map_err(|_| ConfigError::Env {
                 var: "CELER_CONCURRENCY",
@@ -308,6 +391,11 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
+        if self.celery.enabled && self.celery_url().is_none() {
+            return Err(ConfigError::Invalid(
+                "[celery] enabled needs a Redis: set [celery] url or a redis:// [broker] url".into(),
+            ));
+        }
         if self.worker.concurrency == 0 {
             return Err(ConfigError::Invalid("worker.concurrency must be at least 1".into()));
         }
@@ -333,11 +421,16 @@ impl Config {
     /// The embedded broker's database file.
     pub fn broker_path(&self) -> PathBuf {
         match &self.broker.url {
-            Some(url) => PathBuf::from(
+            Some(url) if !self.broker.is_redis() => PathBuf::from(
                 url.trim_start_matches("sqlite://").trim_start_matches("sqlite:"),
             ),
-            None => self.data_dir.join("celer.db"),
+            _ => self.data_dir.join("celer.db"),
         }
+    }
+
+    /// The Redis the Celery consumer reads: `[celery] url`, else the Redis broker's.
+    pub fn celery_url(&self) -> Option<String> {
+        self.celery.url.clone().or_else(|| self.broker.url.clone().filter(|_| self.broker.is_redis()))
     }
 
     /// The domain database URL: `[database] url`, or the embedded SQLite file.

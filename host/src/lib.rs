@@ -6,9 +6,11 @@
 //! fresh sandbox per job) → the plugin, which reaches the outside world only
 //! through [`capabilities`], each checked against the plugin's grants.
 
+pub mod api;
 pub mod broker;
 pub mod capabilities;
 pub mod config;
 pub mod job;
 pub mod runtime;
+pub mod scheduler;
 pub mod worker;

@@ -84,7 +84,7 @@ impl Worker {
                     drop(permit);
                 });
             }
-            if got < free {
+            if got < free && !self.broker.fetch_waits() {
                 tokio::select! {
                     _ = tokio::time::sleep(poll) => {}
                     _ = shutdown.changed() => {}

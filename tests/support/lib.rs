@@ -58,6 +58,17 @@ pub struct Env {
 pub mod services {
     /// Redis for the cache and broker tests.
     pub const REDIS_URL: &str = "redis://127.0.0.1:6390";
+    /// The SMTP sink for the mail tests (scripts/services/smtp.sh): accepts
+    /// everything, writes each message to `<services dir>/smtp/inbox/<n>.eml`.
+    pub const SMTP_URL: &str = "smtp://127.0.0.1:2525";
+    /// A loopback port nothing listens on: a backend that is down.
+    pub const CLOSED_PORT: u16 = 1;
+    /// s3s-fs for the storage tests (scripts/services/s3.sh): checks SigV4
+    /// signatures and presigned-URL expiry like real S3.
+    pub const S3_ENDPOINT: &str = "http://127.0.0.1:8014";
+    pub const S3_BUCKET: &str = "celer-test";
+    pub const S3_ACCESS_KEY: &str = "testing";
+    pub const S3_SECRET_KEY: &str = "testing";
 }
 
 /// Test defaults: fast polling, short leases and backoff, so that tests
@@ -87,10 +98,7 @@ impl Env {
         std::fs::create_dir_all(&plugins).expect("plugins dir");
         let config = dir.path().join("celer.toml");
         std::fs::write(&config, config_text).expect("config");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        let port = free_port();
         Env { dir, plugins, data, config, vars: Vec::new(), port }
     }
 
@@ -198,8 +206,11 @@ impl Env {
     pub fn serve_named(&self, name: &str) -> Server {
         let log_path = self.dir.path().join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).expect("log file");
+        // Each host gets a listener port of its own (several hosts per Env).
+        let port = if name == "serve" { self.port } else { free_port() };
         let child = self
             .command()
+            .env("CELER_LISTEN", format!("127.0.0.1:{port}"))
             .arg("serve")
             .env("CELER_LOG", "info")
             .stdout(Stdio::null())
@@ -210,6 +221,11 @@ impl Env {
         server.wait_log("celer serving", Duration::from_secs(60));
         server
     }
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 impl Default for Env {

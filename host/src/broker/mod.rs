@@ -13,6 +13,9 @@
 
 pub mod backoff;
 pub mod embedded;
+pub mod redis;
+#[cfg(test)]
+mod suite;
 
 use std::time::Duration;
 
@@ -143,6 +146,13 @@ pub trait Broker: Send + Sync {
     /// lease ran out are handed out again as a new attempt (or failed with
     /// kind `lost` when they have no retries left).
     async fn fetch(&self, req: FetchRequest<'_>) -> Result<Vec<Delivery>, BrokerError>;
+
+    /// True when `fetch` itself waits (up to the worker's poll interval) for
+    /// a job to become due when none is, instead of returning at once; the
+    /// worker then asks again right away instead of sleeping.
+    fn fetch_waits(&self) -> bool {
+        false
+    }
 
     /// Extends a lease while the job runs.
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<LeaseStatus, BrokerError>;

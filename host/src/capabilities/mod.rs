@@ -107,6 +107,11 @@ impl Capabilities {
         Ok(())
     }
 
+    /// The `file://` download links the HTTP listener serves; none on S3.
+    pub fn file_links(&self) -> Option<storage::FileLinks> {
+        self.storage.file_links()
+    }
+
     /// Which backends answer, for `/readyz`: (capability, error if any).
     pub async fn ping(&self) -> Vec<(&'static str, Result<(), String>)> {
         vec![

@@ -3,6 +3,7 @@
 mod dead;
 mod enqueue;
 mod plugins;
+mod schedules;
 mod serve;
 
 use std::path::PathBuf;
@@ -93,6 +94,11 @@ enum Command {
         #[command(subcommand)]
         command: plugins::PluginCommand,
     },
+    /// Periodic tasks.
+    Schedules {
+        #[command(subcommand)]
+        command: schedules::ScheduleCommand,
+    },
     /// The dead-letter queue.
     Dead {
         #[command(subcommand)]
@@ -110,12 +116,26 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Cancel { id } => enqueue::cancel(&config, &id).await,
         Command::Plugins { json } => plugins::list(&config, json).await,
         Command::Plugin { command } => plugins::run(&config, command).await,
+        Command::Schedules { command } => schedules::run(&config, command).await,
         Command::Dead { command } => dead::run(&config, command).await,
     }
 }
 
 /// The broker named by the configuration.
 async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>, CliError> {
+    if config.broker.is_redis() {
+        let url = config.broker.url.clone().unwrap_or_default();
+        let options = celer::broker::redis::RedisOptions {
+            url,
+            prefix: config.broker.prefix.clone(),
+            result_ttl: std::time::Duration::from_secs(config.broker.result_ttl_s),
+            block: std::time::Duration::from_millis(config.worker.poll_ms),
+        };
+        let broker = celer::broker::redis::RedisBroker::connect(options)
+            .await
+            .map_err(|e| CliError::Failed(format!("cannot open the Redis broker: {e}")))?;
+        return Ok(Arc::new(broker));
+    }
     let path = config.broker_path();
     let broker = EmbeddedBroker::open(&path)
         .await

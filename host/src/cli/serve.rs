@@ -13,15 +13,18 @@ use celer::config::Config;
 use celer::runtime::Runtime;
 use celer::runtime::registry::Registry;
 use celer::runtime::watcher;
+use celer::scheduler::Scheduler;
+use celer::scheduler::store::ScheduleStore;
 use celer::worker::Worker;
 
 use super::{CliError, open_broker};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Roles this process takes, comma separated. This build has the
-    /// `worker` role; `scheduler` and `api` are refused until they exist.
-    #[arg(long, value_delimiter = ',', default_value = "worker")]
+    /// Roles this process takes, comma separated: `worker` (runs jobs),
+    /// `scheduler` (fires periodic tasks; every host may run it, one leads),
+    /// `api` (the HTTP listener).
+    #[arg(long, value_delimiter = ',', default_value = "worker,scheduler,api")]
     roles: Vec<String>,
 }
 
@@ -30,14 +33,20 @@ pub struct ServeArgs {
 const LOAD_SLOTS: u32 = 4;
 
 pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError> {
-    for role in &args.roles {
-        if role != "worker" {
-            return Err(CliError::Usage(format!("role {role:?} is not available in this build (available: worker)")));
-        }
+    const ROLES: [&str; 3] = ["worker", "scheduler", "api"];
+    if let Some(bad) = args.roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
+        return Err(CliError::Usage(format!("unknown role {bad:?} (roles: {})", ROLES.join(", "))));
     }
+    let has = |role: &str| args.roles.iter().any(|r| r == role);
+    // First, so that a port in use fails at once with one clear line.
+    let listener = match has("api") {
+        true => Some(celer::api::bind(&config.http.listen).await.map_err(CliError::Failed)?),
+        false => None,
+    };
     let broker = open_broker(&config).await?;
     let slots = u32::try_from(config.worker.concurrency).unwrap_or(u32::MAX / 2).saturating_add(LOAD_SLOTS);
     let capabilities = Capabilities::connect(&config, broker.clone()).await.map_err(|e| CliError::Failed(e.to_string()))?;
+    let api = celer::api::ApiState::new(capabilities.clone(), &config.http);
     let runtime = Runtime::new(&config.sandbox, capabilities, config.cache_dir(), slots)
         .map_err(|e| CliError::Failed(e.to_string()))?;
     let runtime = Arc::new(runtime);
@@ -47,10 +56,13 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
         .map_err(|e| CliError::Failed(e.to_string()))?;
     tracing::info!(
         plugins = registry.plugins().len(), dir = %config.plugins.dir.display(),
-        broker = %config.broker_path().display(), "celer serving"
+        broker = %broker_name(&config), "celer serving"
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(listener) = listener {
+        tokio::spawn(celer::api::serve(listener, celer::api::router(api), stop_rx.clone()));
+    }
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutdown requested; send the signal again to exit at once");
@@ -60,15 +72,39 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
         std::process::exit(130);
     });
 
-    let worker = Worker {
-        broker,
-        registry,
-        runtime,
-        config: config.worker.clone(),
-        backoff: config.retry,
-        host: config.host_id(),
-    };
-    worker.run(stop_rx).await;
+    let mut roles = tokio::task::JoinSet::new();
+    if has("scheduler") {
+        let store = ScheduleStore::open(&config.broker_path()).await.map_err(|e| CliError::Failed(e.to_string()))?;
+        let scheduler = Scheduler {
+            store,
+            broker: broker.clone(),
+            registry: Some(registry.clone()),
+            host: config.host_id(),
+            config: config.scheduler,
+        };
+        roles.spawn(scheduler.run(stop_rx.clone()));
+    }
+    if has("worker") {
+        let worker = Worker {
+            broker,
+            registry,
+            runtime,
+            config: config.worker.clone(),
+            backoff: config.retry,
+            host: config.host_id(),
+        };
+        roles.spawn(worker.run(stop_rx.clone()));
+    }
+    if roles.is_empty() {
+        // API only: serve until asked to stop.
+        let mut stop = stop_rx;
+        while !*stop.borrow() {
+            if stop.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+    while roles.join_next().await.is_some() {}
     Ok(ExitCode::SUCCESS)
 }
 
@@ -85,5 +121,16 @@ async fn wait_for_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// The broker for the log: the Redis URL without its password, or the SQLite file.
+fn broker_name(config: &Config) -> String {
+    match (&config.broker.url, config.broker.is_redis()) {
+        (Some(url), true) => match url.split_once('@') {
+            Some((scheme_user, host)) => format!("{}:***@{host}", scheme_user.rsplit_once(':').map_or(scheme_user, |(a, _)| a)),
+            None => url.clone(),
+        },
+        _ => config.broker_path().display().to_string(),
     }
 }

@@ -32,6 +32,61 @@ pub struct Manifest {
     /// Free-form settings handed to the plugin as `job.config`.
     #[serde(default)]
     pub config: toml::Table,
+    /// Default schedules, created at first start when absent:
+    /// `[schedules.<name>] task = "…", cron = "0 3 * * *"` (or `every = "5m"`).
+    #[serde(default)]
+    pub schedules: BTreeMap<String, ManifestSchedule>,
+}
+
+/// A default schedule in a manifest.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestSchedule {
+    pub task: String,
+    /// A crontab expression (5 fields, or 6 with seconds).
+    pub cron: Option<String>,
+    /// IANA time zone of `cron`; UTC by default.
+    pub timezone: Option<String>,
+    /// An interval such as `5m` or `1h` instead of `cron`.
+    pub every: Option<String>,
+    #[serde(default)]
+    pub args: Option<serde_json::Value>,
+    #[serde(default)]
+    pub kwargs: Option<serde_json::Value>,
+    pub queue: Option<String>,
+    pub description: Option<String>,
+}
+
+impl ManifestSchedule {
+    /// The stored schedule this declares, for plugin `plugin`.
+    pub fn to_schedule(&self, name: &str, plugin: &str) -> Result<crate::scheduler::schedule::Schedule, String> {
+        use crate::scheduler::schedule::{Schedule, Timing, validate};
+        let timing = match (&self.cron, &self.every) {
+            (Some(expr), None) => Timing::Crontab { expr: expr.clone(), timezone: self.timezone.clone().unwrap_or_else(|| "UTC".into()) },
+            (None, Some(every)) => Timing::Interval {
+                every_s: humantime::parse_duration(every).map_err(|e| format!("every = {every:?}: {e}"))?.as_secs(),
+            },
+            _ => return Err("give exactly one of `cron` and `every`".into()),
+        };
+        validate(&timing).map_err(|e| e.to_string())?;
+        Ok(Schedule {
+            name: name.to_string(),
+            task: self.task.clone(),
+            args: self.args.clone().unwrap_or_else(|| serde_json::json!([])),
+            kwargs: self.kwargs.clone().unwrap_or_else(|| serde_json::json!({})),
+            queue: self.queue.clone().unwrap_or_else(|| crate::job::DEFAULT_QUEUE.to_string()),
+            timing,
+            enabled: true,
+            one_off: false,
+            start_time: None,
+            expires: None,
+            last_run_at: None,
+            total_run_count: 0,
+            description: self.description.clone().unwrap_or_default(),
+            source: format!("plugin:{plugin}"),
+            created_at: chrono::Utc::now(),
+        })
+    }
 }
 
 /// `[plugin]`
@@ -169,6 +224,14 @@ impl Manifest {
                 )));
             }
         }
+        for (name, s) in &self.schedules {
+            if !self.plugin.tasks.contains(&s.task) && !self.grants.enqueue.contains(&s.task) {
+                return Err(ManifestError::Invalid(format!(
+                    "schedule {name:?} runs {:?}, which is neither in plugin.tasks nor in grants.enqueue", s.task
+                )));
+            }
+            s.to_schedule(name, &self.plugin.name).map_err(|e| ManifestError::Invalid(format!("schedule {name:?}: {e}")))?;
+        }
         if self.limits.memory_mb == Some(0) || self.limits.timeout_s == Some(0) || self.limits.concurrency == Some(0) {
             return Err(ManifestError::Invalid("limits must be positive".into()));
         }
@@ -253,6 +316,22 @@ link_ttl_days = 7
         ] {
             let err = Manifest::parse(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn default_schedules_are_checked_at_load() {
+        let ok = "[plugin]\nname='e'\ntasks=['e.t']\n[schedules.nightly]\ntask='e.t'\ncron='0 3 * * *'\ntimezone='Europe/London'\n";
+        let m = Manifest::parse(ok).expect("valid schedule");
+        assert_eq!(m.schedules["nightly"].to_schedule("nightly", "e").expect("ok").source, "plugin:e");
+        for (text, needle) in [
+            ("[plugin]\nname='e'\ntasks=['e.t']\n[schedules.x]\ntask='e.t'\ncron='0 3 * *'\n", "expected 5 fields"),
+            ("[plugin]\nname='e'\ntasks=['e.t']\n[schedules.x]\ntask='other.t'\nevery='5m'\n", "neither in plugin.tasks"),
+            ("[plugin]\nname='e'\ntasks=['e.t']\n[schedules.x]\ntask='e.t'\n", "exactly one of"),
+            ("[plugin]\nname='e'\ntasks=['e.t']\n[schedules.x]\ntask='e.t'\ncron='* * * * *'\ntimezone='Nowhere/Land'\n", "unknown time zone"),
+        ] {
+            let e = Manifest::parse(text).expect_err(text).to_string();
+            assert!(e.contains(needle), "{text}: {e}");
         }
     }
 

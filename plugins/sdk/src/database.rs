@@ -103,9 +103,70 @@ impl<T: Into<Value>> From<Option<T>> for Value {
     }
 }
 
+/// Reading columns the same way on every backend: SQLite has no boolean or
+/// timestamp storage class (it returns `int` 0/1 and the text the host wrote,
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`), PostgreSQL returns `boolean` and
+/// `timestamp`. These accessors accept both, so a plugin need not care.
+impl Value {
+    /// An `int`, or a `float` with no fraction; `None` otherwise.
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Some(*f as i64),
+            _ => None,
+        }
+    }
+
+    /// `text` or `json` as a string slice.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Text(s) | Value::Json(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A `boolean`, or an `int` (0 is false).
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Value::Boolean(b) => Some(*b),
+            Value::Int(i) => Some(*i != 0),
+            _ => None,
+        }
+    }
+
+    /// A `timestamp`, or `text` that [`time::parse_utc`](crate::time::parse_utc)
+    /// reads, as microseconds since the epoch (UTC).
+    pub fn as_micros(&self) -> Option<i64> {
+        match self {
+            Value::Timestamp(t) => Some(*t),
+            Value::Text(s) => crate::time::parse_utc(s),
+            _ => None,
+        }
+    }
+
+    /// Whether this is SQL `NULL`.
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accessors_read_both_backends_alike() {
+        assert_eq!(Value::Int(1).as_bool(), Some(true));
+        assert_eq!(Value::Boolean(false).as_bool(), Some(false));
+        assert_eq!(Value::Text("x".into()).as_bool(), None);
+        assert_eq!(Value::Int(7).as_i64(), Some(7));
+        assert_eq!(Value::Float(7.0).as_i64(), Some(7));
+        assert_eq!(Value::Float(7.5).as_i64(), None);
+        assert_eq!(Value::Text("a".into()).as_str(), Some("a"));
+        assert_eq!(Value::Timestamp(5).as_micros(), Some(5));
+        assert_eq!(Value::Text("1970-01-01T00:00:01.000000Z".into()).as_micros(), Some(1_000_000));
+        assert!(Value::Null.is_null() && Value::Null.as_micros().is_none());
+    }
 
     #[test]
     fn parameters_convert_from_plain_rust_values() {

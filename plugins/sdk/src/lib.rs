@@ -92,6 +92,7 @@ pub mod cache;
 pub mod database;
 pub mod mail;
 pub mod storage;
+pub mod time;
 
 mod context;
 mod error;

@@ -1,0 +1,842 @@
+//! The Redis broker: many hosts share one Redis (or a Redis Cluster).
+//!
+//! # Layout (prefix `celer:` configurable; `{q}` is the queue's name)
+//!
+//! | key | type | what |
+//! | --- | --- | --- |
+//! | `celer:{q}:s:<priority>` | stream, group `celer` | job ids waiting; one stream per priority in use |
+//! | `celer:{q}:prios` | zset | the priorities that have a stream |
+//! | `celer:{q}:delayed` | zset id → run at (ms) | jobs waiting for their eta or retry backoff |
+//! | `celer:{q}:leases` | zset id → lease deadline (ms) | running jobs |
+//! | `celer:{q}:dead` | stream | dead letters (job ids) |
+//! | `celer:{q}:j:<id>` | hash | envelope, state, result, lease token…; expires `result_ttl` after the job finished (failed jobs stay until purged or retried) |
+//! | `celer:{q}:idem:<key>` | string | idempotency key → job id; expires with its job |
+//! | `celer:queues` | set | queue names, for lookups by id and `queue_stats` |
+//! | `celer:host:<host>` | string, TTL | heartbeat of a live host (JSON) |
+//!
+//! All keys of one queue share the hash tag `{q}`, so every script (one per
+//! state change, see [`scripts`]) touches one cluster slot.
+//!
+//! # Leases
+//!
+//! A fetch runs one script per queue: it promotes due delayed jobs, takes
+//! over jobs whose lease deadline passed (a new attempt: XCLAIM of their
+//! pending entry to this consumer, or `failed`/`lost` when out of retries),
+//! then XREADGROUPs at most `max` new entries (no hoarding) and marks each
+//! job `running` with a fresh token and a deadline in `leases`. The entry
+//! stays pending (XPENDING shows who holds what) until `complete` acks and
+//! deletes it, in the same script that writes the outcome, checked against
+//! the token: a stale worker's `complete` changes nothing. `renew` moves
+//! the deadline, so a job is never taken over while its host renews it.
+//!
+//! Deadlines live in a sorted set rather than in the stream's idle times
+//! (XAUTOCLAIM), because each job carries its own lease length and because
+//! finding the expired ones is then one range read, however long the
+//! pending list.
+//!
+//! # Waiting for work
+//!
+//! When nothing is due, fetch waits (up to `block`, the worker's poll
+//! interval) with `XREAD BLOCK` on the queue's streams from their
+//! last-generated ids, on a connection of its own, so a new job starts
+//! within a round trip instead of a poll interval. It never reads through
+//! the group while blocking, so nothing can be delivered to a host that
+//! does not record the lease.
+//!
+//! # Redis restarts
+//!
+//! Connections reconnect by themselves ([`conn`]); scripts are loaded again
+//! on NOSCRIPT; streams and the consumer group are created again when
+//! missing (MKSTREAM, NOGROUP handled in the scripts), so consumption
+//! resumes by itself. Whether jobs survive a restart is Redis's
+//! persistence setting (AOF `appendfsync always` for no loss at all).
+
+pub mod conn;
+pub mod scripts;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ::redis::AsyncCommands;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use self::conn::{Conn, Target};
+use self::scripts::Scripts;
+use super::{
+    Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, Lease, LeaseStatus,
+    Outcome, QueueStats, RunRecord,
+};
+use crate::job::{ErrorKind, Job, JobError, JobState, JobStatus, NewJob, Progress};
+
+/// The consumer group every host joins.
+pub const GROUP: &str = "celer";
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "celer:";
+/// How long a finished job's hash stays readable, by default (a day, like
+/// Celery's `result_expires`).
+pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(86_400);
+/// How often a host refreshes its heartbeat key, and how long it lives.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
+
+/// How to reach Redis and lay out the keys.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://host:port/db` or `redis+cluster://host:port,host:port`.
+    pub url: String,
+    /// Prepended to every key; must not contain `{` or `}`.
+    pub prefix: String,
+    /// How long a finished job stays readable.
+    pub result_ttl: Duration,
+    /// How long a fetch waits for a job when none is due (0: never waits).
+    pub block: Duration,
+}
+
+impl RedisOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisOptions {
+            url: url.into(),
+            prefix: DEFAULT_PREFIX.into(),
+            result_ttl: DEFAULT_RESULT_TTL,
+            block: Duration::ZERO,
+        }
+    }
+}
+
+/// The immutable part of a job, stored once as JSON in its hash.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    id: String,
+    task: String,
+    args: Value,
+    kwargs: Value,
+    queue: String,
+    priority: i32,
+    max_retries: u32,
+    eta: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+    timeout_ms: Option<u64>,
+    idempotency_key: Option<String>,
+    parent_id: Option<String>,
+}
+
+/// A broker on Redis Streams; cheap to clone.
+#[derive(Clone)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Conn,
+    target: Target,
+    prefix: String,
+    ttl_s: u64,
+    block: Duration,
+    scripts: Scripts,
+    /// Connections for blocking reads, one per concurrent waiter.
+    waiters: Mutex<Vec<Conn>>,
+    heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut h) = self.heartbeat.lock() {
+            if let Some(h) = h.take() {
+                h.abort();
+            }
+        }
+    }
+}
+
+fn unavailable(e: ::redis::RedisError) -> BrokerError {
+    BrokerError::Unavailable(format!("redis: {e}"))
+}
+
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String, BrokerError> {
+    serde_json::to_string(value).map_err(|e| BrokerError::Invalid(format!("not storable as JSON: {e}")))
+}
+
+fn ms_precision(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
+}
+
+impl RedisBroker {
+    /// Connects (failing when Redis cannot be reached now; later outages
+    /// are survived by reconnecting).
+    pub async fn connect(options: RedisOptions) -> Result<Self, BrokerError> {
+        if options.prefix.contains('{') || options.prefix.contains('}') {
+            return Err(BrokerError::Invalid(format!(
+                "the Redis key prefix must not contain braces (they would break the per-queue hash tags): {:?}",
+                options.prefix
+            )));
+        }
+        let target = Target::parse(&options.url).map_err(BrokerError::Invalid)?;
+        let conn = target.connect(Some(Duration::from_secs(5))).await.map_err(unavailable)?;
+        let broker = RedisBroker {
+            inner: Arc::new(Inner {
+                conn,
+                target,
+                prefix: options.prefix,
+                ttl_s: options.result_ttl.as_secs().max(1),
+                block: options.block,
+                scripts: Scripts::new(),
+                waiters: Mutex::new(Vec::new()),
+                heartbeat: Mutex::new(None),
+            }),
+        };
+        // Fail now, with a clear message, when the URL is wrong.
+        let mut c = broker.conn();
+        let _: String = ::redis::cmd("PING").query_async(&mut c).await.map_err(unavailable)?;
+        Ok(broker)
+    }
+
+    /// A connection handle for one request (a clone of the shared one).
+    pub fn conn(&self) -> Conn {
+        self.inner.conn.clone()
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// `celer:{queue}:`, the prefix of every key of one queue.
+    pub fn queue_prefix(&self, queue: &str) -> String {
+        format!("{}{{{}}}:", self.inner.prefix, queue)
+    }
+
+    fn job_key(&self, queue: &str, id: &str) -> String {
+        format!("{}j:{}", self.queue_prefix(queue), id)
+    }
+
+    fn queues_key(&self) -> String {
+        format!("{}queues", self.inner.prefix)
+    }
+
+    /// Every queue that ever held a job (since the last flush).
+    pub async fn queues(&self) -> Result<Vec<String>, BrokerError> {
+        let mut c = self.conn();
+        let mut q: Vec<String> = c.smembers(self.queues_key()).await.map_err(unavailable)?;
+        q.sort();
+        Ok(q)
+    }
+
+    /// The hosts whose heartbeat is alive, with what they last said.
+    pub async fn hosts(&self) -> Result<Vec<Value>, BrokerError> {
+        let mut c = self.conn();
+        let pattern = format!("{}host:*", self.inner.prefix);
+        let keys: Vec<String> = match &self.inner.target {
+            Target::Single(_) => ::redis::cmd("KEYS").arg(&pattern).query_async(&mut c).await.map_err(unavailable)?,
+            // KEYS goes to every node of a cluster.
+            Target::Cluster(_) => ::redis::cmd("KEYS").arg(&pattern).query_async(&mut c).await.map_err(unavailable)?,
+        };
+        let mut out = Vec::new();
+        for k in keys {
+            let v: Option<String> = c.get(&k).await.map_err(unavailable)?;
+            if let Some(v) = v.and_then(|v| serde_json::from_str(&v).ok()) {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The queue a lease token names (`<random>-<n>.<queue>`).
+    fn lease_queue(lease: &Lease) -> Option<&str> {
+        lease.token.split_once('.').map(|(_, q)| q)
+    }
+
+    /// Which queue holds job `id`: the job hash is looked up in every known queue.
+    async fn find(&self, id: &str) -> Result<Option<(String, HashMap<String, String>)>, BrokerError> {
+        let queues = self.queues().await?;
+        let lookups = queues.iter().map(|q| {
+            let mut c = self.conn();
+            let key = self.job_key(q, id);
+            async move {
+                let h: HashMap<String, String> = c.hgetall(key).await.map_err(unavailable)?;
+                Ok::<_, BrokerError>(h)
+            }
+        });
+        let found = futures_join_all(lookups).await;
+        for (q, h) in queues.into_iter().zip(found) {
+            let h = h?;
+            if !h.is_empty() {
+                return Ok(Some((q, h)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn start_heartbeat(&self, host: &str, queues: &[String]) {
+        let Ok(mut slot) = self.inner.heartbeat.lock() else { return };
+        if slot.is_some() {
+            return;
+        }
+        let key = format!("{}host:{}", self.inner.prefix, host);
+        let value = serde_json::json!({
+            "host": host, "queues": queues, "pid": std::process::id(), "started_at": Utc::now(),
+        })
+        .to_string();
+        let weak = Arc::downgrade(&self.inner);
+        *slot = Some(tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let mut c = inner.conn.clone();
+                drop(inner);
+                let beat: Result<(), _> = ::redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&value)
+                    .arg("PX")
+                    .arg(HEARTBEAT_TTL.as_millis() as u64)
+                    .query_async(&mut c)
+                    .await;
+                if let Err(e) = beat {
+                    tracing::debug!(error = %e, "heartbeat not written");
+                }
+                tokio::time::sleep(HEARTBEAT_EVERY).await;
+            }
+        }));
+    }
+
+    /// One pass of the fetch script over the queues; also returns what to
+    /// block on when nothing was delivered.
+    async fn fetch_once(
+        &self,
+        req: &FetchRequest<'_>,
+        want_wait: bool,
+    ) -> Result<(Vec<Delivery>, Wait), BrokerError> {
+        let mut out = Vec::new();
+        let mut wait = Wait::default();
+        let token_prefix = format!("{:016x}-", rand::random::<u64>());
+        for (i, queue) in req.queues.iter().enumerate() {
+            let left = req.max - out.len();
+            if left == 0 {
+                break;
+            }
+            let qp = self.queue_prefix(queue);
+            // On a cluster, one blocking read can only name keys of one slot.
+            let wait_here = want_wait && (i == 0 || !self.inner.target.is_cluster());
+            let mut inv = self.inner.scripts.fetch.prepare_invoke();
+            inv.key(format!("{qp}prios"))
+                .key(format!("{qp}delayed"))
+                .key(format!("{qp}leases"))
+                .arg(&qp)
+                .arg(GROUP)
+                .arg(req.host)
+                .arg(left)
+                .arg(u64::try_from(req.lease.as_millis()).unwrap_or(u64::MAX))
+                .arg(&token_prefix)
+                .arg(format!(".{queue}"))
+                .arg(self.inner.ttl_s)
+                .arg(if wait_here { "1" } else { "0" })
+                .arg(req.exclude_tasks.len());
+            for t in req.exclude_tasks {
+                inv.arg(t);
+            }
+            let mut c = self.conn();
+            let (jobs, waits): (Vec<String>, Vec<String>) = inv.invoke_async(&mut c).await.map_err(unavailable)?;
+            for chunk in jobs.chunks_exact(5) {
+                let [id, env, attempt, token, enq] = chunk else { continue };
+                match delivery(id, env, attempt, token, enq) {
+                    Ok(d) => out.push(d),
+                    Err(e) => {
+                        tracing::error!(job = %id, error = %e, "unreadable job moved to the dead letters");
+                        let lease = Lease { job_id: id.clone(), token: token.clone() };
+                        let error = JobError::new(ErrorKind::InvalidArgs, format!("stored job is unreadable: {e}"));
+                        self.complete(&lease, Outcome::Dead { error }, RunRecord::default()).await?;
+                    }
+                }
+            }
+            if let Some((next, streams)) = waits.split_first() {
+                if let Ok(next) = next.parse::<i64>() {
+                    if next >= 0 {
+                        wait.next_ms = Some(wait.next_ms.map_or(next, |w: i64| w.min(next)));
+                    }
+                }
+                for pair in streams.chunks_exact(2) {
+                    wait.streams.push((pair[0].clone(), pair[1].clone()));
+                }
+            }
+        }
+        Ok((out, wait))
+    }
+
+    /// Blocks until one of the streams gets a new entry, or the wait ends.
+    async fn wait_for_entries(&self, wait: Wait) {
+        let mut timeout = self.inner.block;
+        if let Some(next) = wait.next_ms {
+            timeout = timeout.min(Duration::from_millis(u64::try_from(next).unwrap_or(0)));
+        }
+        let timeout = timeout.max(Duration::from_millis(2));
+        if wait.streams.is_empty() {
+            tokio::time::sleep(timeout).await;
+            return;
+        }
+        let conn = self.inner.waiters.lock().ok().and_then(|mut w| w.pop());
+        let mut conn = match conn {
+            Some(c) => c,
+            None => match self.inner.target.connect(None).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no connection for a blocking read");
+                    tokio::time::sleep(timeout).await;
+                    return;
+                }
+            },
+        };
+        let mut cmd = ::redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(1).arg("BLOCK").arg(timeout.as_millis() as u64).arg("STREAMS");
+        for (k, _) in &wait.streams {
+            cmd.arg(k);
+        }
+        for (_, id) in &wait.streams {
+            cmd.arg(id);
+        }
+        let read: Result<::redis::Value, _> = cmd.query_async(&mut conn).await;
+        match read {
+            Ok(_) => {
+                if let Ok(mut w) = self.inner.waiters.lock() {
+                    w.push(conn);
+                }
+            }
+            Err(e) => {
+                // Dropped: a broken connection is not reused.
+                tracing::debug!(error = %e, "blocking read failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    fn status_from_hash(&self, id: &str, h: &HashMap<String, String>) -> Result<JobStatus, BrokerError> {
+        let corrupt = |reason: String| BrokerError::Corrupt { id: id.to_string(), reason };
+        let get = |k: &str| h.get(k).map(String::as_str).filter(|v| !v.is_empty());
+        let env: Envelope = serde_json::from_str(get("env").ok_or_else(|| corrupt("no envelope".into()))?)
+            .map_err(|e| corrupt(format!("envelope: {e}")))?;
+        let int = |k: &str| -> Result<Option<i64>, BrokerError> {
+            get(k).map(|v| v.parse::<i64>().map_err(|_| corrupt(format!("field {k}: {v:?} is not a number")))).transpose()
+        };
+        let micros = |k: &str| -> Result<Option<DateTime<Utc>>, BrokerError> {
+            int(k)?.map(|us| DateTime::from_timestamp_micros(us).ok_or_else(|| corrupt(format!("field {k}: not a time")))).transpose()
+        };
+        let json = |k: &str| -> Result<Option<Value>, BrokerError> {
+            get(k).map(|v| serde_json::from_str(v).map_err(|e| corrupt(format!("field {k}: {e}")))).transpose()
+        };
+        let state_text = get("state").unwrap_or("");
+        let state = JobState::parse(state_text).ok_or_else(|| corrupt(format!("unknown state {state_text:?}")))?;
+        let error = match get("ek") {
+            None => None,
+            Some(kind) => {
+                let kind: ErrorKind = serde_json::from_value(Value::String(kind.to_string()))
+                    .map_err(|_| corrupt(format!("unknown error kind {kind:?}")))?;
+                Some(JobError { kind, message: get("em").unwrap_or("").to_string() })
+            }
+        };
+        let progress = match (int("pd")?, int("pt")?) {
+            (Some(done), Some(total)) => Some(Progress { done: done.max(0) as u64, total: total.max(0) as u64 }),
+            _ => None,
+        };
+        let attempt = int("attempt")?.unwrap_or(0);
+        let enqueued_at = micros("enq")?.ok_or_else(|| corrupt("no enqueue time".into()))?;
+        Ok(JobStatus {
+            job: job_of(env, u32::try_from(attempt).unwrap_or(0), enqueued_at),
+            state,
+            result: json("result")?,
+            error,
+            progress,
+            started_at: micros("st")?,
+            finished_at: micros("fin")?,
+            plugin: get("plugin").map(String::from),
+            plugin_version: get("pv").map(String::from),
+            host: get("host").map(String::from),
+            touched: json("touched")?,
+            log: h.get("log").cloned(),
+        })
+    }
+
+    /// Dead-letter job ids of one queue, newest first.
+    async fn dead_ids(&self, queue: &str, limit: usize) -> Result<Vec<String>, BrokerError> {
+        let mut c = self.conn();
+        let key = format!("{}dead", self.queue_prefix(queue));
+        let entries: ::redis::streams::StreamRangeReply =
+            c.xrevrange_count(&key, "+", "-", limit).await.map_err(unavailable)?;
+        Ok(entries
+            .ids
+            .into_iter()
+            .filter_map(|e| e.get::<String>("id"))
+            .collect())
+    }
+}
+
+/// What a fetch that found nothing blocks on.
+#[derive(Debug, Default)]
+struct Wait {
+    /// ms until the next delayed job or lease deadline, when any.
+    next_ms: Option<i64>,
+    /// (stream key, last id seen).
+    streams: Vec<(String, String)>,
+}
+
+fn job_of(env: Envelope, attempt: u32, enqueued_at: DateTime<Utc>) -> Job {
+    Job {
+        id: env.id,
+        task: env.task,
+        args: env.args,
+        kwargs: env.kwargs,
+        queue: env.queue,
+        priority: env.priority,
+        attempt,
+        max_retries: env.max_retries,
+        eta: env.eta,
+        expires_at: env.expires_at,
+        timeout_ms: env.timeout_ms,
+        idempotency_key: env.idempotency_key,
+        parent_id: env.parent_id,
+        enqueued_at,
+    }
+}
+
+fn delivery(id: &str, env: &str, attempt: &str, token: &str, enq: &str) -> Result<Delivery, String> {
+    let env: Envelope = serde_json::from_str(env).map_err(|e| format!("envelope: {e}"))?;
+    let attempt: u32 = attempt.parse().map_err(|_| format!("attempt {attempt:?}"))?;
+    let enq = enq
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(|| format!("enqueue time {enq:?}"))?;
+    let job = job_of(env, attempt, enq);
+    Ok(Delivery { lease: Lease { job_id: id.to_string(), token: token.to_string() }, job })
+}
+
+/// `join_all` without the futures crate: runs the futures concurrently.
+async fn futures_join_all<F, T>(futures: impl IntoIterator<Item = F>) -> Vec<T>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        match h.await {
+            Ok(v) => out.push(v),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    out
+}
+
+/// An optional record field as the complete script takes it: '' when
+/// absent, '=' + value when present.
+fn opt_arg(v: Option<&str>) -> String {
+    v.map(|v| format!("={v}")).unwrap_or_default()
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued, BrokerError> {
+        job.validate().map_err(BrokerError::Invalid)?;
+        let id = Uuid::now_v7().to_string();
+        let qp = self.queue_prefix(&job.queue);
+        let jk = format!("{qp}j:{id}");
+        let idem = job.idempotency_key.as_ref().map(|k| format!("{qp}idem:{k}"));
+        let env = Envelope {
+            id: id.clone(),
+            task: job.task.clone(),
+            args: job.args,
+            kwargs: job.kwargs,
+            queue: job.queue.clone(),
+            priority: job.priority,
+            max_retries: job.max_retries,
+            eta: job.eta.map(ms_precision),
+            expires_at: job.expires_at.map(ms_precision),
+            timeout_ms: job.timeout_ms,
+            idempotency_key: job.idempotency_key.clone(),
+            parent_id: job.parent_id,
+        };
+        let mut inv = self.inner.scripts.enqueue.prepare_invoke();
+        inv.key(&jk)
+            .key(format!("{qp}delayed"))
+            .key(idem.as_deref().unwrap_or(&jk))
+            .arg(&qp)
+            .arg(GROUP)
+            .arg(&id)
+            .arg(to_json(&env)?)
+            .arg(&job.task)
+            .arg(job.priority)
+            .arg(job.max_retries)
+            .arg(job.expires_at.map(|t| t.timestamp_millis().to_string()).unwrap_or_default())
+            .arg(job.eta.map(|t| t.timestamp_millis().to_string()).unwrap_or_default())
+            .arg(if idem.is_some() { "1" } else { "0" });
+        let mut c = self.conn();
+        let mut c2 = self.conn();
+        let register = async move {
+            let added: Result<i64, _> = c2.sadd(self.queues_key(), &job.queue).await;
+            added
+        };
+        let (res, added) = tokio::join!(inv.invoke_async::<(i64, String)>(&mut c), register);
+        let (fresh, id) = res.map_err(unavailable)?;
+        added.map_err(unavailable)?;
+        Ok(Enqueued { id, existing: fresh == 0 })
+    }
+
+    async fn fetch(&self, req: FetchRequest<'_>) -> Result<Vec<Delivery>, BrokerError> {
+        if req.max == 0 || req.queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.start_heartbeat(req.host, req.queues);
+        let blocking = !self.inner.block.is_zero();
+        let (got, wait) = self.fetch_once(&req, blocking).await?;
+        if !got.is_empty() || !blocking {
+            return Ok(got);
+        }
+        self.wait_for_entries(wait).await;
+        let (got, _) = self.fetch_once(&req, false).await?;
+        Ok(got)
+    }
+
+    fn fetch_waits(&self) -> bool {
+        !self.inner.block.is_zero()
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<LeaseStatus, BrokerError> {
+        let Some(queue) = Self::lease_queue(lease) else { return Ok(LeaseStatus::Lost) };
+        let qp = self.queue_prefix(queue);
+        let mut c = self.conn();
+        let r: i64 = self
+            .inner
+            .scripts
+            .renew
+            .key(format!("{qp}j:{}", lease.job_id))
+            .key(format!("{qp}leases"))
+            .arg(&qp)
+            .arg(GROUP)
+            .arg(&lease.token)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(&lease.job_id)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(match r {
+            -1 => LeaseStatus::Lost,
+            flag => LeaseStatus::Held { cancel_requested: flag == 1 },
+        })
+    }
+
+    async fn progress(&self, lease: &Lease, done: u64, total: u64) -> Result<(), BrokerError> {
+        let Some(queue) = Self::lease_queue(lease) else { return Ok(()) };
+        let qp = self.queue_prefix(queue);
+        let mut c = self.conn();
+        let _: i64 = self
+            .inner
+            .scripts
+            .progress
+            .key(format!("{qp}j:{}", lease.job_id))
+            .arg(&qp)
+            .arg(GROUP)
+            .arg(&lease.token)
+            .arg(done)
+            .arg(total)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn complete(&self, lease: &Lease, outcome: Outcome, record: RunRecord) -> Result<bool, BrokerError> {
+        let Some(queue) = Self::lease_queue(lease) else { return Ok(false) };
+        let qp = self.queue_prefix(queue);
+        let kind_text = |k: ErrorKind| match serde_json::to_value(k) {
+            Ok(Value::String(s)) => s,
+            _ => "plugin".to_string(),
+        };
+        let (kind, result, ek, em, at) = match &outcome {
+            Outcome::Succeeded { result } => ("succeeded", to_json(result)?, String::new(), String::new(), 0),
+            Outcome::Retry { error, at } => {
+                ("retry", String::new(), kind_text(error.kind), error.message.clone(), at.timestamp_millis())
+            }
+            Outcome::Dead { error } => ("dead", String::new(), kind_text(error.kind), error.message.clone(), 0),
+            Outcome::Cancelled { error } => {
+                ("cancelled", String::new(), kind_text(error.kind), error.message.clone(), 0)
+            }
+        };
+        let touched = record.touched.as_ref().map(to_json).transpose()?;
+        let mut c = self.conn();
+        let r: i64 = self
+            .inner
+            .scripts
+            .complete
+            .key(format!("{qp}j:{}", lease.job_id))
+            .key(format!("{qp}leases"))
+            .key(format!("{qp}delayed"))
+            .arg(&qp)
+            .arg(GROUP)
+            .arg(&lease.token)
+            .arg(&lease.job_id)
+            .arg(kind)
+            .arg(result)
+            .arg(ek)
+            .arg(em)
+            .arg(at)
+            .arg(self.inner.ttl_s)
+            .arg(opt_arg(record.plugin.as_deref()))
+            .arg(opt_arg(record.plugin_version.as_deref()))
+            .arg(opt_arg(touched.as_deref()))
+            .arg(opt_arg(record.log.as_deref()))
+            .arg(opt_arg(record.progress.map(|p| p.done.to_string()).as_deref()))
+            .arg(opt_arg(record.progress.map(|p| p.total.to_string()).as_deref()))
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(r == 1)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
+        let Some(queue) = Self::lease_queue(lease) else { return Ok(()) };
+        let qp = self.queue_prefix(queue);
+        let mut c = self.conn();
+        let _: i64 = self
+            .inner
+            .scripts
+            .release
+            .key(format!("{qp}j:{}", lease.job_id))
+            .key(format!("{qp}leases"))
+            .arg(&qp)
+            .arg(GROUP)
+            .arg(&lease.token)
+            .arg(&lease.job_id)
+            .arg(self.inner.ttl_s)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn cancel(&self, id: &str) -> Result<CancelOutcome, BrokerError> {
+        let Some((queue, _)) = self.find(id).await? else { return Ok(CancelOutcome::NotFound) };
+        let qp = self.queue_prefix(&queue);
+        let mut c = self.conn();
+        let r: String = self
+            .inner
+            .scripts
+            .cancel
+            .key(format!("{qp}j:{id}"))
+            .key(format!("{qp}leases"))
+            .key(format!("{qp}delayed"))
+            .arg(&qp)
+            .arg(GROUP)
+            .arg(id)
+            .arg(self.inner.ttl_s)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(match r.as_str() {
+            "cancelled" => CancelOutcome::Cancelled,
+            "stop-requested" => CancelOutcome::StopRequested,
+            "already-finished" => CancelOutcome::AlreadyFinished,
+            _ => CancelOutcome::NotFound,
+        })
+    }
+
+    async fn status(&self, id: &str) -> Result<Option<JobStatus>, BrokerError> {
+        match self.find(id).await? {
+            Some((_, h)) => self.status_from_hash(id, &h).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn dead_list(&self, limit: u32) -> Result<Vec<JobStatus>, BrokerError> {
+        let mut all = Vec::new();
+        for queue in self.queues().await? {
+            for id in self.dead_ids(&queue, limit as usize).await? {
+                let mut c = self.conn();
+                let h: HashMap<String, String> = c.hgetall(self.job_key(&queue, &id)).await.map_err(unavailable)?;
+                if h.get("state").map(String::as_str) != Some("failed") {
+                    continue;
+                }
+                let dead: i64 = h.get("dead").and_then(|v| v.parse().ok()).unwrap_or(0);
+                all.push((dead, self.status_from_hash(&id, &h)?));
+            }
+        }
+        all.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1.job.id.cmp(&a.1.job.id)));
+        Ok(all.into_iter().take(limit as usize).map(|(_, s)| s).collect())
+    }
+
+    async fn dead_retry(&self, ids: &[String]) -> Result<u64, BrokerError> {
+        let mut by_queue: HashMap<String, Vec<String>> = HashMap::new();
+        if ids.is_empty() {
+            for q in self.queues().await? {
+                by_queue.insert(q, Vec::new());
+            }
+        } else {
+            for id in ids {
+                if let Some((q, _)) = self.find(id).await? {
+                    by_queue.entry(q).or_default().push(id.clone());
+                }
+            }
+        }
+        let mut total = 0u64;
+        for (queue, ids) in by_queue {
+            let qp = self.queue_prefix(&queue);
+            let mut inv = self.inner.scripts.dead_retry.prepare_invoke();
+            inv.key(format!("{qp}dead")).arg(&qp).arg(GROUP);
+            for id in &ids {
+                inv.arg(id);
+            }
+            let mut c = self.conn();
+            let n: u64 = inv.invoke_async(&mut c).await.map_err(unavailable)?;
+            total += n;
+        }
+        Ok(total)
+    }
+
+    async fn dead_purge(&self) -> Result<u64, BrokerError> {
+        let mut total = 0u64;
+        for queue in self.queues().await? {
+            let qp = self.queue_prefix(&queue);
+            let mut c = self.conn();
+            let n: u64 = self
+                .inner
+                .scripts
+                .dead_purge
+                .key(format!("{qp}dead"))
+                .arg(&qp)
+                .arg(GROUP)
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            total += n;
+        }
+        Ok(total)
+    }
+
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>, BrokerError> {
+        let mut out = Vec::new();
+        for queue in self.queues().await? {
+            let qp = self.queue_prefix(&queue);
+            let mut c = self.conn();
+            let (queued, delayed, running, dead): (u64, u64, u64, u64) = self
+                .inner
+                .scripts
+                .stats
+                .key(format!("{qp}prios"))
+                .key(format!("{qp}delayed"))
+                .key(format!("{qp}leases"))
+                .key(format!("{qp}dead"))
+                .arg(&qp)
+                .arg(GROUP)
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            if queued + delayed + running + dead > 0 {
+                out.push(QueueStats { queue, queued, delayed, running, dead });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;

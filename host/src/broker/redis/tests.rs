@@ -1,0 +1,197 @@
+//! The Redis broker against the shared broker suite, plus what only Redis
+//! has: blocking fetch, group recreation, key layout and TTLs. Needs the
+//! test Redis (`scripts/services.sh up redis`, started by `make test`);
+//! `CELER_TEST_REDIS_URL` overrides where it is. Every test works under a
+//! key prefix of its own, deleted when the test ends.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ::redis::AsyncCommands;
+use serde_json::json;
+
+use super::{RedisBroker, RedisOptions};
+use crate::broker::suite::{self, enqueue, fetch, fetch_one, job, status};
+use crate::broker::{Broker, BrokerError, FetchRequest, Outcome, RunRecord};
+use crate::job::JobState;
+
+pub fn redis_url() -> String {
+    std::env::var("CELER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
+}
+
+/// Deletes every key under its prefix when dropped.
+pub struct Cleanup {
+    url: String,
+    prefix: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        // A thread of its own: Drop may run inside the async runtime.
+        let _ = std::thread::spawn(move || {
+            let Ok(client) = ::redis::Client::open(url.as_str()) else { return };
+            let Ok(mut c) = client.get_connection() else { return };
+            let keys: Vec<String> =
+                ::redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut c).unwrap_or_default();
+            for chunk in keys.chunks(500) {
+                let _: Result<i64, _> = ::redis::cmd("DEL").arg(chunk).query(&mut c);
+            }
+        })
+        .join();
+    }
+}
+
+pub fn unique_prefix() -> String {
+    format!("celer-test-{}:", uuid::Uuid::now_v7().simple())
+}
+
+pub async fn broker_with(prefix: &str, block: Duration) -> RedisBroker {
+    let options = RedisOptions { prefix: prefix.to_string(), block, ..RedisOptions::new(redis_url()) };
+    RedisBroker::connect(options)
+        .await
+        .unwrap_or_else(|e| panic!("the test Redis at {} is not reachable ({e}): run `scripts/services.sh up redis`", redis_url()))
+}
+
+async fn fresh() -> (Cleanup, Arc<dyn Broker>) {
+    let prefix = unique_prefix();
+    let b = broker_with(&prefix, Duration::ZERO).await;
+    (Cleanup { url: redis_url(), prefix }, Arc::new(b))
+}
+
+crate::broker_suite!(fresh());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_hosts_deliver_every_job_exactly_once() {
+    let prefix = unique_prefix();
+    let _cleanup = Cleanup { url: redis_url(), prefix: prefix.clone() };
+    let mut brokers: Vec<Arc<dyn Broker>> = Vec::new();
+    for _ in 0..3 {
+        brokers.push(Arc::new(broker_with(&prefix, Duration::ZERO).await));
+    }
+    suite::concurrent_workers_deliver_every_job_exactly_once(brokers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_a_queue_share_its_hash_tag_and_finished_jobs_expire() {
+    let (_c, b) = fresh_redis().await;
+    let id = enqueue(&b, job("t")).await;
+    let failed = enqueue(&b, job("t")).await;
+    let mut c = b.conn();
+    let pattern = format!("{}*", b.prefix());
+    let keys: Vec<String> = ::redis::cmd("KEYS").arg(&pattern).query_async(&mut c).await.unwrap();
+    for k in &keys {
+        assert!(k.contains("{default}") || k == &format!("{}queues", b.prefix()), "{k}");
+    }
+    for d in fetch(&b, 2).await {
+        let outcome = if d.job.id == id {
+            Outcome::Succeeded { result: json!(1) }
+        } else {
+            Outcome::Dead { error: crate::job::JobError::new(crate::job::ErrorKind::Plugin, "no") }
+        };
+        assert!(b.complete(&d.lease, outcome, RunRecord::default()).await.unwrap());
+    }
+    let ttl: i64 = c.ttl(b.job_key("default", &id)).await.unwrap();
+    assert!(ttl > 86_000 && ttl <= 86_400, "a finished job expires after result_ttl: {ttl}");
+    let ttl: i64 = c.ttl(b.job_key("default", &failed)).await.unwrap();
+    assert_eq!(ttl, -1, "dead letters stay until purged or retried");
+}
+
+async fn fresh_redis() -> (Cleanup, RedisBroker) {
+    let prefix = unique_prefix();
+    let b = broker_with(&prefix, Duration::ZERO).await;
+    (Cleanup { url: redis_url(), prefix }, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_fetch_wakes_up_when_a_job_arrives() {
+    let prefix = unique_prefix();
+    let _c = Cleanup { url: redis_url(), prefix: prefix.clone() };
+    let consumer = broker_with(&prefix, Duration::from_secs(3)).await;
+    let producer = broker_with(&prefix, Duration::ZERO).await;
+    assert!(consumer.fetch_waits());
+    // An empty queue: the fetch waits its full block time, then returns nothing.
+    let t = Instant::now();
+    let queues = vec!["default".to_string()];
+    let req = FetchRequest { host: "h", queues: &queues, exclude_tasks: &[], max: 4, lease: Duration::from_secs(30) };
+    let waiter = tokio::spawn({
+        let consumer = consumer.clone();
+        async move {
+            let queues = vec!["default".to_string()];
+            let req =
+                FetchRequest { host: "h", queues: &queues, exclude_tasks: &[], max: 4, lease: Duration::from_secs(30) };
+            let got = consumer.fetch(req).await.unwrap();
+            (got, Instant::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    let id = enqueue(&producer, job("t")).await;
+    let (got, woke) = waiter.await.unwrap();
+    assert_eq!(got.len(), 1, "delivered to the waiting fetch");
+    assert_eq!(got[0].job.id, id);
+    assert!(woke.duration_since(sent) < Duration::from_millis(200), "woke {:?} after the enqueue", woke.duration_since(sent));
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // A delayed job due in 300 ms wakes a fetch that would block for 3 s.
+    let eta = chrono::Utc::now() + chrono::TimeDelta::milliseconds(300);
+    enqueue(&producer, crate::job::NewJob { eta: Some(eta), ..job("t") }).await;
+    let t = Instant::now();
+    let got = consumer.fetch(req.clone()).await.unwrap();
+    assert_eq!(got.len(), 1, "the delayed job, once due");
+    assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumption_resumes_when_the_group_and_streams_vanish() {
+    let (_c, b) = fresh_redis().await;
+    let first = enqueue(&b, job("t")).await;
+    assert_eq!(fetch_one(&b).await.job.id, first);
+    // What a Redis restart without persistence does to our keys.
+    let mut c = b.conn();
+    let pattern = format!("{}*", b.prefix());
+    let keys: Vec<String> = ::redis::cmd("KEYS").arg(&pattern).query_async(&mut c).await.unwrap();
+    let _: i64 = c.del(&keys).await.unwrap();
+    let _: () = ::redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut c).await.unwrap();
+    let second = enqueue(&b, job("t")).await;
+    assert_eq!(fetch_one(&b).await.job.id, second);
+    // Only the group gone (the stream kept): recreated on read.
+    let third = enqueue(&b, job("t")).await;
+    let stream = format!("{}s:0", b.queue_prefix("default"));
+    let _: () = ::redis::cmd("XGROUP").arg("DESTROY").arg(&stream).arg(super::GROUP).query_async(&mut c).await.unwrap();
+    assert_eq!(fetch_one(&b).await.job.id, third);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_job_goes_to_the_dead_letters_and_a_bad_state_is_corrupt() {
+    let (_c, b) = fresh_redis().await;
+    let bad = enqueue(&b, job("t")).await;
+    let good = enqueue(&b, job("t")).await;
+    let mut c = b.conn();
+    let _: () = c.hset(b.job_key("default", &bad), "env", "not json").await.unwrap();
+    let got = fetch(&b, 10).await;
+    assert_eq!(got.iter().map(|d| d.job.id.clone()).collect::<Vec<_>>(), vec![good.clone()]);
+    let state: String = c.hget(b.job_key("default", &bad), "state").await.unwrap();
+    assert_eq!(state, "failed");
+    let _: () = c.hset(b.job_key("default", &good), "state", "zombie").await.unwrap();
+    assert!(matches!(b.status(&good).await, Err(BrokerError::Corrupt { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_is_taken_over_by_the_next_fetch_before_new_jobs() {
+    let (_c, b) = fresh_redis().await;
+    let first = enqueue(&b, job("t")).await;
+    let d = suite::fetch_with(&b, 1, &[], Duration::from_millis(50)).await.remove(0);
+    let _newer = enqueue(&b, job("t")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let again = fetch_one(&b).await;
+    assert_eq!((again.job.id.clone(), again.job.attempt), (first.clone(), 1));
+    assert!(!b.complete(&d.lease, Outcome::Succeeded { result: json!(0) }, RunRecord::default()).await.unwrap());
+    assert!(b.complete(&again.lease, Outcome::Succeeded { result: json!(1) }, RunRecord::default()).await.unwrap());
+    assert_eq!(status(&b, &first).await.state, JobState::Succeeded);
+    // The pending entry moved to this consumer and was acked: nothing pending.
+    let mut c = b.conn();
+    let stream = format!("{}s:0", b.queue_prefix("default"));
+    let (count, _, _, _): (i64, Option<String>, Option<String>, ::redis::Value) =
+        ::redis::cmd("XPENDING").arg(&stream).arg(super::GROUP).query_async(&mut c).await.unwrap();
+    assert_eq!(count, 0, "the taken-over entry was acked; the newer job is not read yet");
+}

@@ -1,0 +1,119 @@
+//! Schedules through real `celer` processes: bad definitions are refused at
+//! the door; several hosts running the scheduler role fire each tick exactly
+//! once; a SIGKILLed leader is replaced within the lock's TTL with no double
+//! and no lost tick.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use celer_integration::{Env, Server, stdout_json};
+
+/// Short lock TTL and tick so that takeover tests take seconds.
+fn config() -> String {
+    format!("{}\n[scheduler]\ntick_ms = 200\nlock_ttl_ms = 2000\n", celer_integration::TEST_CONFIG)
+}
+
+/// Fire times each host logged ("schedule fired … fire_time=…"), counted.
+fn fired(servers: &[&Server], schedule: &str) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for s in servers {
+        for line in s.log().lines().filter(|l| l.contains("schedule fired") && l.contains(&format!("schedule={schedule}"))) {
+            if let Some(t) = line.split("fire_time=").nth(1).and_then(|r| r.split_whitespace().next()) {
+                *seen.entry(t.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    seen
+}
+
+/// Every second from the first fire time to the last is there exactly once.
+fn assert_each_tick_once(seen: &BTreeMap<String, usize>) {
+    let doubles: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubles.is_empty(), "ticks fired twice: {doubles:?}");
+    let times: Vec<i64> = seen
+        .keys()
+        .map(|t| chrono::DateTime::parse_from_rfc3339(t).expect("rfc3339").timestamp())
+        .collect();
+    let (first, last) = (times[0], times[times.len() - 1]);
+    assert_eq!(times.len() as i64, last - first + 1, "a tick is missing between {first} and {last}: {times:?}");
+}
+
+#[test]
+fn bad_definitions_get_one_clear_line_and_exit_2() {
+    let env = Env::new();
+    for (args, needle) in [
+        (vec!["schedules", "add", "x", "hello.noop", "--cron", "0 3 * *"], "expected 5 fields"),
+        (vec!["schedules", "add", "x", "hello.noop", "--cron", "0 3 * * *", "--tz", "Mars/Olympus"], "unknown time zone"),
+        (vec!["schedules", "add", "x", "hello.noop", "--every", "0s"], "at least one second"),
+        (vec!["schedules", "add", "x", "hello.noop"], "exactly one of"),
+        (vec!["schedules", "enable", "nope"], "no schedule named"),
+    ] {
+        let out = env.celer(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn add_list_disable_enable_remove_and_run_now() {
+    let env = Env::new();
+    env.install("hello");
+    let out = env.celer(&["schedules", "add", "nightly", "hello.noop", "--cron", "0 3 * * *", "--tz", "Europe/London"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout_json(&out)["next_run_at"].is_string());
+    let dup = env.celer(&["schedules", "add", "nightly", "hello.noop", "--every", "1h"]);
+    assert_eq!(dup.status.code(), Some(2), "a second schedule of the same name is refused");
+    let list = stdout_json(&env.celer(&["schedules", "list", "--json"]));
+    assert_eq!(list[0]["name"], "nightly");
+    assert_eq!(list[0]["timezone"], "Europe/London");
+    assert!(env.celer(&["schedules", "disable", "nightly"]).status.success());
+    assert_eq!(stdout_json(&env.celer(&["schedules", "list", "--json"]))[0]["enabled"], false);
+    assert!(env.celer(&["schedules", "enable", "nightly"]).status.success());
+
+    let _server = env.serve();
+    let out = env.celer(&["schedules", "run-now", "nightly"]);
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    env.wait_state(&id, "succeeded", Duration::from_secs(20));
+    assert!(env.celer(&["schedules", "remove", "nightly"]).status.success());
+    assert_eq!(stdout_json(&env.celer(&["schedules", "list", "--json"])), serde_json::json!([]));
+}
+
+#[test]
+fn three_hosts_fire_each_tick_exactly_once_and_survive_the_leader_dying() {
+    let env = Env::with_config(&config());
+    env.install("hello");
+    let out = env.celer(&["schedules", "add", "every-second", "hello.noop", "--every", "1s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut hosts = vec![env.serve_named("a"), env.serve_named("b"), env.serve_named("c")];
+    std::thread::sleep(Duration::from_secs(6));
+
+    // Kill whichever host leads now.
+    let leader = hosts
+        .iter()
+        .position(|h| h.log().lines().filter(|l| l.contains("leadership changed")).last().is_some_and(|l| l.contains("leading=true")))
+        .expect("one host leads");
+    hosts[leader].sigkill();
+    std::thread::sleep(Duration::from_secs(6));
+    let survivors: Vec<&Server> = hosts.iter().collect();
+    let seen = fired(&survivors, "every-second");
+    assert!(seen.len() >= 10, "fired {} ticks in 12 s", seen.len());
+    assert_each_tick_once(&seen);
+    let leaders = hosts.iter().filter(|h| h.log().contains("leading=true")).count();
+    assert!(leaders >= 2, "another host took over");
+}
+
+#[test]
+fn edits_take_effect_without_a_restart() {
+    let env = Env::with_config(&config());
+    env.install("hello");
+    let server = env.serve();
+    assert!(env.celer(&["schedules", "add", "tick", "hello.noop", "--every", "1s"]).status.success());
+    server.wait_log("schedule=tick", Duration::from_secs(10));
+    assert!(env.celer(&["schedules", "disable", "tick"]).status.success());
+    std::thread::sleep(Duration::from_millis(600));
+    let before = fired(&[&server], "tick").len();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(fired(&[&server], "tick").len(), before, "a disabled schedule does not fire");
+}
