@@ -197,7 +197,7 @@ async fn a_sigkilled_hosts_jobs_are_taken_over_within_the_lease_and_finish_once(
     let mut victim = Host::start(&env, "victim");
     let b = broker(services::REDIS_URL, &prefix).await;
     // Only the victim runs: it takes these slow jobs (hostile: 2 at a time).
-    let slow = NewJob::new("hostile.sleep", json!([]), json!({"ms": 3000}));
+    let slow = NewJob::new("hostile.sleep", json!([]), json!({"ms": 1900}));
     let slow_ids = enqueue_many(&b, 2, slow).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -208,10 +208,11 @@ async fn a_sigkilled_hosts_jobs_are_taken_over_within_the_lease_and_finish_once(
         assert!(Instant::now() < deadline, "the victim never started the slow jobs");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let others: Vec<Host> = (0..2).map(|i| Host::start(&env, &format!("survivor{i}"))).collect();
-    let fast = enqueue_many(&b, 2_000, NewJob::new("hello.noop", json!([]), json!({}))).await;
+    // It dies mid-run, with both leased; more work arrives for the survivors.
     victim.kill();
     let killed_at = chrono::Utc::now();
+    let fast = enqueue_many(&b, 2_000, NewJob::new("hello.noop", json!([]), json!({}))).await;
+    let others: Vec<Host> = (0..2).map(|i| Host::start(&env, &format!("survivor{i}"))).collect();
     drain(&b, Duration::from_secs(60)).await;
 
     let statuses = states(&b, &slow_ids).await;

@@ -12,6 +12,9 @@
 //! need the token go in [`protected_routes`]; [`router`] puts the layer on
 //! them.
 
+mod jobs;
+mod schedules;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,13 +47,37 @@ pub struct ApiState {
     pub token: Option<Arc<str>>,
     /// `file://` download links; none when storage is S3.
     pub files: Option<FileLinks>,
+    /// Jobs and queues (`/api/jobs`, `/api/queues`, `/metrics`).
+    pub broker: Option<Arc<dyn crate::broker::Broker>>,
+    /// Loaded plugins (`/api/plugins`; unknown-task checks on enqueue).
+    pub registry: Option<Arc<crate::runtime::registry::Registry>>,
+    /// Periodic tasks (`/api/schedules`).
+    pub schedules: Option<crate::scheduler::store::ScheduleStore>,
 }
 
 impl ApiState {
     pub fn new(capabilities: Capabilities, http: &HttpConfig) -> ApiState {
         let files = capabilities.file_links();
         let token = http.token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
-        ApiState { capabilities, token, files }
+        ApiState { capabilities, token, files, broker: None, registry: None, schedules: None }
+    }
+
+    /// Serves the jobs, queues and metrics routes from `broker`.
+    pub fn with_broker(mut self, broker: Arc<dyn crate::broker::Broker>) -> Self {
+        self.broker = Some(broker);
+        self
+    }
+
+    /// Serves `/api/plugins` and checks task names on enqueue.
+    pub fn with_registry(mut self, registry: Arc<crate::runtime::registry::Registry>) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Serves `/api/schedules`.
+    pub fn with_schedules(mut self, store: crate::scheduler::store::ScheduleStore) -> Self {
+        self.schedules = Some(store);
+        self
     }
 }
 
@@ -85,10 +112,19 @@ pub fn router(state: ApiState) -> Router {
 
 /// Routes behind the bearer token (when one is configured).
 pub fn protected_routes() -> Router<ApiState> {
-    Router::new().route("/readyz", get(readyz))
+    use axum::routing::post;
+    Router::new()
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(jobs::metrics))
+        .route("/api/jobs", post(jobs::enqueue))
+        .route("/api/jobs/{id}", get(jobs::status).delete(jobs::cancel))
+        .route("/api/plugins", get(jobs::plugins))
+        .route("/api/queues", get(jobs::queues))
+        .route("/api/schedules", get(schedules::list).post(schedules::create))
+        .route("/api/schedules/{name}", axum::routing::patch(schedules::update).delete(schedules::remove))
 }
 
-fn error(status: StatusCode, message: &str) -> Response {
+pub(crate) fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({ "error": message }))).into_response()
 }
 

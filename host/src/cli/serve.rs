@@ -60,7 +60,9 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let schedules = ScheduleStore::open(&config.broker_path()).await.map_err(|e| CliError::Failed(e.to_string()))?;
     if let Some(listener) = listener {
+        let api = api.with_broker(broker.clone()).with_registry(registry.clone()).with_schedules(schedules.clone());
         tokio::spawn(celer::api::serve(listener, celer::api::router(api), stop_rx.clone()));
     }
     tokio::spawn(async move {
@@ -74,9 +76,8 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
 
     let mut roles = tokio::task::JoinSet::new();
     if has("scheduler") {
-        let store = ScheduleStore::open(&config.broker_path()).await.map_err(|e| CliError::Failed(e.to_string()))?;
         let scheduler = Scheduler {
-            store,
+            store: schedules,
             broker: broker.clone(),
             registry: Some(registry.clone()),
             host: config.host_id(),

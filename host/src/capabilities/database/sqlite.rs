@@ -61,6 +61,8 @@ pub struct AuthPolicy {
     fk_read: BTreeSet<String>,
     /// Tables reached by cascading foreign-key actions of written tables.
     fk_write: BTreeSet<String>,
+    /// The tables and views of the database when the policy was built.
+    schema: BTreeSet<String>,
 }
 
 impl AuthPolicy {
@@ -90,13 +92,19 @@ impl AuthPolicy {
         let inner = inner.map(str::to_ascii_lowercase);
         let ok = match action {
             ffi::SQLITE_SELECT | ffi::SQLITE_RECURSIVE | ffi::SQLITE_TRANSACTION => true,
+            // A read of no column names its table without a schema, as do
+            // the CTEs and subqueries it may really be: only a name that is
+            // a table (or a reserved one) needs a grant then.
+            ffi::SQLITE_READ if db.is_none() && a2 == Some("") => a1.is_some_and(|t| {
+                let t = t.to_ascii_lowercase();
+                !sqlcheck::is_reserved(&t) && (!self.schema.contains(&t) || self.can_read(&t, inner.as_deref()))
+            }),
             ffi::SQLITE_READ => table().is_some_and(|t| self.can_read(&t, inner.as_deref())),
             ffi::SQLITE_INSERT => table().is_some_and(|t| self.policy.can_write(&t)),
             ffi::SQLITE_UPDATE | ffi::SQLITE_DELETE => table().is_some_and(|t| self.can_change(&t)),
             ffi::SQLITE_FUNCTION => a2.is_some_and(|f| !sqlcheck::function_denied(&f.to_ascii_lowercase())),
             _ => false,
         };
-        if !ok { eprintln!("DENY {action} {a1:?} {a2:?} {db:?} {inner:?}"); }
         if ok { ffi::SQLITE_OK } else { ffi::SQLITE_DENY }
     }
 }
@@ -285,7 +293,7 @@ impl Lite {
             }
         }
         let missing = policy.tables().filter(|t| !existing.contains(*t)).cloned().collect();
-        Ok((AuthPolicy { policy, fk_read, fk_write }, missing))
+        Ok((AuthPolicy { policy, fk_read, fk_write, schema: existing }, missing))
     }
 
     /// A connection under `plugin`'s policy; in a transaction when `txn`.
@@ -423,10 +431,13 @@ mod tests {
         assert!(missing.is_empty());
         let mut s = lite.open_with(auth).await.unwrap();
         assert_eq!(run(&mut s, "SELECT * FROM users").await.unwrap(), 1);
+        assert_eq!(run(&mut s, "WITH c AS (SELECT 1) SELECT count(*) FROM c, users, (SELECT 2)").await.unwrap(), 1);
         for sql in [
             "SELECT * FROM secrets",
             "SELECT (SELECT value FROM secrets) AS v",
             "SELECT * FROM users WHERE id IN (SELECT id FROM secrets)",
+            "SELECT count(*) FROM secrets",
+            "WITH s AS (SELECT 1) SELECT count(*) FROM secrets, s",
             "SELECT * FROM sqlite_master",
             "SELECT * FROM pragma_table_info('secrets')",
             "PRAGMA table_info(secrets)",
