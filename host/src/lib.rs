@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod broker;
+pub mod celery;
 pub mod capabilities;
 pub mod config;
 pub mod job;

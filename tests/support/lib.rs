@@ -56,6 +56,8 @@ pub struct Env {
 
 /// The test services `scripts/services.sh up` starts (see scripts/services/ports.sh).
 pub mod services {
+    /// PostgreSQL for the database and import tests (scripts/services/postgres.sh).
+    pub const DATABASE_URL: &str = "postgres://celer:celer@127.0.0.1:5433/celer_test";
     /// Redis for the cache and broker tests.
     pub const REDIS_URL: &str = "redis://127.0.0.1:6390";
     /// The SMTP sink for the mail tests (scripts/services/smtp.sh): accepts

@@ -4,9 +4,11 @@
 //! and no lost tick.
 
 use std::collections::BTreeMap;
+use std::process::Command;
 use std::time::Duration;
 
 use celer_integration::{Env, Server, stdout_json};
+use serde_json::json;
 
 /// Short lock TTL and tick so that takeover tests take seconds.
 fn config() -> String {
@@ -116,4 +118,64 @@ fn edits_take_effect_without_a_restart() {
     let before = fired(&[&server], "tick").len();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(fired(&[&server], "tick").len(), before, "a disabled schedule does not fire");
+}
+
+/// The Python of the django-celery-beat venv `scripts/services.sh up` makes.
+fn django_python() -> std::path::PathBuf {
+    let py = celer_integration::repo_root().join("target/services/django-venv/bin/python");
+    assert!(py.exists(), "{} is missing: run `scripts/services.sh up django` (make test does)", py.display());
+    py
+}
+
+/// Imports from tables Django's own migrations created, filled through the
+/// django-celery-beat models, on SQLite and on PostgreSQL.
+fn import_round_trip(env: &Env, db_arg: &str, url: &str) {
+    let make = celer_integration::repo_root().join("tests/django_beat/make_db.py");
+    let out = Command::new(django_python()).arg(&make).arg(db_arg).output().expect("run make_db.py");
+    assert!(out.status.success(), "make_db.py: {}", String::from_utf8_lossy(&out.stderr));
+
+    let out = env.celer(&["schedules", "import", "--from-django-celery-beat", url]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = stdout_json(&out);
+    let mut imported: Vec<&str> = report["imported"].as_array().expect("imported").iter().filter_map(|v| v.as_str()).collect();
+    imported.sort();
+    assert_eq!(imported, vec!["clean-mfa", "complete-ended", "new-year", "weekday-report"], "{report:#}");
+    assert!(report["not_imported"]["lights"].as_str().unwrap_or("").contains("solar"), "{report:#}");
+    assert!(report["not_imported"]["backend-cleanup"].as_str().unwrap_or("").contains("celery.backend_cleanup"), "{report:#}");
+
+    let list = stdout_json(&env.celer(&["schedules", "list", "--json"]));
+    let by_name = |n: &str| list.as_array().expect("list").iter().find(|s| s["name"] == n).cloned().expect(n);
+    let mfa = by_name("clean-mfa");
+    assert_eq!((mfa["task"].clone(), mfa["expr"].clone(), mfa["timezone"].clone()), (json!("hello.noop"), json!("0 3 * * *"), json!("Europe/London")));
+    assert_eq!(mfa["description"], "nightly MFA cleanup");
+    let weekday = by_name("weekday-report");
+    assert_eq!((weekday["enabled"].clone(), weekday["kwargs"].clone()), (json!(false), json!({"name": "report"})));
+    let ended = by_name("complete-ended");
+    assert_eq!((ended["kind"].clone(), ended["every_s"].clone(), ended["queue"].clone(), ended["args"].clone()), (json!("interval"), json!(300), json!("events"), json!([1, 2])));
+    let once = by_name("new-year");
+    assert_eq!((once["kind"].clone(), once["at"].clone(), once["one_off"].clone()), (json!("clocked"), json!("2030-01-01T12:00:00Z"), json!(true)));
+}
+
+/// hello's manifest with the seeds' Celery task names as aliases.
+fn env_with_aliases() -> Env {
+    let env = Env::new();
+    let manifest = std::fs::read_to_string(celer_integration::plugin_manifest("hello"))
+        .expect("manifest")
+        .replace("[limits]", "aliases = { \"modules.auth.accounts.tasks.clean_mfa_data\" = \"hello.noop\", \"apps.events.tasks.mark_ended_events_as_completed\" = \"hello.add\" }\n\n[limits]");
+    env.install_files("hello", &std::fs::read(celer_integration::plugin_wasm("hello")).expect("wasm"), &manifest);
+    env
+}
+
+#[test]
+fn import_from_django_celery_beat_on_sqlite() {
+    let env = env_with_aliases();
+    let db = env.path().join("django.sqlite3");
+    import_round_trip(&env, db.to_str().expect("utf8"), &format!("sqlite://{}", db.display()));
+}
+
+#[test]
+fn import_from_django_celery_beat_on_postgres() {
+    let env = env_with_aliases();
+    let url = celer_integration::services::DATABASE_URL;
+    import_round_trip(&env, url, url);
 }

@@ -86,11 +86,26 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
         roles.spawn(scheduler.run(stop_rx.clone()));
     }
     if has("worker") {
+        let mut worker_config = config.worker.clone();
+        let broker = match config.celery.enabled {
+            // Celery's queues become celer queues of the same name, run here too.
+            true => {
+                for q in &config.celery.queues {
+                    if !worker_config.queues.contains(q) {
+                        worker_config.queues.push(q.clone());
+                    }
+                }
+                celer::celery::start(&config, broker, registry.clone(), config.host_id(), stop_rx.clone())
+                    .await
+                    .map_err(CliError::Failed)?
+            }
+            false => broker,
+        };
         let worker = Worker {
             broker,
             registry,
             runtime,
-            config: config.worker.clone(),
+            config: worker_config,
             backoff: config.retry,
             host: config.host_id(),
         };

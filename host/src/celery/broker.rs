@@ -1,0 +1,140 @@
+//! [`CeleryAwareBroker`]: the worker's broker, plus Celery results. It
+//! passes every call to the broker it wraps; when an attempt of a job that
+//! came from Celery ends (recorded under a held lease), it also writes the
+//! job's `celery-task-meta-<id>`. The worker does not know Celery exists.
+//!
+//! A job came from Celery when its idempotency key is `celery:<task id>`
+//! (the consumer enqueues it so, which also makes a message taken twice
+//! one job). The key travels with the job, so whichever host runs it
+//! writes the result.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+
+use super::ResultWriter;
+use super::result::{self, Exception, Status};
+use crate::broker::{
+    Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, Lease, LeaseStatus, Outcome, QueueStats,
+    RunRecord,
+};
+use crate::job::{JobStatus, NewJob};
+
+/// Idempotency keys of jobs enqueued from Celery messages start with this.
+pub const KEY_PREFIX: &str = "celery:";
+
+/// The Celery task id of a job, from its idempotency key.
+pub fn celery_id(idempotency_key: Option<&str>) -> Option<&str> {
+    idempotency_key.and_then(|k| k.strip_prefix(KEY_PREFIX))
+}
+
+struct Origin {
+    celery_id: String,
+    task: String,
+}
+
+pub struct CeleryAwareBroker {
+    inner: Arc<dyn Broker>,
+    results: ResultWriter,
+    /// Leased Celery jobs of this host: job id → origin.
+    leased: Mutex<HashMap<String, Origin>>,
+}
+
+impl CeleryAwareBroker {
+    pub fn new(inner: Arc<dyn Broker>, results: ResultWriter) -> Self {
+        CeleryAwareBroker { inner, results, leased: Mutex::new(HashMap::new()) }
+    }
+
+    fn take(&self, job_id: &str) -> Option<Origin> {
+        self.leased.lock().ok().and_then(|mut m| m.remove(job_id))
+    }
+}
+
+#[async_trait]
+impl Broker for CeleryAwareBroker {
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued, BrokerError> {
+        self.inner.enqueue(job).await
+    }
+
+    async fn fetch(&self, req: FetchRequest<'_>) -> Result<Vec<Delivery>, BrokerError> {
+        let got = self.inner.fetch(req).await?;
+        if let Ok(mut m) = self.leased.lock() {
+            for d in &got {
+                if let Some(id) = celery_id(d.job.idempotency_key.as_deref()) {
+                    m.insert(d.job.id.clone(), Origin { celery_id: id.to_string(), task: d.job.task.clone() });
+                }
+            }
+        }
+        Ok(got)
+    }
+
+    fn fetch_waits(&self) -> bool {
+        self.inner.fetch_waits()
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<LeaseStatus, BrokerError> {
+        self.inner.renew(lease, ttl).await
+    }
+
+    async fn progress(&self, lease: &Lease, done: u64, total: u64) -> Result<(), BrokerError> {
+        self.inner.progress(lease, done, total).await
+    }
+
+    async fn complete(&self, lease: &Lease, outcome: Outcome, record: RunRecord) -> Result<bool, BrokerError> {
+        let recorded = self.inner.complete(lease, outcome.clone(), record.clone()).await?;
+        let Some(origin) = self.take(&lease.job_id) else { return Ok(recorded) };
+        if !recorded {
+            return Ok(false);
+        }
+        let plugin = record.plugin.as_deref().zip(record.plugin_version.as_deref());
+        let (status, stored) = match &outcome {
+            Outcome::Succeeded { result } => (Status::Success, result::Outcome::Success(result.clone())),
+            Outcome::Retry { error, .. } | Outcome::Dead { error } => {
+                let e = Exception::of(error);
+                let tb = result::traceback(&e, &lease.job_id, &origin.task, plugin);
+                let status = if matches!(outcome, Outcome::Retry { .. }) { Status::Retry } else { Status::Failure };
+                (status, result::Outcome::Failure(e, Some(tb)))
+            }
+            Outcome::Cancelled { error } => {
+                (Status::Revoked, result::Outcome::Failure(Exception::new("TaskRevokedError", "celery.exceptions", error.message.clone()), None))
+            }
+        };
+        let doc = result::meta(&origin.celery_id, status, &stored, Utc::now());
+        if let Err(e) = self.results.write(&origin.celery_id, &doc).await {
+            tracing::error!(job_id = %lease.job_id, celery_id = %origin.celery_id, error = %e, "cannot write the Celery result");
+        }
+        Ok(true)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
+        self.take(&lease.job_id);
+        self.inner.release(lease).await
+    }
+
+    async fn cancel(&self, id: &str) -> Result<CancelOutcome, BrokerError> {
+        self.inner.cancel(id).await
+    }
+
+    async fn status(&self, id: &str) -> Result<Option<JobStatus>, BrokerError> {
+        self.inner.status(id).await
+    }
+
+    async fn dead_list(&self, limit: u32) -> Result<Vec<JobStatus>, BrokerError> {
+        self.inner.dead_list(limit).await
+    }
+
+    async fn dead_retry(&self, ids: &[String]) -> Result<u64, BrokerError> {
+        self.inner.dead_retry(ids).await
+    }
+
+    async fn dead_purge(&self) -> Result<u64, BrokerError> {
+        self.inner.dead_purge().await
+    }
+
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>, BrokerError> {
+        self.inner.queue_stats().await
+    }
+}

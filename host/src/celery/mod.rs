@@ -1,0 +1,403 @@
+//! The Celery drop-in: a Django app keeps calling `send_task()` /
+//! `.delay()` and `AsyncResult.get()`, and celer does the work.
+//!
+//! - [`protocol`] reads Celery protocol v2 messages (JSON serializer only).
+//! - The consumer here takes messages off kombu's Redis lists (`celery`,
+//!   and its priority lists `celery\x06\x16{3,6,9}`) and turns each into a
+//!   celer job on the celer queue of the same name. A message is never lost
+//!   on the way: it moves atomically (LMOVE/BLMOVE) to a list this host owns,
+//!   `<prefix>celery:inflight:<host>/<queue>`, and is removed from there
+//!   only once its job is recorded (enqueued, or its outcome written). A
+//!   host that dies leaves its list behind; the others notice that its
+//!   `<prefix>celery:alive:<host>` key expired and finish its messages (a
+//!   message handled twice is still one job: the job's idempotency key is
+//!   `celery:<task id>`).
+//! - [`broker::CeleryAwareBroker`] writes `celery-task-meta-<id>` when a
+//!   job from Celery ends, in Celery's format ([`result`]).
+//!
+//! Messages that cannot be run (not JSON, bad base64, pickle or another
+//! content type, unknown task) go to the stream `<prefix>celery:dead` with
+//! the reason, and consumption goes on; an unknown task also gets Celery's
+//! `NotRegistered` failure as its result, and a message whose `expires`
+//! passed gets `REVOKED`, as a Celery worker would write them.
+
+pub mod broker;
+pub mod protocol;
+pub mod result;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::watch;
+
+use self::protocol::TaskMessage;
+use self::result::{Exception, Status};
+use crate::broker::redis::conn::{Conn, Target};
+use crate::broker::{Broker, BrokerError};
+use crate::config::{CeleryConfig, Config};
+use crate::job::NewJob;
+use crate::runtime::registry::Registry;
+
+/// How many messages one round moves off a list.
+const BATCH: usize = 64;
+/// The alive key's lifetime and refresh period.
+const ALIVE_TTL: Duration = Duration::from_secs(10);
+const ALIVE_EVERY: Duration = Duration::from_secs(2);
+/// How often orphaned in-flight lists of dead hosts are looked for.
+const RECOVER_EVERY: Duration = Duration::from_secs(5);
+
+/// Writes Celery results: SETEX + PUBLISH in one MULTI, like Celery's Redis backend.
+#[derive(Clone)]
+pub struct ResultWriter {
+    conn: Conn,
+    expires_s: u64,
+}
+
+impl ResultWriter {
+    pub fn new(conn: Conn, expires_s: u64) -> Self {
+        ResultWriter { conn, expires_s: expires_s.max(1) }
+    }
+
+    pub async fn write(&self, task_id: &str, doc: &str) -> Result<(), ::redis::RedisError> {
+        let key = format!("celery-task-meta-{task_id}");
+        let mut c = self.conn.clone();
+        ::redis::pipe()
+            .atomic()
+            .cmd("SETEX")
+            .arg(&key)
+            .arg(self.expires_s)
+            .arg(doc)
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(&key)
+            .arg(doc)
+            .ignore()
+            .query_async(&mut c)
+            .await
+    }
+}
+
+/// Moves up to ARGV[1] messages from the lists KEYS[1..n-1] (in order) to
+/// the in-flight list KEYS[n]; returns them.
+const MOVE: &str = r#"
+local n = tonumber(ARGV[1])
+local dst = KEYS[#KEYS]
+local out = {}
+for i = 1, #KEYS - 1 do
+  while #out < n do
+    local m = redis.call('LMOVE', KEYS[i], dst, 'RIGHT', 'LEFT')
+    if not m then break end
+    out[#out + 1] = m
+  end
+end
+return out
+"#;
+
+struct Ctx {
+    conn: Conn,
+    target: Target,
+    celery: CeleryConfig,
+    prefix: String,
+    host: String,
+    broker: Arc<dyn Broker>,
+    registry: Arc<Registry>,
+    results: ResultWriter,
+    mover: ::redis::Script,
+}
+
+/// Starts consuming the configured Celery queues; returns the broker the
+/// worker should use (the given one, wrapped to write Celery results).
+pub async fn start(
+    config: &Config,
+    broker: Arc<dyn Broker>,
+    registry: Arc<Registry>,
+    host: String,
+    stop: watch::Receiver<bool>,
+) -> Result<Arc<dyn Broker>, String> {
+    let url = config.celery_url().ok_or("[celery] needs a Redis URL ([celery] url or a redis:// broker)")?;
+    let target = Target::parse(&url)?;
+    if target.is_cluster() {
+        return Err("[celery] url: kombu's Redis transport does not run on Redis Cluster; name one server".into());
+    }
+    let conn = target.connect(Some(Duration::from_secs(5))).await.map_err(|e| format!("Celery's Redis at {url}: {e}"))?;
+    let results = ResultWriter::new(conn.clone(), config.celery.result_expires_s);
+    let ctx = Arc::new(Ctx {
+        conn,
+        target,
+        celery: config.celery.clone(),
+        prefix: config.broker.prefix.clone(),
+        host,
+        broker: broker.clone(),
+        registry,
+        results: results.clone(),
+        mover: ::redis::Script::new(MOVE),
+    });
+    tokio::spawn(keep_alive(ctx.clone(), stop.clone()));
+    tokio::spawn(recover_loop(ctx.clone(), stop.clone()));
+    for queue in &ctx.celery.queues {
+        tokio::spawn(consume(ctx.clone(), queue.clone(), stop.clone()));
+    }
+    tracing::info!(queues = ?ctx.celery.queues, "consuming Celery messages");
+    Ok(Arc::new(broker::CeleryAwareBroker::new(broker, results)))
+}
+
+impl Ctx {
+    fn inflight(&self, host: &str, queue: &str) -> String {
+        format!("{}celery:inflight:{host}/{queue}", self.prefix)
+    }
+
+    fn alive(&self, host: &str) -> String {
+        format!("{}celery:alive:{host}", self.prefix)
+    }
+
+    fn dead(&self) -> String {
+        format!("{}celery:dead", self.prefix)
+    }
+
+    /// kombu's list for a queue, then its priority lists, in the order kombu reads them.
+    fn sources(&self, queue: &str) -> Vec<String> {
+        let q = format!("{}{queue}", self.celery.key_prefix);
+        vec![q.clone(), format!("{q}\x06\x163"), format!("{q}\x06\x166"), format!("{q}\x06\x169")]
+    }
+}
+
+async fn keep_alive(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        let mut c = ctx.conn.clone();
+        let r: Result<(), _> = ::redis::cmd("SET")
+            .arg(ctx.alive(&ctx.host))
+            .arg(1)
+            .arg("PX")
+            .arg(ALIVE_TTL.as_millis() as u64)
+            .query_async(&mut c)
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "Celery consumer: alive key not written");
+        }
+        tokio::time::sleep(ALIVE_EVERY).await;
+    }
+}
+
+/// Takes over the in-flight lists of hosts that are gone (and this host's
+/// own, left by an earlier run with the same host id).
+async fn recover_loop(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
+    let mut first = true;
+    while !*stop.borrow() {
+        if let Err(e) = recover(&ctx, first).await {
+            tracing::warn!(error = %e, "Celery consumer: cannot recover in-flight messages; will try again");
+        } else {
+            first = false;
+        }
+        tokio::time::sleep(RECOVER_EVERY).await;
+    }
+}
+
+async fn recover(ctx: &Ctx, own_too: bool) -> Result<(), String> {
+    let mut c = ctx.conn.clone();
+    let pattern = format!("{}celery:inflight:*", ctx.prefix);
+    let keys: Vec<String> = ::redis::cmd("KEYS").arg(&pattern).query_async(&mut c).await.map_err(|e| e.to_string())?;
+    let start = format!("{}celery:inflight:", ctx.prefix);
+    for key in keys {
+        let Some((host, queue)) = key.strip_prefix(&start).and_then(|rest| rest.split_once('/')) else { continue };
+        if !ctx.celery.queues.iter().any(|q| q == queue) {
+            continue;
+        }
+        let mine = host == ctx.host;
+        if mine && !own_too {
+            continue;
+        }
+        if !mine {
+            let alive: bool = ::redis::cmd("EXISTS").arg(ctx.alive(host)).query_async(&mut c).await.map_err(|e| e.to_string())?;
+            if alive {
+                continue;
+            }
+        }
+        let mut moved = Vec::new();
+        if mine {
+            moved = ::redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query_async(&mut c).await.map_err(|e| e.to_string())?;
+        } else {
+            loop {
+                let mut inv = ctx.mover.prepare_invoke();
+                inv.key(&key).key(ctx.inflight(&ctx.host, queue)).arg(BATCH);
+                let got: Vec<Vec<u8>> = inv.invoke_async(&mut c).await.map_err(|e| e.to_string())?;
+                if got.is_empty() {
+                    break;
+                }
+                moved.extend(got);
+            }
+        }
+        if !moved.is_empty() {
+            tracing::info!(from = %host, queue, messages = moved.len(), "recovering in-flight Celery messages");
+            handle_batch(ctx, queue, moved).await;
+        }
+    }
+    Ok(())
+}
+
+async fn consume(ctx: Arc<Ctx>, queue: String, mut stop: watch::Receiver<bool>) {
+    let sources = ctx.sources(&queue);
+    let inflight = ctx.inflight(&ctx.host, &queue);
+    let mut waiter: Option<Conn> = None;
+    while !*stop.borrow() {
+        let mut c = ctx.conn.clone();
+        let mut inv = ctx.mover.prepare_invoke();
+        for s in &sources {
+            inv.key(s);
+        }
+        inv.key(&inflight).arg(BATCH);
+        let batch: Result<Vec<Vec<u8>>, _> = inv.invoke_async(&mut c).await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, queue, "Celery consumer: cannot read the queue; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            // Wait on the main list (priority lists are swept each round).
+            if waiter.is_none() {
+                waiter = ctx.target.connect(None).await.ok();
+            }
+            let Some(w) = waiter.as_mut() else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            };
+            let read = ::redis::cmd("BLMOVE").arg(&sources[0]).arg(&inflight).arg("RIGHT").arg("LEFT").arg(1.0).query_async::<Option<Vec<u8>>>(w);
+            tokio::select! {
+                r = read => match r {
+                    Ok(Some(m)) => batch.push(m),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "Celery consumer: blocking read failed");
+                        waiter = None;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => break,
+            }
+        }
+        handle_batch(&ctx, &queue, batch).await;
+    }
+}
+
+/// Records every message of the batch (concurrently), then removes them
+/// from this host's in-flight list.
+async fn handle_batch(ctx: &Ctx, queue: &str, batch: Vec<Vec<u8>>) {
+    let inflight = ctx.inflight(&ctx.host, queue);
+    let handled = batch.iter().map(|raw| async move {
+        // Only a transient failure (Redis unreachable) keeps a message; it
+        // stays in flight and is tried again.
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match handle(ctx, queue, raw).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Celery consumer: cannot record a message; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    });
+    join_all(handled).await;
+    let mut pipe = ::redis::pipe();
+    for raw in &batch {
+        pipe.cmd("LREM").arg(&inflight).arg(1).arg(raw.as_slice()).ignore();
+    }
+    let mut c = ctx.conn.clone();
+    if let Err(e) = pipe.query_async::<()>(&mut c).await {
+        // Left in flight: recovered (and recognised as the same jobs) later.
+        tracing::warn!(error = %e, "Celery consumer: cannot clear handled messages");
+    }
+}
+
+async fn join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
+    let mut set: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
+    // Poll them all together without spawning (they borrow the batch).
+    std::future::poll_fn(|cx| {
+        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if set.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await
+}
+
+/// One message: a job, a dead letter, or (expired) a REVOKED result.
+async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
+    let msg = match protocol::decode(raw) {
+        Ok(m) => m,
+        Err(rejected) => {
+            tracing::warn!(task_id = ?rejected.task_id, task = ?rejected.task, "Celery message rejected: {}", rejected.reason);
+            return dead_letter(ctx, queue, raw, &rejected.reason, rejected.task_id.as_deref(), rejected.task.as_deref()).await;
+        }
+    };
+    if ctx.registry.lookup(&msg.task).is_none() {
+        let reason = format!("unknown task {:?}: no loaded plugin serves it or has it as an alias", msg.task);
+        tracing::warn!(task_id = %msg.id, "Celery message rejected: {reason}");
+        dead_letter(ctx, queue, raw, &reason, Some(&msg.id), Some(&msg.task)).await?;
+        // What a Celery worker stores for an unregistered task.
+        let e = Exception::new("NotRegistered", "celery.exceptions", format!("'{}'", msg.task));
+        return write_result(ctx, &msg, Status::Failure, e, true).await;
+    }
+    if msg.expires.is_some_and(|t| t <= Utc::now()) {
+        tracing::info!(task_id = %msg.id, task = %msg.task, "Celery task expired before it could run: revoked");
+        let e = Exception::new("TaskRevokedError", "celery.exceptions", "expired");
+        return write_result(ctx, &msg, Status::Revoked, e, false).await;
+    }
+    if msg.has_workflow {
+        tracing::warn!(task_id = %msg.id, task = %msg.task, "Celery callbacks/chains/chords are not run by celer; running the task alone");
+    }
+    let job = to_job(&msg, queue);
+    match ctx.broker.enqueue(job).await {
+        Ok(_) => Ok(()),
+        Err(BrokerError::Invalid(reason)) => dead_letter(ctx, queue, raw, &reason, Some(&msg.id), Some(&msg.task)).await,
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The celer job for a Celery message.
+pub fn to_job(msg: &TaskMessage, queue: &str) -> NewJob {
+    let mut job = NewJob::new(msg.task.clone(), msg.args.clone(), msg.kwargs.clone());
+    job.queue = queue.to_string();
+    job.eta = msg.eta;
+    job.expires_at = msg.expires;
+    // The attempts Celery already spent count against the retry budget.
+    job.max_retries = crate::job::DEFAULT_MAX_RETRIES.saturating_sub(msg.retries);
+    job.idempotency_key = Some(format!("{}{}", broker::KEY_PREFIX, msg.id));
+    job.parent_id = msg.parent_id.clone();
+    job
+}
+
+async fn write_result(ctx: &Ctx, msg: &TaskMessage, status: Status, e: Exception, with_traceback: bool) -> Result<(), String> {
+    let tb = with_traceback.then(|| result::traceback(&e, "-", &msg.task, None));
+    let doc = result::meta(&msg.id, status, &result::Outcome::Failure(e, tb), Utc::now());
+    ctx.results.write(&msg.id, &doc).await.map_err(|e| e.to_string())
+}
+
+async fn dead_letter(ctx: &Ctx, queue: &str, raw: &[u8], reason: &str, task_id: Option<&str>, task: Option<&str>) -> Result<(), String> {
+    let mut c = ctx.conn.clone();
+    ::redis::cmd("XADD")
+        .arg(ctx.dead())
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(10_000)
+        .arg("*")
+        .arg("reason")
+        .arg(reason)
+        .arg("queue")
+        .arg(queue)
+        .arg("task_id")
+        .arg(task_id.unwrap_or(""))
+        .arg("task")
+        .arg(task.unwrap_or(""))
+        .arg("host")
+        .arg(&ctx.host)
+        .arg("message")
+        .arg(raw)
+        .query_async::<String>(&mut c)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}

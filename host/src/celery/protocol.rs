@@ -1,0 +1,209 @@
+//! Celery task messages, protocol v2, as kombu's Redis transport stores
+//! them (one JSON document per list element; see
+//! `shared/fixtures/celery-protocol/`):
+//!
+//! ```text
+//! {"body": base64([args, kwargs, {callbacks, errbacks, chain, chord}]),
+//!  "content-type": "application/json", "content-encoding": "utf-8",
+//!  "headers": {"task", "id", "eta", "expires", "retries", "root_id", "parent_id", …},
+//!  "properties": {"body_encoding": "base64", "delivery_tag", "priority", …}}
+//! ```
+//!
+//! Only the JSON serializer is accepted: a pickle (or any other content
+//! type) is never deserialized; it is rejected with the reason, like every
+//! message that cannot be read.
+
+use base64::Engine as _;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde_json::Value;
+
+/// A task message, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskMessage {
+    /// Celery's task id (`headers.id`): the key of its result.
+    pub id: String,
+    /// The task name as the producer sent it (`headers.task`).
+    pub task: String,
+    pub args: Value,
+    pub kwargs: Value,
+    /// Not before (countdown and eta both arrive as `headers.eta`).
+    pub eta: Option<DateTime<Utc>>,
+    /// Not after.
+    pub expires: Option<DateTime<Utc>>,
+    /// How many times Celery already retried it.
+    pub retries: u32,
+    pub root_id: Option<String>,
+    pub parent_id: Option<String>,
+    /// Callbacks, errbacks, chain or chord were attached (not supported).
+    pub has_workflow: bool,
+}
+
+/// Why a message was not accepted; `task_id` when the headers could be read,
+/// so that the failure can still be reported as the task's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub reason: String,
+    pub task_id: Option<String>,
+    pub task: Option<String>,
+}
+
+impl Rejected {
+    fn new(reason: impl Into<String>) -> Self {
+        Rejected { reason: reason.into(), task_id: None, task: None }
+    }
+}
+
+/// Decodes one message as read from the list.
+pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
+    let msg: Value = serde_json::from_slice(raw).map_err(|e| Rejected::new(format!("the message is not JSON: {e}")))?;
+    let Value::Object(msg) = msg else {
+        return Err(Rejected::new("the message is not a JSON object"));
+    };
+    let headers = msg.get("headers").and_then(Value::as_object);
+    let header_str = |k: &str| headers.and_then(|h| h.get(k)).and_then(Value::as_str).map(String::from);
+    let (task_id, task) = (header_str("id"), header_str("task"));
+    let reject = |reason: String| Rejected { reason, task_id: task_id.clone(), task: task.clone() };
+
+    let content_type = msg.get("content-type").and_then(Value::as_str).unwrap_or("");
+    if content_type != "application/json" {
+        let what = match content_type {
+            "application/x-python-serialize" => " (pickle)",
+            "application/x-yaml" => " (yaml)",
+            "application/x-msgpack" => " (msgpack)",
+            _ => "",
+        };
+        return Err(reject(format!(
+            "content type {content_type:?}{what} is not accepted: only the JSON serializer (application/json) is, and nothing else is ever deserialized"
+        )));
+    }
+    let encoding = msg.get("content-encoding").and_then(Value::as_str).unwrap_or("utf-8");
+    if !encoding.eq_ignore_ascii_case("utf-8") {
+        return Err(reject(format!("content encoding {encoding:?} is not accepted (utf-8 only)")));
+    }
+    let (Some(id), Some(name)) = (task_id.clone(), task.clone()) else {
+        return Err(reject("no headers.task / headers.id: not a Celery protocol v2 message (protocol 1 is not supported)".into()));
+    };
+    let body = msg.get("body").and_then(Value::as_str).ok_or_else(|| reject("no body".into()))?;
+    let body_encoding = msg
+        .get("properties")
+        .and_then(|p| p.get("body_encoding"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let body: Vec<u8> = match body_encoding {
+        "base64" => base64::engine::general_purpose::STANDARD
+            .decode(body.trim())
+            .map_err(|e| reject(format!("the body is not valid base64: {e}")))?,
+        "" | "utf-8" => body.as_bytes().to_vec(),
+        other => return Err(reject(format!("body encoding {other:?} is not supported"))),
+    };
+    let body: Value = serde_json::from_slice(&body).map_err(|e| reject(format!("the body is not JSON: {e}")))?;
+    let Some([args, kwargs, embed]) = body.as_array().map(Vec::as_slice).and_then(|b| <&[Value; 3]>::try_from(b).ok()) else {
+        return Err(reject("the body is not [args, kwargs, embed] (protocol v2)".into()));
+    };
+    if !args.is_array() {
+        return Err(reject("args is not a JSON array".into()));
+    }
+    if !kwargs.is_object() {
+        return Err(reject("kwargs is not a JSON object".into()));
+    }
+    let has_workflow = ["callbacks", "errbacks", "chain", "chord"]
+        .iter()
+        .any(|k| embed.get(k).is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())));
+    let time = |k: &str| -> Result<Option<DateTime<Utc>>, Rejected> {
+        match headers.and_then(|h| h.get(k)) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => parse_time(s).map(Some).ok_or_else(|| reject(format!("headers.{k} is not an ISO-8601 time: {s:?}"))),
+            Some(other) => Err(reject(format!("headers.{k} is not a time: {other}"))),
+        }
+    };
+    let retries = headers.and_then(|h| h.get("retries")).and_then(Value::as_u64).unwrap_or(0);
+    Ok(TaskMessage {
+        id,
+        task: name,
+        args: args.clone(),
+        kwargs: kwargs.clone(),
+        eta: time("eta")?,
+        expires: time("expires")?,
+        retries: u32::try_from(retries).unwrap_or(u32::MAX),
+        root_id: header_str("root_id"),
+        parent_id: header_str("parent_id"),
+        has_workflow,
+    })
+}
+
+/// ISO-8601 as Celery writes it (`2026-11-22T17:37:35.310600+00:00`); a
+/// time without offset is UTC (Celery's `enable_utc`).
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
+        .map(|t| t.and_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures/celery-protocol")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn decodes_the_captured_send_task_messages() {
+        let m = decode(&fixture("send_task-export.organization.json")).unwrap();
+        assert_eq!(m.id, "72233f39-e827-45bf-91ba-025a6eeb6cb9");
+        assert_eq!(m.task, "export.organization");
+        assert_eq!((m.args, m.kwargs), (json!([42, 7]), json!({"fmt": "zip"})));
+        assert_eq!((m.eta, m.expires, m.retries), (None, None, 0));
+        assert_eq!(m.root_id.as_deref(), Some("72233f39-e827-45bf-91ba-025a6eeb6cb9"));
+        assert_eq!(m.parent_id, None);
+        assert!(!m.has_workflow);
+
+        let m = decode(&fixture("send_task-export.organization-countdown10.json")).unwrap();
+        assert_eq!(m.eta, Some(parse_time("2026-11-22T17:37:35.310600+00:00").unwrap()));
+        assert_eq!(m.eta.unwrap().timestamp_micros() % 1_000_000, 310_600);
+        let m = decode(&fixture("send_task-export.organization-expires300.json")).unwrap();
+        assert_eq!(m.expires, Some(parse_time("2026-11-22T17:42:25.312834+00:00").unwrap()));
+        // The message as a worker keeps it in `unacked`: [message, exchange, routing key].
+        let entry: Value = serde_json::from_slice(&fixture("unacked-hash-entry-eta-task.json")).unwrap();
+        let m = decode(entry[0].to_string().as_bytes()).unwrap();
+        assert_eq!(m.id, "7437c1fd-decb-4e3b-acec-e1432cbd1349");
+    }
+
+    fn message(content_type: &str, body: &str) -> Vec<u8> {
+        json!({
+            "body": body, "content-type": content_type, "content-encoding": "utf-8",
+            "headers": {"task": "t.x", "id": "abc", "retries": 2, "parent_id": "p", "root_id": "r"},
+            "properties": {"body_encoding": "base64"},
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn rejects_with_a_reason_and_never_unpickles() {
+        let pickle = decode(&message("application/x-python-serialize", "gASVAAAAAAAAAAB9lC4=")).unwrap_err();
+        assert!(pickle.reason.contains("pickle"), "{}", pickle.reason);
+        assert_eq!(pickle.task_id.as_deref(), Some("abc"));
+        let bad_b64 = decode(&message("application/json", "%%% not base64")).unwrap_err();
+        assert!(bad_b64.reason.contains("base64"), "{}", bad_b64.reason);
+        let not_json = decode(b"{oops").unwrap_err();
+        assert!(not_json.reason.contains("not JSON"), "{}", not_json.reason);
+        assert_eq!(not_json.task_id, None);
+        let b64 = |v: Value| base64::engine::general_purpose::STANDARD.encode(v.to_string());
+        let bad_body = decode(&message("application/json", &b64(json!({"a": 1})))).unwrap_err();
+        assert!(bad_body.reason.contains("protocol v2"), "{}", bad_body.reason);
+        let ok = decode(&message("application/json", &b64(json!([[1], {"k": 2}, {"callbacks": null}])))).unwrap();
+        assert_eq!((ok.retries, ok.parent_id.as_deref(), ok.root_id.as_deref()), (2, Some("p"), Some("r")));
+        let chained = decode(&message("application/json", &b64(json!([[], {}, {"chain": [{"task": "t"}]}])))).unwrap();
+        assert!(chained.has_workflow);
+    }
+}

@@ -1,0 +1,264 @@
+//! Celery's result format (Redis result backend): `celery-task-meta-<id>`
+//! holds a JSON document written with SETEX and PUBLISHed on a channel of
+//! the same name, exactly as a Celery worker writes it, so that
+//! `AsyncResult.get()` returns or raises as it would with Celery:
+//!
+//! ```text
+//! {"status": "SUCCESS", "result": <JSON>, "traceback": null, "children": [],
+//!  "date_done": "2026-11-22T17:37:45.542126+00:00", "task_id": "<id>"}
+//! {"status": "FAILURE", "result": {"exc_type": …, "exc_message": [...], "exc_module": …},
+//!  "traceback": "Traceback (most recent call last):\n…", …}
+//! ```
+//!
+//! The text is Python's `json.dumps` output byte for byte (`", "` and `": "`
+//! separators, non-ASCII escaped as `\uXXXX`); the tests compare it with the
+//! captured fixtures.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::job::{ErrorKind, JobError};
+
+/// Celery task states celer writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Success,
+    Failure,
+    Retry,
+    Revoked,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Success => "SUCCESS",
+            Status::Failure => "FAILURE",
+            Status::Retry => "RETRY",
+            Status::Revoked => "REVOKED",
+        }
+    }
+}
+
+/// An exception as Celery serializes it for JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exception {
+    pub exc_type: String,
+    pub exc_module: String,
+    pub message: String,
+}
+
+impl Exception {
+    pub fn new(exc_type: &str, exc_module: &str, message: impl Into<String>) -> Self {
+        Exception { exc_type: exc_type.into(), exc_module: exc_module.into(), message: message.into() }
+    }
+
+    /// The exception a Django app sees for a celer failure. Celery's own
+    /// classes where one fits (the client can import them); otherwise a
+    /// `celer.exceptions.<Name>`, which Celery's client recreates as an
+    /// Exception subclass of that name.
+    pub fn of(error: &JobError) -> Exception {
+        let (t, m) = match error.kind {
+            ErrorKind::Timeout => ("TimeLimitExceeded", "celery.exceptions"),
+            ErrorKind::UnknownTask => ("NotRegistered", "celery.exceptions"),
+            ErrorKind::Lost => ("WorkerLostError", "celery.exceptions"),
+            ErrorKind::Cancelled => ("TaskRevokedError", "celery.exceptions"),
+            ErrorKind::InvalidArgs => ("TypeError", "builtins"),
+            ErrorKind::MemoryLimit => ("MemoryLimitExceeded", "celer.exceptions"),
+            ErrorKind::Trap => ("Trap", "celer.exceptions"),
+            ErrorKind::Denied => ("Denied", "celer.exceptions"),
+            ErrorKind::Unavailable => ("Unavailable", "celer.exceptions"),
+            ErrorKind::Plugin => ("PluginError", "celer.exceptions"),
+        };
+        Exception::new(t, m, error.message.clone())
+    }
+}
+
+/// What a finished task stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Success(Value),
+    /// With the traceback text (None for a revocation).
+    Failure(Exception, Option<String>),
+}
+
+/// The `celery-task-meta-<id>` document.
+pub fn meta(task_id: &str, status: Status, outcome: &Outcome, date_done: DateTime<Utc>) -> String {
+    let mut s = String::with_capacity(256);
+    s.push_str("{\"status\": ");
+    py_str(&mut s, status.as_str());
+    s.push_str(", \"result\": ");
+    match outcome {
+        Outcome::Success(v) => py_json(&mut s, v),
+        Outcome::Failure(e, _) => {
+            s.push_str("{\"exc_type\": ");
+            py_str(&mut s, &e.exc_type);
+            s.push_str(", \"exc_message\": [");
+            py_str(&mut s, &e.message);
+            s.push_str("], \"exc_module\": ");
+            py_str(&mut s, &e.exc_module);
+            s.push('}');
+        }
+    }
+    s.push_str(", \"traceback\": ");
+    match outcome {
+        Outcome::Failure(_, Some(tb)) => py_str(&mut s, tb),
+        _ => s.push_str("null"),
+    }
+    s.push_str(", \"children\": [], \"date_done\": ");
+    py_str(&mut s, &iso(date_done));
+    s.push_str(", \"task_id\": ");
+    py_str(&mut s, task_id);
+    s.push('}');
+    s
+}
+
+/// A traceback string in Python's shape, naming where the job ran.
+pub fn traceback(e: &Exception, job_id: &str, task: &str, plugin: Option<(&str, &str)>) -> String {
+    let place = match plugin {
+        Some((name, version)) => format!("plugin {name} {version}"),
+        None => "no plugin".to_string(),
+    };
+    format!(
+        "Traceback (most recent call last):\n  celer job {job_id}, task {task}, {place}\n{}: {}\n",
+        e.exc_type, e.message
+    )
+}
+
+/// Python's `datetime.isoformat()` of an aware UTC time.
+pub fn iso(t: DateTime<Utc>) -> String {
+    if t.timestamp_subsec_micros() == 0 {
+        t.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
+    } else {
+        t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+    }
+}
+
+/// `json.dumps(value)` with Python's defaults.
+pub fn py_json(out: &mut String, v: &Value) {
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => {
+            let text = n.to_string();
+            // Python writes exponents with a sign: 1e+21.
+            match text.find('e') {
+                Some(i) if !text[i + 1..].starts_with('-') && !text[i + 1..].starts_with('+') => {
+                    out.push_str(&text[..=i]);
+                    out.push('+');
+                    out.push_str(&text[i + 1..]);
+                }
+                _ => out.push_str(&text),
+            }
+        }
+        Value::String(s) => py_str(out, s),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                py_json(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                py_str(out, k);
+                out.push_str(": ");
+                py_json(out, item);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// A JSON string as Python writes it with `ensure_ascii=True`.
+pub fn py_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (c as u32) > 0x7f => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures/celery-protocol")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn time(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn success_meta_is_byte_identical_to_celerys() {
+        let expected = fixture("result-meta-success.json");
+        // serde_json sorts object keys; Python keeps insertion order. The
+        // fixture's result has its keys in insertion order, so compare the
+        // document around it byte for byte and the result as JSON.
+        let result = json!({"org_id": 42, "user_id": 7, "fmt": "zip", "path": "/exports/42.zip"});
+        let ours = meta(
+            "1d6d6902-cf49-4421-bc8b-221fa29bc960",
+            Status::Success,
+            &Outcome::Success(result.clone()),
+            time("2026-11-22T17:37:45.542126+00:00"),
+        );
+        let mut sorted = String::new();
+        py_json(&mut sorted, &result);
+        let theirs_result = r#"{"org_id": 42, "user_id": 7, "fmt": "zip", "path": "/exports/42.zip"}"#;
+        assert_eq!(ours.replace(&sorted, theirs_result), expected);
+        assert_eq!(fixture("result-publish-success.json"), expected, "PUBLISH carries the same bytes");
+        let parsed: Value = serde_json::from_str(&ours).unwrap();
+        assert_eq!(parsed, serde_json::from_str::<Value>(&expected).unwrap());
+    }
+
+    #[test]
+    fn failure_meta_has_celerys_exception_shape() {
+        let expected = fixture("result-meta-failure.json");
+        let parsed: Value = serde_json::from_str(&expected).unwrap();
+        let tb = parsed["traceback"].as_str().unwrap().to_string();
+        let e = Exception::new("ValueError", "builtins", "organization 42 not found");
+        let ours = meta(
+            "27bfc597-edd5-4651-af8f-70104f869b43",
+            Status::Failure,
+            &Outcome::Failure(e, Some(tb)),
+            time("2026-11-22T17:37:46.556013+00:00"),
+        );
+        assert_eq!(ours, expected);
+    }
+
+    #[test]
+    fn strings_and_numbers_are_written_as_python_does() {
+        let mut s = String::new();
+        py_json(&mut s, &json!({"a": "é\u{1F600}\"\\\n\u{1}", "b": [1, 2.5, 1e21, -0.0001], "c": null}));
+        assert_eq!(s, r#"{"a": "\u00e9\ud83d\ude00\"\\\n\u0001", "b": [1, 2.5, 1e+21, -0.0001], "c": null}"#);
+        assert_eq!(iso(time("2026-11-22T17:37:45Z")), "2026-11-22T17:37:45+00:00");
+    }
+}
