@@ -32,7 +32,10 @@ from django_celery_beat.models import (  # noqa: E402
 import datetime  # noqa: E402
 
 call_command("migrate", verbosity=0)
+# Start from empty tables (the PostgreSQL test database outlives a run).
 PeriodicTask.objects.all().delete()
+for model in (CrontabSchedule, IntervalSchedule, ClockedSchedule, SolarSchedule):
+    model.objects.all().delete()
 
 nightly = CrontabSchedule.objects.create(minute="0", hour="3", day_of_week="*", day_of_month="*",
                                          month_of_year="*", timezone="Europe/London")

@@ -179,3 +179,27 @@ fn import_from_django_celery_beat_on_postgres() {
     let url = celer_integration::services::DATABASE_URL;
     import_round_trip(&env, url, url);
 }
+
+/// The same store on PostgreSQL (what hosts sharing one database use): add,
+/// list, disable, remove round-trip there. Names are unique per run because
+/// the test database is shared.
+#[test]
+fn schedules_live_in_postgres_when_database_url_names_it() {
+    let env = Env::new().var("DATABASE_URL", celer_integration::services::DATABASE_URL);
+    let name = format!("pg-roundtrip-{}", std::process::id());
+    let out = env.celer(&["schedules", "add", &name, "hello.noop", "--every", "90s", "--kwargs", r#"{"k":1}"#]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let find = || {
+        let list = stdout_json(&env.celer(&["schedules", "list", "--json"]));
+        list.as_array().expect("list").iter().find(|s| s["name"] == name.as_str()).cloned()
+    };
+    let s = find().expect("stored in PostgreSQL");
+    assert_eq!((s["every_s"].clone(), s["kwargs"].clone(), s["enabled"].clone()), (json!(90), json!({"k": 1}), json!(true)));
+    assert!(env.celer(&["schedules", "disable", &name]).status.success());
+    assert_eq!(find().expect("still there")["enabled"], false);
+    assert!(env.celer(&["schedules", "remove", &name]).status.success());
+    assert!(find().is_none());
+    // Nothing of it is in the embedded SQLite file.
+    let local = Env::new();
+    assert_eq!(stdout_json(&local.celer(&["schedules", "list", "--json"])), json!([]));
+}

@@ -264,7 +264,9 @@ async fn consume(ctx: Arc<Ctx>, queue: String, mut stop: watch::Receiver<bool>) 
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             };
-            let read = ::redis::cmd("BLMOVE").arg(&sources[0]).arg(&inflight).arg("RIGHT").arg("LEFT").arg(1.0).query_async::<Option<Vec<u8>>>(w);
+            let mut blmove = ::redis::cmd("BLMOVE");
+            blmove.arg(&sources[0]).arg(&inflight).arg("RIGHT").arg("LEFT").arg(1.0);
+            let read = blmove.query_async::<Option<Vec<u8>>>(w);
             tokio::select! {
                 r = read => match r {
                     Ok(Some(m)) => batch.push(m),

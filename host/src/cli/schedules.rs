@@ -124,7 +124,7 @@ fn view(s: &Schedule, now: DateTime<Utc>) -> Value {
 }
 
 pub async fn run(config: &Config, command: ScheduleCommand) -> Result<ExitCode, CliError> {
-    let store = ScheduleStore::open(&config.broker_path()).await.map_err(store_err)?;
+    let store = ScheduleStore::open(&config.database_url()).await.map_err(store_err)?;
     let unknown = |name: &str| CliError::Usage(format!("no schedule named {name:?}"));
     match command {
         ScheduleCommand::List { json: as_json } => {

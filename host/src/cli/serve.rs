@@ -60,7 +60,7 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let schedules = ScheduleStore::open(&config.broker_path()).await.map_err(|e| CliError::Failed(e.to_string()))?;
+    let schedules = ScheduleStore::open(&config.database_url()).await.map_err(|e| CliError::Failed(e.to_string()))?;
     if let Some(listener) = listener {
         let api = api.with_broker(broker.clone()).with_registry(registry.clone()).with_schedules(schedules.clone());
         tokio::spawn(celer::api::serve(listener, celer::api::router(api), stop_rx.clone()));

@@ -1,0 +1,120 @@
+"""A producer written the way a Django app talks to Celery, run against celer.
+
+The app declares its tasks as usual (their bodies never run here: celer runs
+the plugin the manifest aliases them to) and calls `.delay()`, `send_task()`
+and `AsyncResult.get()` unchanged. Driven by tests/tests/celery.rs, which
+starts a `celer serve` with `[celery] enabled` and the `hello` plugin whose
+manifest maps:
+
+    proj.tasks.add   -> hello.add     {"sum": a + b}
+    proj.tasks.greet -> hello.greet   {"message": "Hello, <name>!"}
+    proj.tasks.fail  -> hello.fail    fails (permanently with retry=False)
+
+Environment: CELERY_URL (broker and result backend), CELERY_QUEUE (the
+queue, unique per test run). Exits non-zero with a message on the first
+failed check; prints one JSON line of facts for the Rust side.
+"""
+import base64
+import json
+import os
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import redis
+from celery import Celery
+from celery.exceptions import TaskRevokedError
+
+URL = os.environ["CELERY_URL"]
+QUEUE = os.environ["CELERY_QUEUE"]
+
+app = Celery("proj", broker=URL, backend=URL)
+app.conf.task_default_queue = QUEUE
+
+
+@app.task(name="proj.tasks.add")
+def add(a, b):  # runs in celer (hello.add), never here
+    raise AssertionError("celer runs this task")
+
+
+@app.task(name="proj.tasks.greet")
+def greet(name, excited=False):
+    raise AssertionError("celer runs this task")
+
+
+def check(ok, what):
+    if not ok:
+        sys.exit(f"FAILED: {what}")
+
+
+facts = {}
+store = redis.Redis.from_url(URL)
+T = 30
+
+# 1. .delay() and send_task() -> .get() returns the plugin's JSON result.
+check(add.delay(2, 3).get(timeout=T) == {"sum": 5}, "add.delay(2, 3).get() == {'sum': 5}")
+r = app.send_task("proj.tasks.greet", kwargs={"name": "Ann"})
+check(r.get(timeout=T) == {"message": "Hello, Ann!"}, "send_task(greet).get()")
+check(r.state == "SUCCESS" and r.successful(), f"state SUCCESS, got {r.state}")
+check(app.send_task("hello.noop").get(timeout=T) is None, "a plugin task name works too; noop returns None")
+
+# 2. Byte level: what celer stored is what Celery's json.dumps would write.
+raw = store.get(f"celery-task-meta-{r.id}")
+meta = json.loads(raw)
+check(list(meta) == ["status", "result", "traceback", "children", "date_done", "task_id"], f"meta keys {list(meta)}")
+check(raw.decode() == json.dumps(meta), f"byte-identical to json.dumps: {raw!r}")
+check(meta["status"] == "SUCCESS" and meta["traceback"] is None and meta["children"] == [] and meta["task_id"] == r.id, f"meta {meta}")
+datetime.fromisoformat(meta["date_done"])
+check(meta["date_done"].endswith("+00:00"), meta["date_done"])
+check(0 < store.ttl(f"celery-task-meta-{r.id}") <= 86400, "SETEX with result_expires")
+
+# 3. A failing task: .get() raises; propagate=False gives FAILURE and a traceback.
+f = app.send_task("proj.tasks.fail", kwargs={"message": "organization 42 not found", "retry": False})
+try:
+    f.get(timeout=T)
+    check(False, "a failing task's .get() raises")
+except Exception as e:  # noqa: BLE001 - the class is recreated by Celery
+    facts["failure_exception"] = type(e).__name__
+    check("organization 42 not found" in str(e), f"exception message: {e!r}")
+check(f.get(timeout=T, propagate=False) is not None, "propagate=False returns the exception")
+check(f.state == "FAILURE" and f.failed(), f"state FAILURE, got {f.state}")
+check("Traceback" in (f.traceback or ""), f"traceback: {f.traceback!r}")
+fmeta = json.loads(store.get(f"celery-task-meta-{f.id}"))
+check(set(fmeta["result"]) == {"exc_type", "exc_message", "exc_module"}, f"exception shape {fmeta['result']}")
+check(fmeta["result"]["exc_message"] == ["organization 42 not found"], fmeta["result"])
+
+# 4. countdown: not run before its time.
+t0 = time.time()
+c = add.apply_async((1, 1), countdown=2)
+check(c.get(timeout=T) == {"sum": 2}, "countdown task result")
+done = datetime.fromisoformat(json.loads(store.get(f"celery-task-meta-{c.id}"))["date_done"]).timestamp()
+facts["countdown_done_after_s"] = round(done - t0, 3)
+check(done - t0 >= 2.0, f"countdown=2 ran after {done - t0:.3f} s")
+
+# 5. expires in the past: not run, reported as REVOKED (what a Celery worker stores).
+x = add.apply_async((5, 5), expires=datetime.now(timezone.utc) - timedelta(seconds=5))
+try:
+    x.get(timeout=T)
+    check(False, "an expired task's .get() raises")
+except TaskRevokedError:
+    pass
+check(x.state == "REVOKED", f"state REVOKED, got {x.state}")
+
+# 6. Malformed messages go to celer's dead letters; the host keeps consuming.
+good = json.loads(json.dumps({
+    "body": base64.b64encode(json.dumps([[1, 2], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()).decode(),
+    "content-encoding": "utf-8", "content-type": "application/json",
+    "headers": {"lang": "py", "task": "proj.tasks.add", "id": "x", "retries": 0, "root_id": "x", "parent_id": None},
+    "properties": {"body_encoding": "base64", "delivery_tag": "t", "delivery_info": {"exchange": "", "routing_key": QUEUE}, "priority": 0},
+}))
+bad_b64 = dict(good, body="%%% not base64 %%%", headers=dict(good["headers"], id="bad-b64"))
+pickle = dict(good, **{"content-type": "application/x-python-serialize"}, headers=dict(good["headers"], id="pickle"))
+unknown = dict(good, headers=dict(good["headers"], id="unknown-task", task="proj.tasks.nobody_serves_this"))
+for m in [b"{this is not json", json.dumps(bad_b64), json.dumps(pickle), json.dumps(unknown)]:
+    store.lpush(QUEUE, m)
+check(add.delay(20, 22).get(timeout=T) == {"sum": 42}, "consumption goes on after malformed messages")
+u = app.AsyncResult("unknown-task")
+check(u.get(timeout=T, propagate=False) is not None and u.state == "FAILURE", f"unknown task: FAILURE, got {u.state}")
+check(json.loads(store.get("celery-task-meta-unknown-task"))["result"]["exc_type"] == "NotRegistered", "NotRegistered")
+
+print(json.dumps(facts))

@@ -1,0 +1,147 @@
+//! The Celery drop-in, end to end: the real Celery 5.7 client (the venv
+//! `scripts/services.sh up celery` makes) sends tasks as a Django app would,
+//! a real `celer serve` with `[celery] enabled` runs them in the `hello`
+//! plugin, and `.get()` returns or raises. The checks themselves are in
+//! tests/celery/django_app.py; this side starts the host, runs the
+//! producer, and reads celer's Celery dead letters.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use celer_integration::{Env, TEST_CONFIG, plugin_manifest, plugin_wasm, repo_root, services};
+
+fn python() -> PathBuf {
+    let venv = std::env::var_os("CELER_CELERY_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/services/celery-venv"));
+    let py = venv.join("bin/python");
+    assert!(py.exists(), "{} is missing: run `scripts/services.sh up celery` (make test does)", py.display());
+    py
+}
+
+fn redis_cli(args: &[&str]) -> String {
+    let port = services::REDIS_URL.rsplit(':').next().expect("port");
+    let out = Command::new("redis-cli").args(["-p", port, "--raw"]).args(args).output().expect("redis-cli");
+    assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+struct Host(Child, PathBuf);
+
+impl Host {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A host on the test Redis with `[celery] enabled` for `queue`, and hello
+/// installed with Celery task names as aliases.
+fn start(env: &Env) -> Host {
+    let log = env.path().join("serve.log");
+    let child = env
+        .command()
+        .args(["serve", "--roles", "worker"])
+        .env("CELER_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn celer serve");
+    let host = Host(child, log);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !host.log().contains("consuming Celery messages") {
+        assert!(Instant::now() < deadline, "the host did not start consuming:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    host
+}
+
+#[test]
+fn a_django_app_gets_its_results_from_celer() {
+    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
+    let queue = format!("celery-test-{id}");
+    let prefix = format!("celer-celery-test-{id}:");
+    let config = format!("{TEST_CONFIG}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\n");
+    let env = Env::with_config(&config)
+        .var("CELER_BROKER_URL", services::REDIS_URL)
+        .var("CELER_BROKER_PREFIX", &prefix);
+    let manifest = std::fs::read_to_string(plugin_manifest("hello")).expect("manifest").replacen(
+        "\n[limits]",
+        "\naliases = { \"proj.tasks.add\" = \"hello.add\", \"proj.tasks.greet\" = \"hello.greet\", \"proj.tasks.fail\" = \"hello.fail\" }\n\n[limits]",
+        1,
+    );
+    env.install_files("hello", &std::fs::read(plugin_wasm("hello")).expect("wasm"), &manifest);
+    let host = start(&env);
+
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/celery/django_app.py"))
+        .env("CELERY_URL", services::REDIS_URL)
+        .env("CELERY_QUEUE", &queue)
+        .output()
+        .expect("run the Celery producer");
+    assert!(
+        out.status.success(),
+        "the Django-style producer failed:\n{}\n{}\n--- celer log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        host.log()
+    );
+    eprintln!("producer: {}", String::from_utf8_lossy(&out.stdout));
+
+    // The four malformed messages, each with its reason.
+    let dead = redis_cli(&["XRANGE", &format!("{prefix}celery:dead"), "-", "+"]);
+    for reason in ["not JSON", "base64", "pickle", "unknown task"] {
+        assert!(dead.contains(reason), "a dead letter says {reason:?}:\n{dead}");
+    }
+    assert_eq!(redis_cli(&["XLEN", &format!("{prefix}celery:dead")]), "4", "{dead}");
+    // Nothing left in flight, nothing left on the Celery list.
+    assert_eq!(redis_cli(&["LLEN", &queue]), "0");
+    let inflight = redis_cli(&["KEYS", &format!("{prefix}celery:inflight:*")]);
+    for key in inflight.lines().filter(|k| !k.is_empty()) {
+        assert_eq!(redis_cli(&["LLEN", key]), "0", "{key} still holds messages");
+    }
+}
+
+#[test]
+fn messages_in_flight_on_a_dead_host_are_recovered_once() {
+    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
+    let queue = format!("celery-recover-{id}");
+    let prefix = format!("celer-celery-recover-{id}:");
+    // A message a host had moved off the Celery list when it died.
+    let message = std::fs::read_to_string(repo_root().join("../shared/fixtures/celery-protocol/send_task-export.organization.json"))
+        .expect("fixture")
+        .replace("export.organization", "hello.greet")
+        .replace("W1s0MiwgN10sIHsiZm10IjogInppcCJ9LCB7ImNhbGxiYWNrcyI6IG51bGwsICJlcnJiYWNrcyI6IG51bGwsICJjaGFpbiI6IG51bGwsICJjaG9yZCI6IG51bGx9XQ==", "W1siQm8iXSwge30sIHt9XQ==")
+        .replace("72233f39-e827-45bf-91ba-025a6eeb6cb9", &format!("recover-{id}"));
+    let orphan = format!("{prefix}celery:inflight:gone-host-1/{queue}");
+    redis_cli(&["LPUSH", &orphan, &message]);
+    redis_cli(&["LPUSH", &orphan, &message]); // taken twice: still one job
+
+    let config = format!("{TEST_CONFIG}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\n");
+    let env = Env::with_config(&config)
+        .var("CELER_BROKER_URL", services::REDIS_URL)
+        .var("CELER_BROKER_PREFIX", &prefix);
+    env.install("hello");
+    let host = start(&env);
+    let key = format!("celery-task-meta-recover-{id}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let meta = loop {
+        let meta = redis_cli(&["GET", &key]);
+        if !meta.is_empty() {
+            break meta;
+        }
+        assert!(Instant::now() < deadline, "no result for the recovered message:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(meta.starts_with(r#"{"status": "SUCCESS", "result": {"message": "Hello, Bo!"}"#), "{meta}");
+    assert_eq!(redis_cli(&["LLEN", &orphan]), "0");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(host.log().matches("job succeeded").count(), 1, "one job for a message taken twice");
+}
