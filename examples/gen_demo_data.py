@@ -118,7 +118,7 @@ class Sizes:
         orphan_tags = max(1, tags // 10)
         tag_relations = max(1, rows * 20 // 100)
         events = max(10, rows * 3 // 100)
-        attendees_per_event = max(1, min(members, (rows * 10 // 100) // events))
+        attendees_per_event = max(2, min(members, (rows * 10 // 100) // events))
         used = (members + images + (images - orphan_images) + tags + tag_relations
                 + events + events * attendees_per_event)
         contacts = max(1, rows - used)

@@ -14,3 +14,4 @@ cp target/wasm32-wasip2/release/cache_probe.wasm "$work/plugins/cache_probe.wasm
 cp tests/plugins/cache-probe/celer-plugin.toml "$work/plugins/cache_probe.toml"
 echo "== cache get from a guest vs from Rust: in-process, and Redis when reachable (release build) ==" >&2
 cargo bench -p celer --bench cache_call -- "$work/plugins" "${BENCH_CACHE_GETS:-20000}"
+scripts/bench-redis.sh

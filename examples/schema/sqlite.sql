@@ -10,11 +10,15 @@
 -- Idempotent (IF NOT EXISTS everywhere).
 --
 -- Conventions, shared with the host's SQLite binding of WIT values:
---   * timestamps are ISO-8601 UTC text, always the same width,
---     'YYYY-MM-DDTHH:MM:SS.ffffffZ' (e.g. '2026-11-22T12:00:00.000000Z'):
---     the host binds a WIT `timestamp` parameter in exactly this form, so
---     `created_at < $1` compares correctly as text. Store nothing else there.
---   * booleans are INTEGER 0/1; JSON is TEXT.
+--   * timestamps are declared DATETIME (as Django declares them) and hold
+--     ISO-8601 UTC text, always the same width, 'YYYY-MM-DDTHH:MM:SS.ffffffZ'
+--     (e.g. '2026-11-22T12:00:00.000000Z'): the host binds a WIT `timestamp`
+--     parameter in exactly this form, so `created_at < $1` compares
+--     correctly as text, and reads a DATETIME column back as a timestamp.
+--     Store nothing else there (Django's own 'YYYY-MM-DD HH:MM:SS' form
+--     would compare wrongly against it).
+--   * booleans are declared BOOLEAN and hold 0/1 (read back as booleans);
+--     JSON is TEXT.
 --   * polymorphic relations (image_relations, tag_relations) name the
 --     target by content_type ('organization', 'contact', 'event', 'user')
 --     and object_id, as Django's contenttypes framework does.
@@ -24,18 +28,18 @@ CREATE TABLE IF NOT EXISTS users (
     email        TEXT    NOT NULL UNIQUE,
     name         TEXT    NOT NULL DEFAULT '',
     language     TEXT    NOT NULL DEFAULT 'en',
-    is_active    INTEGER NOT NULL DEFAULT 1,
-    created_at   TEXT    NOT NULL,
-    updated_at   TEXT    NOT NULL,
-    last_login   TEXT
+    is_active    BOOLEAN NOT NULL DEFAULT 1,
+    created_at   DATETIME NOT NULL,
+    updated_at   DATETIME NOT NULL,
+    last_login   DATETIME
 );
 
 CREATE TABLE IF NOT EXISTS organizations (
     id           INTEGER PRIMARY KEY,
     name         TEXT    NOT NULL,
     created_by   INTEGER REFERENCES users(id) ON DELETE SET NULL,
-    created_at   TEXT    NOT NULL,
-    updated_at   TEXT    NOT NULL
+    created_at   DATETIME NOT NULL,
+    updated_at   DATETIME NOT NULL
 );
 
 CREATE TABLE IF NOT EXISTS memberships (
@@ -43,7 +47,7 @@ CREATE TABLE IF NOT EXISTS memberships (
     user_id         INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     organization_id INTEGER NOT NULL REFERENCES organizations(id) ON DELETE CASCADE,
     role            TEXT    NOT NULL CHECK (role IN ('owner', 'admin', 'member')),
-    created_at      TEXT    NOT NULL,
+    created_at      DATETIME NOT NULL,
     UNIQUE (user_id, organization_id)
 );
 CREATE INDEX IF NOT EXISTS memberships_org_id ON memberships (organization_id, id);
@@ -56,8 +60,8 @@ CREATE TABLE IF NOT EXISTS contacts (
     phone           TEXT    NOT NULL DEFAULT '',
     notes           TEXT    NOT NULL DEFAULT '',
     created_by      INTEGER REFERENCES users(id) ON DELETE SET NULL,
-    created_at      TEXT    NOT NULL,
-    updated_at      TEXT    NOT NULL
+    created_at      DATETIME NOT NULL,
+    updated_at      DATETIME NOT NULL
 );
 CREATE INDEX IF NOT EXISTS contacts_org_id ON contacts (organization_id, id);
 
@@ -69,7 +73,7 @@ CREATE TABLE IF NOT EXISTS images (
     content_type    TEXT    NOT NULL DEFAULT 'application/octet-stream',
     size_bytes      INTEGER NOT NULL DEFAULT 0,
     created_by      INTEGER REFERENCES users(id) ON DELETE SET NULL,
-    created_at      TEXT    NOT NULL
+    created_at      DATETIME NOT NULL
 );
 CREATE INDEX IF NOT EXISTS images_org_id ON images (organization_id, id);
 
@@ -78,7 +82,7 @@ CREATE TABLE IF NOT EXISTS image_relations (
     image_id     INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
     content_type TEXT    NOT NULL,
     object_id    INTEGER NOT NULL,
-    created_at   TEXT    NOT NULL
+    created_at   DATETIME NOT NULL
 );
 CREATE INDEX IF NOT EXISTS image_relations_image_id ON image_relations (image_id, id);
 CREATE INDEX IF NOT EXISTS image_relations_object ON image_relations (content_type, object_id);
@@ -88,7 +92,7 @@ CREATE TABLE IF NOT EXISTS tags (
     organization_id INTEGER NOT NULL REFERENCES organizations(id) ON DELETE CASCADE,
     name            TEXT    NOT NULL,
     created_by      INTEGER REFERENCES users(id) ON DELETE SET NULL,
-    created_at      TEXT    NOT NULL,
+    created_at      DATETIME NOT NULL,
     UNIQUE (organization_id, name)
 );
 CREATE INDEX IF NOT EXISTS tags_org_id ON tags (organization_id, id);
@@ -98,7 +102,7 @@ CREATE TABLE IF NOT EXISTS tag_relations (
     tag_id       INTEGER NOT NULL REFERENCES tags(id) ON DELETE CASCADE,
     content_type TEXT    NOT NULL,
     object_id    INTEGER NOT NULL,
-    created_at   TEXT    NOT NULL
+    created_at   DATETIME NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tag_relations_tag_id ON tag_relations (tag_id, id);
 CREATE INDEX IF NOT EXISTS tag_relations_object ON tag_relations (content_type, object_id);
@@ -110,11 +114,11 @@ CREATE TABLE IF NOT EXISTS events (
     description     TEXT    NOT NULL DEFAULT '',
     status          TEXT    NOT NULL DEFAULT 'DRAFT'
                     CHECK (status IN ('DRAFT', 'CONFIRMED', 'ONGOING', 'COMPLETED', 'CANCELLED', 'ARCHIVED')),
-    start_date      TEXT    NOT NULL,
-    end_date        TEXT    NOT NULL,
+    start_date      DATETIME NOT NULL,
+    end_date        DATETIME NOT NULL,
     created_by      INTEGER REFERENCES users(id) ON DELETE SET NULL,
-    created_at      TEXT    NOT NULL,
-    updated_at      TEXT    NOT NULL
+    created_at      DATETIME NOT NULL,
+    updated_at      DATETIME NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_org_id ON events (organization_id, id);
 CREATE INDEX IF NOT EXISTS events_status_end ON events (status, end_date);
@@ -124,8 +128,8 @@ CREATE TABLE IF NOT EXISTS event_attendees (
     id               INTEGER PRIMARY KEY,
     event_id         INTEGER NOT NULL REFERENCES events(id) ON DELETE CASCADE,
     user_id          INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-    reminder_sent_at TEXT,
-    created_at       TEXT    NOT NULL,
+    reminder_sent_at DATETIME,
+    created_at       DATETIME NOT NULL,
     UNIQUE (event_id, user_id)
 );
 CREATE INDEX IF NOT EXISTS event_attendees_event_id ON event_attendees (event_id, id);
@@ -137,11 +141,11 @@ CREATE TABLE IF NOT EXISTS auth_audit_log (
     ip_address     TEXT,
     user_agent     TEXT    NOT NULL DEFAULT '',
     device_info    TEXT    NOT NULL DEFAULT '{}',
-    success        INTEGER NOT NULL,
+    success        BOOLEAN NOT NULL,
     details        TEXT    NOT NULL DEFAULT '{}',
     skipped_reason TEXT,
     job_id         TEXT    UNIQUE,
-    created_at     TEXT    NOT NULL
+    created_at     DATETIME NOT NULL
 );
 CREATE INDEX IF NOT EXISTS auth_audit_log_user ON auth_audit_log (user_id, created_at);
 
@@ -149,8 +153,8 @@ CREATE TABLE IF NOT EXISTS totp_devices (
     id         INTEGER PRIMARY KEY,
     user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     name       TEXT    NOT NULL DEFAULT 'default',
-    confirmed  INTEGER NOT NULL DEFAULT 0,
-    created_at TEXT    NOT NULL
+    confirmed  BOOLEAN NOT NULL DEFAULT 0,
+    created_at DATETIME NOT NULL
 );
 CREATE INDEX IF NOT EXISTS totp_devices_unconfirmed ON totp_devices (confirmed, created_at);
 
@@ -158,8 +162,8 @@ CREATE TABLE IF NOT EXISTS backup_codes (
     id         INTEGER PRIMARY KEY,
     user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     code_hash  TEXT    NOT NULL,
-    used_at    TEXT,
-    created_at TEXT    NOT NULL
+    used_at    DATETIME,
+    created_at DATETIME NOT NULL
 );
 CREATE INDEX IF NOT EXISTS backup_codes_used ON backup_codes (used_at);
 
@@ -172,8 +176,8 @@ CREATE TABLE IF NOT EXISTS data_exports (
                     CHECK (status IN ('PENDING', 'COMPLETED', 'FAILED')),
     size_bytes      INTEGER NOT NULL DEFAULT 0,
     row_count       INTEGER NOT NULL DEFAULT 0,
-    created_at      TEXT    NOT NULL,
-    expires_at      TEXT    NOT NULL
+    created_at      DATETIME NOT NULL,
+    expires_at      DATETIME NOT NULL
 );
 CREATE INDEX IF NOT EXISTS data_exports_created ON data_exports (created_at, id);
 CREATE INDEX IF NOT EXISTS data_exports_org ON data_exports (organization_id, id);

@@ -13,7 +13,8 @@ fn a_job_of_a_sigkilled_host_completes_later_exactly_once() {
     let env = Env::new();
     env.install("hostile");
     let mut first = env.serve_named("first");
-    let id = env.enqueue("hostile.sleep", &["--kwargs", r#"{"ms":2000}"#]);
+    // Well inside hostile's 2 s timeout, so the rerun cannot time out.
+    let id = env.enqueue("hostile.sleep", &["--kwargs", r#"{"ms":1200}"#]);
     let running = env.wait_state(&id, "running", T);
     let first_host = running["host"].as_str().expect("host").to_string();
     first.sigkill();

@@ -212,13 +212,6 @@ impl Record {
     }
 }
 
-/// The error of an interface whose backend this build does not have yet.
-fn not_configured(capability: &str) -> HostError {
-    HostError::Unavailable(format!(
-        "{capability}: no {capability} backend is configured on this host"
-    ))
-}
-
 /// Whether `key` starts with one of the granted prefixes.
 fn prefix_granted(prefixes: &[String], key: &str) -> bool {
     prefixes.iter().any(|p| key.starts_with(p.as_str()))

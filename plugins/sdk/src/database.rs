@@ -5,8 +5,10 @@
 //! conversions so that parameters read naturally (`&[42.into(), "x".into()]`)
 //! and [`query_all`] for the common "small result, read it all" case.
 //!
-//! Placeholders are `$1, $2, …` on PostgreSQL and `?` on SQLite; parameters
-//! are always bound, never spliced into the SQL text.
+//! Placeholders are `$1, $2, …` on every backend (the host rewrites them for
+//! SQLite); parameters are always bound, never spliced into the SQL text. For
+//! time bounds, bind a [`Value::Timestamp`] computed with
+//! [`time`](crate::time) rather than calling the database's `now()`.
 
 pub use crate::bindings::celer::plugin::database::*;
 

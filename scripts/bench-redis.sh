@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# celer on the Redis broker beside Celery 5.7 on the same Redis, in one run:
+# noop and light-JSON jobs/s (backlog, live) and enqueue→start p50/p99, and
+# the ratios celer/Celery against Celery as installed (prefork ×2) and
+# against Celery's best configuration here (2 solo workers); see
+# ../shared/bench/README.md for how the Celery side measures.
+#
+#   scripts/bench-redis.sh            (make bench runs it)
+#   BENCH_N=20000 BENCH_M=500 BENCH_TASKS="noop json_transform" BENCH_CELERY=0|1
+#
+# Its own Redis on BENCH_REDIS_PORT (6399, as the Celery bench), no
+# persistence; stopped afterwards if this script started it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+port=${BENCH_REDIS_PORT:-6399}
+url="redis://127.0.0.1:$port/0"
+n=${BENCH_N:-10000}
+m=${BENCH_M:-300}
+tasks=${BENCH_TASKS:-"noop json_transform"}
+celery_bench="${CELERY_BENCH_DIR:-$root/../shared/bench/celery}"
+work=$(mktemp -d)
+started_redis=0
+cleanup() {
+  [ "$started_redis" = 1 ] && redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+if ! redis-cli -p "$port" ping >/dev/null 2>&1; then
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+    --pidfile "$work/redis.pid" --logfile "$work/redis.log" --dir "$work" >/dev/null
+  started_redis=1
+  for _ in $(seq 1 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+
+mkdir -p "$work/plugins"
+cp target/wasm32-wasip2/release/bench.wasm "$work/plugins/bench.wasm"
+cp tests/plugins/bench/celer-plugin.toml "$work/plugins/bench.toml"
+cargo bench -p celer --bench redis_throughput --no-run >&2 2>/dev/null || cargo bench -p celer --bench redis_throughput --no-run >&2
+
+results="$work/results.jsonl"
+for task in $tasks; do
+  echo "== celer on Redis: $task (release build, in-process producer + host, concurrency 32) ==" >&2
+  cargo bench -q -p celer --bench redis_throughput -- "$work/plugins" "$url" --task "$task" --n "$n" --m "$m" | tail -1 | tee -a "$results"
+done
+
+if [ "${BENCH_CELERY:-1}" = 1 ] && [ -f "$celery_bench/run.py" ]; then
+  scripts/services.sh up celery >&2
+  py="$root/target/services/celery-venv/bin/python"
+  for task in $tasks; do
+    echo "== Celery 5.7: $task, prefork x2 (as installed) ==" >&2
+    "$py" "$celery_bench/run.py" --task "$task" --n "$n" --m "$m" --redis-url "$url" 2>/dev/null | tail -1 | tee -a "$results"
+    echo "== Celery 5.7: $task, 2 solo workers (its best here) ==" >&2
+    "$py" "$celery_bench/run.py" --task "$task" --n "$n" --m "$m" --redis-url "$url" --pool solo --workers 2 2>/dev/null | tail -1 | tee -a "$results"
+  done
+else
+  echo "(Celery side skipped: BENCH_CELERY=0 or $celery_bench/run.py missing)" >&2
+fi
+
+python3 - "$results" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+def pick(system, task, **kw):
+    for r in rows:
+        if r["system"] == system and r["task"] == f"bench.{task}" and all(r.get(k) == v for k, v in kw.items()):
+            return r
+print("\n== celer on Redis vs Celery 5.7 on the same Redis (ratios: celer / Celery) ==", file=sys.stderr)
+for task in ["noop", "json_transform"]:
+    c = pick("celer", task)
+    if not c:
+        continue
+    print(f"{task}: celer backlog {c['backlog_per_s']:.0f}/s, live {c['live_per_s']:.0f}/s "
+          f"(32 producers {c['live_32_producers_per_s']:.0f}/s), start p50 {c['start_p50_ms']} ms p99 {c['start_p99_ms']} ms", file=sys.stderr)
+    for label, peer in [("prefork x2 (as installed)", pick("celery", task, pool="prefork")),
+                        ("2 solo workers (tuned)", pick("celery", task, pool="solo", workers=2))]:
+        if not peer:
+            continue
+        ratio = {
+            "bench": f"redis_vs_celery_{task}", "against": label,
+            "backlog_ratio": round(c["backlog_per_s"] / peer["backlog_per_s"], 2),
+            "live_ratio": round(c["live_per_s"] / peer["live_per_s"], 2),
+            "start_p50_ratio": round(peer["start_p50_ms"] / max(c["start_p50_ms"], 1e-6), 2),
+            "celer_backlog_per_s": c["backlog_per_s"], "celery_backlog_per_s": peer["backlog_per_s"],
+            "celer_live_per_s": c["live_per_s"], "celery_live_per_s": peer["live_per_s"],
+            "celer_start_p50_ms": c["start_p50_ms"], "celery_start_p50_ms": peer["start_p50_ms"],
+            "celer_start_p99_ms": c["start_p99_ms"], "celery_start_p99_ms": peer["start_p99_ms"],
+            "goal_backlog_ratio_vs_tuned": 15,
+        }
+        print(f"  vs Celery {label}: backlog x{ratio['backlog_ratio']}, live x{ratio['live_ratio']}, "
+              f"start p50 {peer['start_p50_ms']} ms vs {c['start_p50_ms']} ms", file=sys.stderr)
+        print(json.dumps(ratio))
+EOF
