@@ -42,7 +42,7 @@ cargo bench -p celer --bench redis_throughput --no-run >&2 2>/dev/null || cargo 
 results="$work/results.jsonl"
 for task in $tasks; do
   echo "== celer on Redis: $task (release build, in-process producer + host, concurrency 32) ==" >&2
-  cargo bench -q -p celer --bench redis_throughput -- "$work/plugins" "$url" --task "$task" --n "$n" --m "$m" | tail -1 | tee -a "$results"
+  env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE cargo bench -q -p celer --bench redis_throughput -- "$work/plugins" "$url" --task "$task" --n "$n" --m "$m" | tail -1 | tee -a "$results"
 done
 
 if [ "${BENCH_CELERY:-1}" = 1 ] && [ -f "$celery_bench/run.py" ]; then

@@ -54,8 +54,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median over ROUNDS of the guest's per-get cost, in µs.
-async fn guest_us_per_get(plugins: &PathBuf, config: &Config, n: u64) -> anyhow::Result<f64> {
+/// Median over ROUNDS of the per-get cost, in µs: (guest, direct). The two
+/// are measured in turns, round by round, so that a busy machine weighs on
+/// both alike.
+async fn measure(plugins: &PathBuf, config: &Config, backend: &cache::Backend, n: u64) -> anyhow::Result<(f64, f64)> {
     let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::open(&config.data_dir.join("celer.db")).await?);
     let capabilities = Capabilities::connect(config, broker).await?;
     let runtime = Arc::new(Runtime::new(&SandboxConfig::default(), capabilities, config.data_dir.join("cache"), 4)?);
@@ -77,33 +79,25 @@ async fn guest_us_per_get(plugins: &PathBuf, config: &Config, n: u64) -> anyhow:
             }
         }
     };
-    // The key exists, set through the guest, so every get is a hit.
+    // The key exists on both sides, so that every get is a hit.
     run("cache_probe.run", json!({"calls": [{"op": "set", "key": KEY, "value": "x".repeat(32)}], "propagate": true})).await?;
+    backend.set(KEY, "x".repeat(32).into_bytes(), None).await?;
     let (_, warm) = run("cache_probe.get_loop", json!({"key": KEY, "n": n})).await?;
     anyhow::ensure!(warm["hits"] == json!(n), "expected {n} hits, got {warm}");
 
-    let mut samples = Vec::new();
+    let (mut guest, mut direct) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let (empty, _) = run("cache_probe.get_loop", json!({"key": KEY, "n": 0})).await?;
         let (full, _) = run("cache_probe.get_loop", json!({"key": KEY, "n": n})).await?;
-        samples.push(full.saturating_sub(empty).as_secs_f64() * 1e6 / n as f64);
-    }
-    Ok(median(samples))
-}
+        guest.push(full.saturating_sub(empty).as_secs_f64() * 1e6 / n as f64);
 
-/// Median over ROUNDS of `Backend::get` called from Rust, in µs.
-async fn direct_us_per_get(backend: &cache::Backend, n: u64) -> anyhow::Result<f64> {
-    backend.set(KEY, "x".repeat(32).into_bytes(), None).await?;
-    let mut samples = Vec::new();
-    for _ in 0..ROUNDS {
         let t = Instant::now();
         for _ in 0..n {
-            let v = backend.get(KEY).await?;
-            std::hint::black_box(v);
+            std::hint::black_box(backend.get(KEY).await?);
         }
-        samples.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+        direct.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
     }
-    Ok(median(samples))
+    Ok((median(guest), median(direct)))
 }
 
 async fn bench(plugins: &PathBuf, name: &str, url: Option<String>, n: u64) -> anyhow::Result<()> {
@@ -118,8 +112,7 @@ async fn bench(plugins: &PathBuf, name: &str, url: Option<String>, n: u64) -> an
         println!("{}", json!({"bench": "cache_get_guest_vs_direct", "backend": name, "skipped": e}));
         return Ok(());
     }
-    let direct = direct_us_per_get(&backend, n).await?;
-    let guest = guest_us_per_get(plugins, &config, n).await?;
+    let (guest, direct) = measure(plugins, &config, &backend, n).await?;
     println!(
         "{}",
         json!({

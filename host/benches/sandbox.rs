@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
         if pending == 0 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let run_s = t.elapsed().as_secs_f64();
     let _ = stop_tx.send(true);

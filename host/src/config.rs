@@ -345,6 +345,11 @@ impl Config {
             self.database.url = Some(v);
         }
         if let Some(v) = get("CELER_REDIS_URL").or_else(|| get("REDIS_URL")) {
+            // celer's Redis: the cache, and the broker unless one is named
+            // (`[broker] url`, `CELER_BROKER_URL`, or a sqlite DATABASE_URL).
+            if self.broker.url.is_none() && get("CELER_BROKER_URL").is_none() {
+                self.broker.url = Some(v.clone());
+            }
             self.cache.url = Some(v);
         }
         if let Some(v) = get("CELER_STORAGE") {
@@ -486,6 +491,33 @@ mod tests {
         let mut c = Config::default();
         c.apply_env(|k| (k == "DATABASE_URL").then(|| "postgres://db/app".into())).expect("ok");
         assert_eq!(c.broker_path(), PathBuf::from("celer-data/celer.db"));
+    }
+
+    #[test]
+    fn a_redis_url_selects_the_redis_broker_unless_one_is_named() {
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "CELER_REDIS_URL").then(|| "redis://r:6379/1".into())).expect("ok");
+        assert!(c.broker.is_redis());
+        assert_eq!((c.broker.url.as_deref(), c.cache.url.as_deref()), (Some("redis://r:6379/1"), Some("redis://r:6379/1")));
+        assert_eq!(c.broker_path(), PathBuf::from("celer-data/celer.db"), "the SQLite file stays for domain data");
+        assert_eq!(c.celery_url().as_deref(), Some("redis://r:6379/1"));
+        let mut c = Config::default();
+        c.apply_env(|k| match k {
+            "CELER_REDIS_URL" => Some("redis://r".into()),
+            "CELER_BROKER_URL" => Some("sqlite://q.db".into()),
+            "CELER_BROKER_PREFIX" => Some("app1:".into()),
+            _ => None,
+        })
+        .expect("ok");
+        assert!(!c.broker.is_redis());
+        assert_eq!(c.broker.prefix, "app1:");
+        let text = "[broker]\nurl = \"redis+cluster://a:1,b:2\"\n[celery]\nenabled = true\nqueues = [\"celery\", \"mail\"]\n";
+        let c: Config = toml::from_str(text).expect("parses");
+        assert!(c.broker.is_redis() && c.celery.enabled);
+        assert_eq!(c.celery.queues, vec!["celery", "mail"]);
+        assert!(c.check().is_ok());
+        let c: Config = toml::from_str("[celery]\nenabled = true\n").expect("parses");
+        assert!(c.check().is_err(), "Celery needs a Redis");
     }
 
     #[test]

@@ -152,8 +152,11 @@ impl Env {
             .env_remove("REDIS_URL")
             .env_remove("CELER_STORAGE")
             .env_remove("CELER_SMTP_URL");
-        // Each test gets its own listener port, so tests can run side by side.
+        // Each test gets its own listener port, so tests can run side by side;
+        // and its own Redis key prefix, for when a test puts the broker on Redis.
         c.env("CELER_LISTEN", format!("127.0.0.1:{}", self.port));
+        let unique = self.dir.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        c.env("CELER_BROKER_PREFIX", format!("celer-test-{unique}:"));
         for (k, v) in &self.vars {
             c.env(k, v);
         }

@@ -123,6 +123,7 @@ fn messages_in_flight_on_a_dead_host_are_recovered_once() {
     let orphan = format!("{prefix}celery:inflight:gone-host-1/{queue}");
     redis_cli(&["LPUSH", &orphan, &message]);
     redis_cli(&["LPUSH", &orphan, &message]); // taken twice: still one job
+    redis_cli(&["SADD", &format!("{prefix}celery:inflight-lists"), &orphan]);
 
     let config = format!("{TEST_CONFIG}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\n");
     let env = Env::with_config(&config)

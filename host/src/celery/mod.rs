@@ -133,6 +133,14 @@ pub async fn start(
         results: results.clone(),
         mover: ::redis::Script::new(MOVE),
     });
+    // Register this host's in-flight lists before anything moves into them.
+    let mut add = ::redis::cmd("SADD");
+    add.arg(ctx.inflight_lists());
+    for q in &ctx.celery.queues {
+        add.arg(ctx.inflight(&ctx.host, q));
+    }
+    let mut c = ctx.conn.clone();
+    add.query_async::<i64>(&mut c).await.map_err(|e| format!("Celery's Redis at {url}: {e}"))?;
     tokio::spawn(keep_alive(ctx.clone(), stop.clone()));
     tokio::spawn(recover_loop(ctx.clone(), stop.clone()));
     for queue in &ctx.celery.queues {
@@ -149,6 +157,11 @@ impl Ctx {
 
     fn alive(&self, host: &str) -> String {
         format!("{}celery:alive:{host}", self.prefix)
+    }
+
+    /// The set of every in-flight list (what recovery walks; no KEYS scan).
+    fn inflight_lists(&self) -> String {
+        format!("{}celery:inflight-lists", self.prefix)
     }
 
     fn dead(&self) -> String {
@@ -175,6 +188,12 @@ async fn keep_alive(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
         if let Err(e) = r {
             tracing::debug!(error = %e, "Celery consumer: alive key not written");
         }
+        let mut add = ::redis::cmd("SADD");
+        add.arg(ctx.inflight_lists());
+        for q in &ctx.celery.queues {
+            add.arg(ctx.inflight(&ctx.host, q));
+        }
+        let _: Result<i64, _> = add.query_async(&mut c).await;
         tokio::time::sleep(ALIVE_EVERY).await;
     }
 }
@@ -195,8 +214,8 @@ async fn recover_loop(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
 
 async fn recover(ctx: &Ctx, own_too: bool) -> Result<(), String> {
     let mut c = ctx.conn.clone();
-    let pattern = format!("{}celery:inflight:*", ctx.prefix);
-    let keys: Vec<String> = ::redis::cmd("KEYS").arg(&pattern).query_async(&mut c).await.map_err(|e| e.to_string())?;
+    let keys: Vec<String> =
+        ::redis::cmd("SMEMBERS").arg(ctx.inflight_lists()).query_async(&mut c).await.map_err(|e| e.to_string())?;
     let start = format!("{}celery:inflight:", ctx.prefix);
     for key in keys {
         let Some((host, queue)) = key.strip_prefix(&start).and_then(|rest| rest.split_once('/')) else { continue };
@@ -230,6 +249,11 @@ async fn recover(ctx: &Ctx, own_too: bool) -> Result<(), String> {
         if !moved.is_empty() {
             tracing::info!(from = %host, queue, messages = moved.len(), "recovering in-flight Celery messages");
             handle_batch(ctx, queue, moved).await;
+        }
+        if !mine {
+            // Emptied; its host is gone. (A list refilled meanwhile is still found
+            // if its host comes back: each consumer adds its lists again.)
+            let _: Result<i64, _> = ::redis::cmd("SREM").arg(ctx.inflight_lists()).arg(&key).query_async(&mut c).await;
         }
     }
     Ok(())

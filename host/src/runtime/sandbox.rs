@@ -265,15 +265,23 @@ impl Runtime {
 /// the SDK writes it.
 const INVALID_ARGS_PREFIX: &str = "invalid arguments:";
 
+/// The SDK turns a host error it cannot handle into a task error whose text
+/// starts with the host error's kind; the job's error keeps that kind, so an
+/// operator sees `unavailable` or `denied` rather than a generic failure.
 fn task_failure(e: TaskError) -> RunOutcome {
     match e {
-        TaskError::Retry(r) => RunOutcome::Failed {
-            error: JobError::new(ErrorKind::Plugin, r.reason),
-            retryable: true,
-            retry_after: r.after_ms.map(Duration::from_millis),
-        },
+        TaskError::Retry(r) => {
+            let kind = if r.reason.starts_with("unavailable:") { ErrorKind::Unavailable } else { ErrorKind::Plugin };
+            RunOutcome::Failed { error: JobError::new(kind, r.reason), retryable: true, retry_after: r.after_ms.map(Duration::from_millis) }
+        }
         TaskError::Fail(message) => {
-            let kind = if message.starts_with(INVALID_ARGS_PREFIX) { ErrorKind::InvalidArgs } else { ErrorKind::Plugin };
+            let kind = if message.starts_with(INVALID_ARGS_PREFIX) {
+                ErrorKind::InvalidArgs
+            } else if message.starts_with("denied:") {
+                ErrorKind::Denied
+            } else {
+                ErrorKind::Plugin
+            };
             RunOutcome::Failed { error: JobError::new(kind, message), retryable: false, retry_after: None }
         }
     }

@@ -137,7 +137,11 @@ struct Inner {
     prefix: String,
     ttl_s: u64,
     block: Duration,
-    scripts: Scripts,
+    scripts: Arc<Scripts>,
+    /// Completions go through one batching task (see [`complete_batches`]).
+    completer: tokio::sync::mpsc::UnboundedSender<CompleteReq>,
+    /// When each queue was last added to the `queues` set by this process.
+    registered: Mutex<HashMap<String, std::time::Instant>>,
     /// Connections for blocking reads, one per concurrent waiter.
     waiters: Mutex<Vec<Conn>>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -177,14 +181,20 @@ impl RedisBroker {
         }
         let target = Target::parse(&options.url).map_err(BrokerError::Invalid)?;
         let conn = target.connect(Some(Duration::from_secs(5))).await.map_err(unavailable)?;
+        let scripts = Arc::new(Scripts::new());
+        let ttl_s = options.result_ttl.as_secs().max(1);
+        let (completer, requests) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(complete_batches(requests, conn.clone(), scripts.clone(), options.prefix.clone(), ttl_s));
         let broker = RedisBroker {
             inner: Arc::new(Inner {
                 conn,
                 target,
                 prefix: options.prefix,
-                ttl_s: options.result_ttl.as_secs().max(1),
+                ttl_s,
                 block: options.block,
-                scripts: Scripts::new(),
+                scripts,
+                completer,
+                registered: Mutex::new(HashMap::new()),
                 waiters: Mutex::new(Vec::new()),
                 heartbeat: Mutex::new(None),
             }),
@@ -224,25 +234,6 @@ impl RedisBroker {
         let mut q: Vec<String> = c.smembers(self.queues_key()).await.map_err(unavailable)?;
         q.sort();
         Ok(q)
-    }
-
-    /// The hosts whose heartbeat is alive, with what they last said.
-    pub async fn hosts(&self) -> Result<Vec<Value>, BrokerError> {
-        let mut c = self.conn();
-        let pattern = format!("{}host:*", self.inner.prefix);
-        let keys: Vec<String> = match &self.inner.target {
-            Target::Single(_) => ::redis::cmd("KEYS").arg(&pattern).query_async(&mut c).await.map_err(unavailable)?,
-            // KEYS goes to every node of a cluster.
-            Target::Cluster(_) => ::redis::cmd("KEYS").arg(&pattern).query_async(&mut c).await.map_err(unavailable)?,
-        };
-        let mut out = Vec::new();
-        for k in keys {
-            let v: Option<String> = c.get(&k).await.map_err(unavailable)?;
-            if let Some(v) = v.and_then(|v| serde_json::from_str(&v).ok()) {
-                out.push(v);
-            }
-        }
-        Ok(out)
     }
 
     /// The queue a lease token names (`<random>-<n>.<queue>`).
@@ -471,6 +462,69 @@ impl RedisBroker {
     }
 }
 
+/// One `complete`, waiting for its batch.
+struct CompleteReq {
+    queue: String,
+    /// The 13 per-job values of the COMPLETE script.
+    args: [String; 13],
+    reply: tokio::sync::oneshot::Sender<Result<bool, BrokerError>>,
+}
+
+/// Writes outcomes in batches: whatever completions are waiting when the
+/// previous batch returns go out together, one script call per queue. At
+/// low load a batch is one job (no added latency); under load one round
+/// trip and one script call record many jobs.
+async fn complete_batches(
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<CompleteReq>,
+    conn: Conn,
+    scripts: Arc<Scripts>,
+    prefix: String,
+    ttl_s: u64,
+) {
+    const MAX_BATCH: usize = 128;
+    while let Some(first) = requests.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut by_queue: HashMap<String, Vec<CompleteReq>> = HashMap::new();
+        for r in batch {
+            by_queue.entry(r.queue.clone()).or_default().push(r);
+        }
+        let calls = by_queue.into_iter().map(|(queue, reqs)| {
+            let mut c = conn.clone();
+            let scripts = scripts.clone();
+            let qp = format!("{prefix}{{{queue}}}:");
+            async move {
+                let mut inv = scripts.complete.prepare_invoke();
+                inv.key(format!("{qp}leases")).key(format!("{qp}delayed")).arg(&qp).arg(GROUP).arg(ttl_s);
+                for r in &reqs {
+                    for a in &r.args {
+                        inv.arg(a);
+                    }
+                }
+                let done: Result<Vec<i64>, _> = inv.invoke_async(&mut c).await;
+                match done {
+                    Ok(flags) => {
+                        for (r, flag) in reqs.into_iter().zip(flags.into_iter().chain(std::iter::repeat(0))) {
+                            let _ = r.reply.send(Ok(flag == 1));
+                        }
+                    }
+                    Err(e) => {
+                        for r in reqs {
+                            let _ = r.reply.send(Err(unavailable(e.clone())));
+                        }
+                    }
+                }
+            }
+        });
+        futures_join_all(calls).await;
+    }
+}
+
 /// What a fetch that found nothing blocks on.
 #[derive(Debug, Default)]
 struct Wait {
@@ -571,14 +625,38 @@ impl Broker for RedisBroker {
             .arg(job.eta.map(|t| t.timestamp_millis().to_string()).unwrap_or_default())
             .arg(if idem.is_some() { "1" } else { "0" });
         let mut c = self.conn();
+        // The queue joins the `queues` set (what lookups by id and stats
+        // walk); refreshed every second, so a Redis that lost it (restart)
+        // gets it back.
+        let register = self.inner.registered.lock().map_or(true, |mut r| {
+            let now = std::time::Instant::now();
+            match r.get(&job.queue) {
+                Some(t) if now.duration_since(*t) < Duration::from_secs(1) => false,
+                _ => {
+                    r.insert(job.queue.clone(), now);
+                    true
+                }
+            }
+        });
         let mut c2 = self.conn();
-        let register = async move {
-            let added: Result<i64, _> = c2.sadd(self.queues_key(), &job.queue).await;
-            added
+        let queues_key = self.queues_key();
+        let queue = job.queue.clone();
+        let add = async move {
+            if register {
+                let added: Result<i64, _> = c2.sadd(queues_key, queue).await;
+                added.map(|_| ())
+            } else {
+                Ok(())
+            }
         };
-        let (res, added) = tokio::join!(inv.invoke_async::<(i64, String)>(&mut c), register);
+        let (res, added) = tokio::join!(inv.invoke_async::<(i64, String)>(&mut c), add);
         let (fresh, id) = res.map_err(unavailable)?;
-        added.map_err(unavailable)?;
+        if let Err(e) = added {
+            if let Ok(mut r) = self.inner.registered.lock() {
+                r.remove(&job.queue);
+            }
+            return Err(unavailable(e));
+        }
         Ok(Enqueued { id, existing: fresh == 0 })
     }
 
@@ -647,7 +725,6 @@ impl Broker for RedisBroker {
 
     async fn complete(&self, lease: &Lease, outcome: Outcome, record: RunRecord) -> Result<bool, BrokerError> {
         let Some(queue) = Self::lease_queue(lease) else { return Ok(false) };
-        let qp = self.queue_prefix(queue);
         let kind_text = |k: ErrorKind| match serde_json::to_value(k) {
             Ok(Value::String(s)) => s,
             _ => "plugin".to_string(),
@@ -663,34 +740,27 @@ impl Broker for RedisBroker {
             }
         };
         let touched = record.touched.as_ref().map(to_json).transpose()?;
-        let mut c = self.conn();
-        let r: i64 = self
-            .inner
-            .scripts
-            .complete
-            .key(format!("{qp}j:{}", lease.job_id))
-            .key(format!("{qp}leases"))
-            .key(format!("{qp}delayed"))
-            .arg(&qp)
-            .arg(GROUP)
-            .arg(&lease.token)
-            .arg(&lease.job_id)
-            .arg(kind)
-            .arg(result)
-            .arg(ek)
-            .arg(em)
-            .arg(at)
-            .arg(self.inner.ttl_s)
-            .arg(opt_arg(record.plugin.as_deref()))
-            .arg(opt_arg(record.plugin_version.as_deref()))
-            .arg(opt_arg(touched.as_deref()))
-            .arg(opt_arg(record.log.as_deref()))
-            .arg(opt_arg(record.progress.map(|p| p.done.to_string()).as_deref()))
-            .arg(opt_arg(record.progress.map(|p| p.total.to_string()).as_deref()))
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        Ok(r == 1)
+        let args = [
+            lease.token.clone(),
+            lease.job_id.clone(),
+            kind.to_string(),
+            result,
+            ek,
+            em,
+            at.to_string(),
+            opt_arg(record.plugin.as_deref()),
+            opt_arg(record.plugin_version.as_deref()),
+            opt_arg(touched.as_deref()),
+            opt_arg(record.log.as_deref()),
+            opt_arg(record.progress.map(|p| p.done.to_string()).as_deref()),
+            opt_arg(record.progress.map(|p| p.total.to_string()).as_deref()),
+        ];
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.inner
+            .completer
+            .send(CompleteReq { queue: queue.to_string(), args, reply })
+            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
+        answer.await.map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {

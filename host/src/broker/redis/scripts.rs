@@ -26,14 +26,25 @@ local function jkey(id) return P .. 'j:' .. id end
 local function skey(prio) return P .. 's:' .. prio end
 -- Appends a job id to the stream of its priority; creates stream and group
 -- on first use (also after a Redis restart without persistence).
+-- The consumer group is created by the first fetch (at id 0, so it sees
+-- every entry added before). Priority 0 is always read; others are listed
+-- in `prios`.
 local function push(prio, id)
   local sk = skey(prio)
-  if redis.call('EXISTS', sk) == 0 then
-    pcall(redis.call, 'XGROUP', 'CREATE', sk, G, '0', 'MKSTREAM')
-    redis.call('ZADD', P .. 'prios', tonumber(prio), prio)
-  end
+  if prio ~= '0' then redis.call('ZADD', P .. 'prios', tonumber(prio), prio) end
   local eid = redis.call('XADD', sk, '*', 'id', id)
   return sk, eid
+end
+-- The priorities to read, highest first, 0 included.
+local function priorities()
+  local out, zero = {}, false
+  for _, p in ipairs(redis.call('ZREVRANGE', P .. 'prios', 0, -1)) do
+    if not zero and tonumber(p) < 0 then out[#out + 1] = '0'; zero = true end
+    if p == '0' then zero = true end
+    out[#out + 1] = p
+  end
+  if not zero then out[#out + 1] = '0' end
+  return out
 end
 -- Acks and deletes the job's current stream entry, if any.
 local function drop_entry(jk)
@@ -116,9 +127,9 @@ local function lease_job(jk, id, attempt, env, enq)
   n = n + 1
   local tok = tokp .. n .. toks
   local lu = NOW + lease
-  redis.call('HSET', jk, 'state', 'running', 'tok', tok, 'lu', S(lu), 'host', C, 'st', NOW_US,
-             'cancel', '0', 'attempt', S(attempt))
-  redis.call('HDEL', jk, 'fin', 'pd', 'pt')
+  redis.call('HSET', jk, 'state', 'running', 'tok', tok, 'lu', S(lu), 'host', C, 'st', NOW_US, 'attempt', S(attempt))
+  -- A fresh job has nothing of an earlier attempt to clear.
+  if attempt > 0 then redis.call('HDEL', jk, 'fin', 'pd', 'pt') end
   redis.call('ZADD', KEYS[3], lu, id)
   out[#out + 1] = id; out[#out + 1] = env; out[#out + 1] = S(attempt); out[#out + 1] = tok; out[#out + 1] = enq
 end
@@ -167,7 +178,7 @@ for _, id in ipairs(lost) do
 end
 
 -- 3. new entries, highest priority first
-local prios = redis.call('ZREVRANGE', KEYS[1], 0, -1)
+local prios = priorities()
 local deferred = {}
 for _, p in ipairs(prios) do
   if n >= max then break end
@@ -217,9 +228,7 @@ if n == 0 and ARGV[9] == '1' then
   local l = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
   if l[2] and (next_ms < 0 or tonumber(l[2]) - NOW < next_ms) then next_ms = tonumber(l[2]) - NOW end
   wait[1] = S(next_ms)
-  local seen_default = false
   for _, p in ipairs(prios) do
-    if p == '0' then seen_default = true end
     local ok, info = pcall(redis.call, 'XINFO', 'STREAM', skey(p))
     local last = '0-0'
     if ok then
@@ -227,7 +236,6 @@ if n == 0 and ARGV[9] == '1' then
     end
     wait[#wait + 1] = skey(p); wait[#wait + 1] = last
   end
-  if not seen_default then wait[#wait + 1] = skey('0'); wait[#wait + 1] = '0-0' end
 end
 return {out, wait}
 "#;
@@ -252,43 +260,61 @@ redis.call('HSET', KEYS[1], 'pd', ARGV[4], 'pt', ARGV[5])
 return 1
 "#;
 
-/// KEYS: job hash, leases, delayed. ARGV: 3 token, 4 id, 5 outcome
-/// (succeeded|retry|dead|cancelled), 6 result JSON, 7 error kind,
-/// 8 error message, 9 retry at ms, 10 result ttl s, then optional record
-/// fields as '' (absent) or '=' .. value: 11 plugin, 12 plugin version,
-/// 13 touched, 14 log, 15 progress done, 16 progress total.
-/// Returns 1 when recorded, 0 when the lease was not held.
+/// Ends attempts, several per call (the broker batches concurrent
+/// completions of one queue). KEYS: leases, delayed. ARGV: 3 result ttl s,
+/// then per job 13 values: token, id, outcome (succeeded|retry|dead|
+/// cancelled), result JSON, error kind, error message, retry at ms, and
+/// the optional record fields as '' (absent) or '=' .. value: plugin,
+/// plugin version, touched, log, progress done, progress total.
+/// Returns per job 1 (recorded) or 0 (the lease was not held).
 const COMPLETE: &str = r#"
-local jk, id = KEYS[1], ARGV[4]
-local f = redis.call('HMGET', jk, 'state', 'tok', 'cancel', 'attempt')
-if f[1] ~= 'running' or f[2] ~= ARGV[3] then return 0 end
-local kind, ek, em, ttl = ARGV[5], ARGV[7], ARGV[8], tonumber(ARGV[10])
-if kind == 'retry' and f[3] == '1' then
-  kind = 'cancelled'; ek = 'cancelled'; em = 'cancelled; the last attempt failed: ' .. em
-end
-drop_entry(jk)
-redis.call('ZREM', KEYS[2], id)
-redis.call('HDEL', jk, 'tok', 'lu')
+local ttl = tonumber(ARGV[3])
 local names = {'plugin', 'pv', 'touched', 'log', 'pd', 'pt'}
-for i, name in ipairs(names) do
-  local v = ARGV[10 + i]
-  if v ~= '' then redis.call('HSET', jk, name, string.sub(v, 2)) end
+local out = {}
+for base = 4, #ARGV - 12, 13 do
+  local tok, id, kind, result, ek, em, at = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], ARGV[base + 5], ARGV[base + 6]
+  local jk = jkey(id)
+  local f = redis.call('HMGET', jk, 'state', 'tok', 'cancel', 'attempt', 'sk', 'eid', 'idem')
+  if f[1] ~= 'running' or f[2] ~= tok then
+    out[#out + 1] = 0
+  else
+    if kind == 'retry' and f[3] == '1' then
+      kind = 'cancelled'; ek = 'cancelled'; em = 'cancelled; the last attempt failed: ' .. em
+    end
+    if f[5] and f[6] then
+      redis.call('XACK', f[5], G, f[6])
+      redis.call('XDEL', f[5], f[6])
+    end
+    redis.call('ZREM', KEYS[1], id)
+    local set, del = {}, {'tok', 'lu', 'sk', 'eid'}
+    for i, name in ipairs(names) do
+      local v = ARGV[base + 6 + i]
+      if v ~= '' then set[#set + 1] = name; set[#set + 1] = string.sub(v, 2) end
+    end
+    local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
+    if kind == 'succeeded' then
+      put('state', 'succeeded'); put('result', result); put('fin', NOW_US)
+      del[#del + 1] = 'ek'; del[#del + 1] = 'em'
+    elseif kind == 'retry' then
+      put('state', 'retrying'); put('attempt', S(tonumber(f[4]) + 1)); put('run_at', at); put('ek', ek); put('em', em)
+      del[#del + 1] = 'fin'
+      redis.call('ZADD', KEYS[2], tonumber(at), id)
+    elseif kind == 'dead' then
+      put('state', 'failed'); put('ek', ek); put('em', em); put('fin', NOW_US); put('dead', NOW_US)
+      put('dk', redis.call('XADD', P .. 'dead', '*', 'id', id))
+    else
+      put('state', 'cancelled'); put('ek', ek); put('em', em); put('fin', NOW_US)
+    end
+    redis.call('HSET', jk, unpack(set))
+    redis.call('HDEL', jk, unpack(del))
+    if kind == 'succeeded' or kind == 'cancelled' then
+      redis.call('EXPIRE', jk, ttl)
+      if f[7] then redis.call('EXPIRE', f[7], ttl) end
+    end
+    out[#out + 1] = 1
+  end
 end
-if kind == 'succeeded' then
-  redis.call('HSET', jk, 'state', 'succeeded', 'result', ARGV[6], 'fin', NOW_US)
-  redis.call('HDEL', jk, 'ek', 'em')
-  expire(jk, ttl)
-elseif kind == 'retry' then
-  local at = tonumber(ARGV[9])
-  redis.call('HSET', jk, 'state', 'retrying', 'attempt', S(tonumber(f[4]) + 1), 'run_at', S(at), 'ek', ek, 'em', em)
-  redis.call('HDEL', jk, 'fin')
-  redis.call('ZADD', KEYS[3], at, id)
-elseif kind == 'dead' then
-  finish(jk, id, 'failed', ek, em, ttl)
-else
-  finish(jk, id, 'cancelled', ek, em, ttl)
-end
-return 1
+return out
 "#;
 
 /// KEYS: job hash, leases. ARGV: 3 token, 4 id, 5 ttl.
@@ -373,7 +399,7 @@ return count
 /// KEYS: prios, delayed, leases, dead. Returns {queued, delayed, running, dead}.
 const STATS: &str = r#"
 local queued = redis.call('ZCOUNT', KEYS[2], '-inf', NOW)
-for _, p in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+for _, p in ipairs(priorities()) do
   local sk = skey(p)
   local len = redis.call('XLEN', sk)
   local ok, pending = pcall(redis.call, 'XPENDING', sk, G)

@@ -195,3 +195,62 @@ async fn a_lost_lease_is_taken_over_by_the_next_fetch_before_new_jobs() {
         ::redis::cmd("XPENDING").arg(&stream).arg(super::GROUP).query_async(&mut c).await.unwrap();
     assert_eq!(count, 0, "the taken-over entry was acked; the newer job is not read yet");
 }
+
+/// The same suite on a 3-node Redis Cluster (`scripts/services.sh up
+/// redis-cluster`; `CELER_TEST_REDIS_CLUSTER_URL` overrides).
+mod cluster {
+    use super::*;
+
+    const NODES: [&str; 3] = ["redis://127.0.0.1:7101", "redis://127.0.0.1:7102", "redis://127.0.0.1:7103"];
+
+    fn url() -> String {
+        std::env::var("CELER_TEST_REDIS_CLUSTER_URL")
+            .unwrap_or_else(|_| "redis+cluster://127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103".into())
+    }
+
+    /// Deletes the prefix's keys on every node, one by one (no cross-slot DEL).
+    struct ClusterCleanup(String);
+
+    impl Drop for ClusterCleanup {
+        fn drop(&mut self) {
+            let prefix = self.0.clone();
+            let _ = std::thread::spawn(move || {
+                for node in NODES {
+                    let Ok(client) = ::redis::Client::open(node) else { continue };
+                    let Ok(mut c) = client.get_connection() else { continue };
+                    let keys: Vec<String> =
+                        ::redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut c).unwrap_or_default();
+                    for k in keys {
+                        let _: Result<i64, _> = ::redis::cmd("DEL").arg(k).query(&mut c);
+                    }
+                }
+            })
+            .join();
+        }
+    }
+
+    async fn fresh() -> (ClusterCleanup, Arc<dyn Broker>) {
+        let prefix = unique_prefix();
+        let options = RedisOptions { prefix: prefix.clone(), ..RedisOptions::new(url()) };
+        let b = RedisBroker::connect(options).await.unwrap_or_else(|e| {
+            panic!("the test Redis Cluster ({}) is not reachable ({e}): run `scripts/services.sh up redis-cluster`", url())
+        });
+        (ClusterCleanup(prefix), Arc::new(b))
+    }
+
+    crate::broker_suite!(fresh());
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn three_hosts_deliver_every_job_exactly_once() {
+        let (_guard, first) = fresh().await;
+        let _ = first;
+        let prefix = unique_prefix();
+        let _cleanup = ClusterCleanup(prefix.clone());
+        let mut brokers: Vec<Arc<dyn Broker>> = Vec::new();
+        for _ in 0..3 {
+            let options = RedisOptions { prefix: prefix.clone(), ..RedisOptions::new(url()) };
+            brokers.push(Arc::new(RedisBroker::connect(options).await.expect("cluster")));
+        }
+        suite::concurrent_workers_deliver_every_job_exactly_once(brokers).await;
+    }
+}
