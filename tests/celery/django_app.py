@@ -99,6 +99,14 @@ try:
 except TaskRevokedError:
     pass
 check(x.state == "REVOKED", f"state REVOKED, got {x.state}")
+# ... and one that expires while it waits in celer's queue (its countdown is later).
+y = add.apply_async((6, 6), countdown=3, expires=1.5)
+try:
+    y.get(timeout=T)
+    check(False, "a task that expired while waiting: .get() raises")
+except TaskRevokedError:
+    pass
+check(y.state == "REVOKED", f"state REVOKED, got {y.state}")
 
 # 6. Malformed messages go to celer's dead letters; the host keeps consuming.
 good = json.loads(json.dumps({

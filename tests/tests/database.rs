@@ -6,13 +6,12 @@
 
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use celer_integration::{Env, TEST_CONFIG, plugin_wasm, services};
+use celer_integration::{Env, Server, TEST_CONFIG, plugin_wasm, services};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
@@ -427,6 +426,32 @@ impl Relay {
     }
 }
 
+/// `celer serve`, once it is all up: it opens its schedule store (in the
+/// same database) after logging "celer serving", and stops if that fails;
+/// the HTTP listener starts after it.
+fn serve_fully(case: &Case) -> Server {
+    let server = case.env.serve();
+    let deadline = std::time::Instant::now() + T;
+    while !healthy(case.env.port) {
+        assert!(std::time::Instant::now() < deadline, "celer serve never answered /healthz:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+/// Whether `GET /healthz` answers 200.
+fn healthy(port: u16) -> bool {
+    use std::io::Read;
+    let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    if c.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = c.read_to_string(&mut answer);
+    answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200")
+}
+
 /// The job's first attempt meets a database that is down: `unavailable`,
 /// the job is retried (not lost, not failed), and succeeds once the
 /// database is back.
@@ -458,17 +483,24 @@ fn sqlite_busy_is_unavailable_and_the_job_retries() {
     };
     sqlite(&format!("PRAGMA journal_mode = WAL; CREATE TABLE {t} (id INTEGER PRIMARY KEY, v TEXT)"));
     case.install(&[], &[&t], 32);
-    let _server = case.env.serve();
+    let _server = serve_fully(&case);
 
     let go_down = || {
         // `BEGIN EXCLUSIVE` in a shell that then waits on its stdin.
-        let mut child = Command::new("sqlite3").arg(&file).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut child = Command::new("sqlite3").arg(&file).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         let stdin = child.stdin.as_mut().unwrap();
-        writeln!(stdin, "BEGIN EXCLUSIVE; INSERT INTO {t} (v) VALUES ('lock'); SELECT 'locked';").unwrap();
+        writeln!(stdin, ".timeout 20000\nBEGIN EXCLUSIVE;\nINSERT INTO {t} (v) VALUES ('lock');").unwrap();
         stdin.flush().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "locked");
+        // Locked once another writer is turned away (the shell does not wait).
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            let probe = Command::new("sqlite3").arg(&file).arg("BEGIN IMMEDIATE; ROLLBACK;").output().unwrap();
+            if !probe.status.success() && String::from_utf8_lossy(&probe.stderr).contains("locked") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the lock was never taken");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         child
     };
     let child = std::cell::RefCell::new(None);
@@ -495,9 +527,13 @@ fn postgres_down_is_unavailable_and_the_job_retries() {
     let t = case.table("outage");
     case.admin(&format!("CREATE TABLE {t} (id serial PRIMARY KEY, v text)"));
     case.install(&[], &[&t], 32);
-    let server = case.env.serve();
+    let server = serve_fully(&case);
     server.wait_log("PostgreSQL role prepared", T);
-    down_then_back(&case, &t, || relay.cut(), || relay.restore());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| down_then_back(&case, &t, || relay.cut(), || relay.restore())));
+    if let Err(e) = r {
+        eprintln!("SERVER LOG:\n{}", server.log());
+        std::panic::resume_unwind(e);
+    }
     assert_eq!(case.admin(&format!("SELECT count(*) FROM {t}")), "1");
     case.cleanup(&[&t]);
 }

@@ -44,8 +44,9 @@ const BATCH: usize = 64;
 /// The alive key's lifetime and refresh period.
 const ALIVE_TTL: Duration = Duration::from_secs(10);
 const ALIVE_EVERY: Duration = Duration::from_secs(2);
-/// How often orphaned in-flight lists of dead hosts are looked for.
-const RECOVER_EVERY: Duration = Duration::from_secs(5);
+/// How often orphaned in-flight lists of dead hosts are looked for (and
+/// tasks that expired in celer's queue are reported).
+const RECOVER_EVERY: Duration = Duration::from_secs(2);
 
 /// Writes Celery results: SETEX + PUBLISH in one MULTI, like Celery's Redis backend.
 #[derive(Clone)]
@@ -164,6 +165,13 @@ impl Ctx {
         format!("{}celery:inflight-lists", self.prefix)
     }
 
+    /// Jobs from messages with an `expires`: member `<celery id> <job id>`,
+    /// score the expiry (ms). Checked by the recovery loop, so a task that
+    /// expires while it waits in celer's queue still gets its REVOKED result.
+    fn expiring(&self) -> String {
+        format!("{}celery:expiring", self.prefix)
+    }
+
     fn dead(&self) -> String {
         format!("{}celery:dead", self.prefix)
     }
@@ -212,7 +220,48 @@ async fn recover_loop(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
     }
 }
 
+/// Writes REVOKED for watched jobs that expired in celer's queue; forgets
+/// the ones that ended otherwise.
+async fn revoke_expired(ctx: &Ctx) -> Result<(), String> {
+    let mut c = ctx.conn.clone();
+    let now = Utc::now().timestamp_millis();
+    let due: Vec<String> = ::redis::cmd("ZRANGE")
+        .arg(ctx.expiring())
+        .arg("-inf")
+        .arg(now)
+        .arg("BYSCORE")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(500)
+        .query_async(&mut c)
+        .await
+        .map_err(|e| e.to_string())?;
+    for member in due {
+        let Some((celery_id, job_id)) = member.split_once(' ') else { continue };
+        let state = match ctx.broker.status(job_id).await {
+            Ok(Some(s)) => Some(s.state),
+            Ok(None) => None,
+            Err(e) => return Err(e.to_string()),
+        };
+        match state {
+            Some(crate::job::JobState::Expired) => {
+                let e = Exception::new("TaskRevokedError", "celery.exceptions", "expired");
+                let doc = result::meta(celery_id, Status::Revoked, &result::Outcome::Failure(e, None), Utc::now());
+                ctx.results.write(celery_id, &doc).await.map_err(|e| e.to_string())?;
+            }
+            // Still waiting or running: the broker expires it at its next look; check again.
+            Some(s) if !s.is_terminal() => continue,
+            _ => {}
+        }
+        let _: i64 = ::redis::cmd("ZREM").arg(ctx.expiring()).arg(&member).query_async(&mut c).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 async fn recover(ctx: &Ctx, own_too: bool) -> Result<(), String> {
+    if let Err(e) = revoke_expired(ctx).await {
+        tracing::warn!(error = %e, "Celery consumer: cannot check expired tasks");
+    }
     let mut c = ctx.conn.clone();
     let keys: Vec<String> =
         ::redis::cmd("SMEMBERS").arg(ctx.inflight_lists()).query_async(&mut c).await.map_err(|e| e.to_string())?;
@@ -377,7 +426,19 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
     }
     let job = to_job(&msg, queue);
     match ctx.broker.enqueue(job).await {
-        Ok(_) => Ok(()),
+        Ok(enqueued) => {
+            if let Some(expires) = msg.expires {
+                let mut c = ctx.conn.clone();
+                ::redis::cmd("ZADD")
+                    .arg(ctx.expiring())
+                    .arg(expires.timestamp_millis())
+                    .arg(format!("{} {}", msg.id, enqueued.id))
+                    .query_async::<i64>(&mut c)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
         Err(BrokerError::Invalid(reason)) => dead_letter(ctx, queue, raw, &reason, Some(&msg.id), Some(&msg.task)).await,
         Err(e) => Err(e.to_string()),
     }

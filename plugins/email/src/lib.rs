@@ -211,11 +211,9 @@ fn deliver(ctx: &Context, config: &Config, mut plan: Plan) -> Result<Sent, TaskE
         Err(e) => ctx.warn(format!("email.send: cannot check the sent-marker ({e:?}); sending anyway")),
     }
     plan.message.headers.push(("X-Celer-Job".into(), ctx.job_id().to_owned()));
-    let message_id = mail::send(&plan.message).map_err(|e| match e {
-        // A relay that is down: try again later, with the host's backoff.
-        HostError::Unavailable(m) => TaskError::retry(format!("mail relay unavailable: {m}")),
-        other => TaskError::from(other),
-    })?;
+    // A relay that is down (`unavailable`) is a retry with the host's
+    // backoff; anything else fails for good (the SDK's mapping).
+    let message_id = mail::send(&plan.message)?;
     let ttl_ms = config.dedupe_hours.saturating_mul(3_600_000);
     if let Err(e) = cache::set(&sent_key, message_id.as_bytes(), Some(ttl_ms)) {
         ctx.warn(format!("email.send: sent, but cannot record the sent-marker ({e:?})"));

@@ -162,7 +162,7 @@ fn organization(ctx: &Context, args: Organization) -> Result<Exported, TaskError
             Ok(id) => email_job = Some(id),
             // The export exists and is recorded: a broker that is away is
             // worth a retry (the same object and row are rewritten)...
-            Err(HostError::Unavailable(m)) => return Err(TaskError::retry(format!("cannot enqueue the email: {m}"))),
+            Err(HostError::Unavailable(m)) => return Err(TaskError::retry(format!("unavailable: cannot enqueue the email: {m}"))),
             // ...a refusal is the operator's to fix, and the link is in the result.
             Err(e) => {
                 ctx.error(format!("export.organization: the export is ready but the email was not enqueued: {e:?}"));

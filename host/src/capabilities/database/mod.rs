@@ -151,6 +151,7 @@ struct Limits {
     max_bytes: u64,
 }
 
+#[allow(clippy::large_enum_variant)] // one per process
 enum Db {
     Pg(postgres::Pg),
     Sqlite(sqlite::Lite),
