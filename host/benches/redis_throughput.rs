@@ -125,8 +125,17 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+/// `BENCH_THREADS` (default 2, the cores here; 1 = tokio's current-thread runtime).
+fn main() -> anyhow::Result<()> {
+    let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let runtime = match threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
+    };
+    runtime.block_on(run(threads))
+}
+
+async fn run(threads: usize) -> anyhow::Result<()> {
     let a = parse()?;
     let loadavg: f64 = std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -246,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
         "{}",
         json!({
             "system": "celer", "version": env!("CARGO_PKG_VERSION"), "task": task, "broker": "redis",
-            "concurrency": a.concurrency, "n": a.n, "m": a.m, "rate": a.rate,
+            "concurrency": a.concurrency, "runtime_threads": threads, "n": a.n, "m": a.m, "rate": a.rate,
             "completion": "complete script: one Redis call per job writes the outcome (state, result, ack)",
             "enqueue_per_s": r1(a.n as f64 / enqueue_s),
             "backlog_per_s": r1(a.n as f64 / backlog_s),

@@ -213,3 +213,13 @@ fn progress_and_guest_output_are_captured() {
     assert!(log.contains("INFO"), "log calls are captured: {log}");
     assert!(log.lines().count() >= 4, "stdout and log lines: {log}");
 }
+
+#[test]
+fn inspect_shows_queue_depths() {
+    let env = env_with_hello();
+    env.enqueue("hello.noop", &["--delay", "1h"]);
+    env.enqueue("hello.noop", &["--queue", "other"]);
+    let q = stdout_json(&env.celer(&["inspect", "--json"]));
+    let by = |name: &str| q.as_array().expect("list").iter().find(|x| x["queue"] == name).cloned().expect(name);
+    assert_eq!((by("default")["delayed"].clone(), by("other")["queued"].clone()), (json!(1), json!(1)), "{q:#}");
+}

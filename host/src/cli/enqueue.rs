@@ -94,7 +94,7 @@ pub async fn enqueue(config: &Config, a: EnqueueArgs) -> Result<ExitCode, CliErr
     let broker = open_broker(config).await?;
     let enqueued = broker.enqueue(job).await?;
     if !a.wait {
-        println!("{}", enqueued.id);
+        super::say(&format!("{}", enqueued.id));
         return Ok(ExitCode::SUCCESS);
     }
     let deadline = Instant::now() + a.timeout;

@@ -94,6 +94,12 @@ enum Command {
         #[command(subcommand)]
         command: plugins::PluginCommand,
     },
+    /// Queue depths: queued, delayed, running and dead jobs per queue.
+    Inspect {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Periodic tasks.
     Schedules {
         #[command(subcommand)]
@@ -116,6 +122,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Cancel { id } => enqueue::cancel(&config, &id).await,
         Command::Plugins { json } => plugins::list(&config, json).await,
         Command::Plugin { command } => plugins::run(&config, command).await,
+        Command::Inspect { json } => inspect(&config, json).await,
         Command::Schedules { command } => schedules::run(&config, command).await,
         Command::Dead { command } => dead::run(&config, command).await,
     }
@@ -143,9 +150,31 @@ async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>, CliError> {
     Ok(Arc::new(broker))
 }
 
+/// `celer inspect`: what an operator checks first at 3 a.m.
+async fn inspect(config: &Config, as_json: bool) -> Result<ExitCode, CliError> {
+    let stats = open_broker(config).await?.queue_stats().await?;
+    if as_json {
+        print_json(&stats)?;
+    } else {
+        say(&format!("{:<24} {:>10} {:>10} {:>10} {:>10}", "queue", "queued", "delayed", "running", "dead"));
+        for q in &stats {
+            say(&format!("{:<24} {:>10} {:>10} {:>10} {:>10}", q.queue, q.queued, q.delayed, q.running, q.dead));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Prints a value as pretty JSON on stdout.
 fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Failed(e.to_string()))?;
-    println!("{text}");
+    say(&text);
     Ok(())
+}
+
+/// Writes one line to stdout. A reader that went away (`celer … | head`)
+/// is not an error worth a panic: the rest of the output is dropped.
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
 }

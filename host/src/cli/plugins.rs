@@ -78,13 +78,13 @@ pub async fn list(config: &Config, as_json: bool) -> Result<ExitCode, CliError> 
         for r in &rows {
             let name = r["name"].as_str().unwrap_or("?");
             match r["status"].as_str() {
-                Some("ok") => println!(
+                Some("ok") => super::say(&format!(
                     "{name:<16} {:<10} {}  tasks: {}",
                     r["version"].as_str().unwrap_or(""),
                     &r["digest"].as_str().unwrap_or("")[..12.min(r["digest"].as_str().unwrap_or("").len())],
                     r["tasks"].as_array().map(|t| t.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")).unwrap_or_default()
-                ),
-                _ => println!("{name:<16} REFUSED    {}", r["reason"].as_str().unwrap_or("")),
+                )),
+                _ => super::say(&format!("{name:<16} REFUSED    {}", r["reason"].as_str().unwrap_or(""))),
             }
         }
     }

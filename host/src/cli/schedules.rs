@@ -134,7 +134,7 @@ pub async fn run(config: &Config, command: ScheduleCommand) -> Result<ExitCode, 
                 print_json(&all.iter().map(|s| view(s, now)).collect::<Vec<_>>())?;
             } else {
                 for s in &all {
-                    println!(
+                    super::say(&format!(
                         "{:<28} {:<8} {:<32} {:<36} next {:<26} runs {}",
                         s.name,
                         if s.enabled { "enabled" } else { "disabled" },
@@ -142,7 +142,7 @@ pub async fn run(config: &Config, command: ScheduleCommand) -> Result<ExitCode, 
                         timing_text(&s.timing),
                         s.next_after(now).map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into()),
                         s.total_run_count
-                    );
+                    ));
                 }
             }
         }
@@ -211,7 +211,7 @@ pub async fn run(config: &Config, command: ScheduleCommand) -> Result<ExitCode, 
             let mut job = NewJob::new(s.task, s.args, s.kwargs);
             job.queue = s.queue;
             let broker = open_broker(config).await?;
-            println!("{}", broker.enqueue(job).await?.id);
+            super::say(&format!("{}", broker.enqueue(job).await?.id));
         }
     }
     Ok(ExitCode::SUCCESS)
