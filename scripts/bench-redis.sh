@@ -40,9 +40,13 @@ cp tests/plugins/bench/celer-plugin.toml "$work/plugins/bench.toml"
 cargo bench -p celer --bench redis_throughput --no-run >&2 2>/dev/null || cargo bench -p celer --bench redis_throughput --no-run >&2
 
 results="$work/results.jsonl"
+# celer's runtime: 2 threads as `celer serve` runs it; 1 (tokio's current-thread
+# runtime) as an experiment: it saves the cross-thread wake-ups (see docs/redis.md).
 for task in $tasks; do
-  echo "== celer on Redis: $task (release build, in-process producer + host, concurrency 32) ==" >&2
-  env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE cargo bench -q -p celer --bench redis_throughput -- "$work/plugins" "$url" --task "$task" --n "$n" --m "$m" | tail -1 | tee -a "$results"
+  for threads in ${BENCH_CELER_THREADS:-2 1}; do
+    echo "== celer on Redis: $task (release build, in-process producer + host, concurrency 32, $threads runtime thread(s)) ==" >&2
+    BENCH_THREADS=$threads env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE cargo bench -q -p celer --bench redis_throughput -- "$work/plugins" "$url" --task "$task" --n "$n" --m "$m" | tail -1 | tee -a "$results"
+  done
 done
 
 if [ "${BENCH_CELERY:-1}" = 1 ] && [ -f "$celery_bench/run.py" ]; then
@@ -66,18 +70,18 @@ def pick(system, task, **kw):
         if r["system"] == system and r["task"] == f"bench.{task}" and all(r.get(k) == v for k, v in kw.items()):
             return r
 print("\n== celer on Redis vs Celery 5.7 on the same Redis (ratios: celer / Celery) ==", file=sys.stderr)
-for task in ["noop", "json_transform"]:
-    c = pick("celer", task)
+for task, threads in [(t, n) for t in ["noop", "json_transform"] for n in [2, 1]]:
+    c = pick("celer", task, runtime_threads=threads)
     if not c:
         continue
-    print(f"{task}: celer backlog {c['backlog_per_s']:.0f}/s, live {c['live_per_s']:.0f}/s "
+    print(f"{task} ({threads} runtime thread{'s' if threads > 1 else ''}): celer backlog {c['backlog_per_s']:.0f}/s, live {c['live_per_s']:.0f}/s "
           f"(32 producers {c['live_32_producers_per_s']:.0f}/s), start p50 {c['start_p50_ms']} ms p99 {c['start_p99_ms']} ms", file=sys.stderr)
     for label, peer in [("prefork x2 (as installed)", pick("celery", task, pool="prefork")),
                         ("2 solo workers (tuned)", pick("celery", task, pool="solo", workers=2))]:
         if not peer:
             continue
         ratio = {
-            "bench": f"redis_vs_celery_{task}", "against": label,
+            "bench": f"redis_vs_celery_{task}", "against": label, "celer_runtime_threads": threads,
             "backlog_ratio": round(c["backlog_per_s"] / peer["backlog_per_s"], 2),
             "live_ratio": round(c["live_per_s"] / peer["live_per_s"], 2),
             "start_p50_ratio": round(peer["start_p50_ms"] / max(c["start_p50_ms"], 1e-6), 2),

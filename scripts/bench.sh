@@ -16,4 +16,4 @@ echo "== cache get from a guest vs from Rust: in-process, and Redis when reachab
 cargo bench -p celer --bench cache_call -- "$work/plugins" "${BENCH_CACHE_GETS:-20000}"
 scripts/bench-redis.sh
 echo "== one-row database query from a guest vs sqlx from Rust: SQLite, and PostgreSQL when reachable (release build) ==" >&2
-cargo bench -p celer --bench db_call -- target/wasm32-wasip2/release/db_probe.wasm "${BENCH_DB_QUERIES:-2000}"
+cargo bench -p celer --bench db_call -- "$root/target/wasm32-wasip2/release/db_probe.wasm" "${BENCH_DB_QUERIES:-2000}"

@@ -2,17 +2,19 @@
 //! file as the embedded broker, through a pool of its own), and layer 2 of
 //! the grants: an **authorizer callback** (`sqlite3_set_authorizer`).
 //!
-//! Every connection of this pool gets a deny-all authorizer the moment it
-//! is opened (only `SELECT` without tables, and the host's own
-//! `BEGIN`/`COMMIT`/`ROLLBACK` pass), so a connection is never usable
-//! without a policy. A call installs its plugin's policy for its duration
-//! (the connection's handle is locked while the callback is swapped:
-//! `SqliteConnection::lock_handle`) and puts the deny-all one back after.
-//! Installing an authorizer expires every prepared statement of the
-//! connection, so a statement cached under one plugin's policy is
-//! re-prepared — and re-authorized — under the next one. A call that is
-//! dropped half-way (job timeout) closes its connection instead of giving
-//! it back.
+//! Every connection of the plugins' pool (kept by this module, apart from
+//! the broker's) has the authorizer installed from the moment it is opened,
+//! with a *slot* as its argument: the slot holds the policy of the call the
+//! connection is running, and is empty while the connection is idle — then
+//! only `SELECT` without tables and the host's own `BEGIN`/`COMMIT`/
+//! `ROLLBACK` pass, so a connection is never usable without a policy.
+//! SQLite authorizes a statement when it prepares it, and sqlx caches
+//! prepared statements per connection: when a connection serves a policy
+//! other than the one its cached statements were prepared under, the
+//! authorizer is installed again, which expires every prepared statement,
+//! so each is prepared — and authorized — again under the new policy. A
+//! call dropped half-way (job timeout) closes its connection instead of
+//! giving it back.
 //!
 //! The policy allows, per table: `SQLITE_READ` of granted tables (read or
 //! write), `INSERT`/`UPDATE`/`DELETE` of `database.write` tables; reads
@@ -40,9 +42,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libsqlite3_sys as ffi;
-use sqlx::pool::PoolConnection;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, Executor, Row, Sqlite};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Connection, Executor, Row};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::DbError;
 use super::sqlcheck::{self, Dialect, Policy};
@@ -118,47 +120,95 @@ fn opt_str<'a>(p: *const c_char) -> Option<&'a str> {
     }
 }
 
-/// The authorizer of a call: `user` is an `Arc<AuthPolicy>` leaked by [`Session::enter`].
+/// A connection's authorizer argument: the policy of the call it is
+/// running, none while it is idle (then only `SELECT` without tables and
+/// the host's `BEGIN`/`COMMIT`/`ROLLBACK` pass).
+#[derive(Default)]
+struct Slot {
+    policy: Mutex<Option<Arc<AuthPolicy>>>,
+}
+
+impl Slot {
+    fn set(&self, policy: Option<Arc<AuthPolicy>>) {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+}
+
+/// The authorizer of every connection of the pool; `user` is its [`Slot`].
 extern "C" fn authorize(user: *mut c_void, action: c_int, a1: *const c_char, a2: *const c_char, db: *const c_char, inner: *const c_char) -> c_int {
     if user.is_null() {
         return ffi::SQLITE_DENY;
     }
-    // SAFETY: `user` is the pointer of an Arc<AuthPolicy> kept alive (one
-    // strong count held by the connection) until the authorizer is replaced.
-    let policy = unsafe { &*(user as *const AuthPolicy) };
-    policy.decide(action, opt_str(a1), opt_str(a2), opt_str(db), opt_str(inner))
-}
-
-/// The authorizer of an idle connection: no tables, no changes.
-extern "C" fn deny_all(_user: *mut c_void, action: c_int, _a1: *const c_char, _a2: *const c_char, _db: *const c_char, _inner: *const c_char) -> c_int {
-    match action {
-        ffi::SQLITE_SELECT | ffi::SQLITE_TRANSACTION => ffi::SQLITE_OK,
-        _ => ffi::SQLITE_DENY,
+    // SAFETY: `user` is the address of the connection's Slot, which lives as
+    // long as the connection (it is leaked when a connection is abandoned).
+    let slot = unsafe { &*(user as *const Slot) };
+    let policy = slot.policy.lock().unwrap_or_else(|p| p.into_inner());
+    match &*policy {
+        Some(p) => p.decide(action, opt_str(a1), opt_str(a2), opt_str(db), opt_str(inner)),
+        None => match action {
+            ffi::SQLITE_SELECT | ffi::SQLITE_TRANSACTION => ffi::SQLITE_OK,
+            _ => ffi::SQLITE_DENY,
+        },
     }
 }
 
-/// Which authorizer to install.
-enum Auth {
-    DenyAll,
-    /// The address of an `Arc<AuthPolicy>` (an integer, so that futures stay `Send`).
-    Policy(usize),
-}
-
-async fn set_authorizer(conn: &mut SqliteConnection, auth: Auth) -> Result<(), sqlx::Error> {
+/// Installs the authorizer with `slot` (its address, an integer so that
+/// futures stay `Send`). Installing expires the connection's prepared
+/// statements: they are prepared — and authorized — again at their next use.
+async fn set_authorizer(conn: &mut SqliteConnection, slot: usize) -> Result<(), sqlx::Error> {
     let mut handle = conn.lock_handle().await?;
     let db = handle.as_raw_handle().as_ptr();
     // SAFETY: the handle is locked (the connection's worker thread is not
-    // using it); the callback and its argument outlive their installation.
-    let rc = unsafe {
-        match auth {
-            Auth::DenyAll => ffi::sqlite3_set_authorizer(db, Some(deny_all), std::ptr::null_mut()),
-            Auth::Policy(p) => ffi::sqlite3_set_authorizer(db, Some(authorize), p as *mut c_void),
-        }
-    };
+    // using it); the slot outlives the connection.
+    let rc = unsafe { ffi::sqlite3_set_authorizer(db, Some(authorize), slot as *mut c_void) };
     if rc == ffi::SQLITE_OK {
         Ok(())
     } else {
         Err(sqlx::Error::Protocol(format!("sqlite3_set_authorizer failed with code {rc}")))
+    }
+}
+
+/// One connection of the plugins' pool.
+struct Conn {
+    conn: SqliteConnection,
+    slot: Arc<Slot>,
+    /// The policy the connection's cached statements were prepared under;
+    /// held, so that its address cannot be reused by another policy.
+    prepared_under: Option<Arc<AuthPolicy>>,
+}
+
+impl Conn {
+    /// Abandons a connection that may be mid-statement: it closes in the
+    /// background, so its slot must outlive it.
+    fn abandon(self) {
+        std::mem::forget(self.slot.clone());
+        drop(self.conn);
+    }
+}
+
+/// The pool of connections plugins use (the broker has its own). Kept by
+/// hand rather than with sqlx's pool, so that each connection carries its
+/// authorizer slot and switching to another call of the same plugin costs
+/// no round trip to the connection's thread.
+struct Pool {
+    options: SqliteConnectOptions,
+    idle: Mutex<Vec<Conn>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Pool {
+    async fn checkout(self: &Arc<Self>) -> Result<(Conn, OwnedSemaphorePermit), DbError> {
+        let permit = tokio::time::timeout(ACQUIRE_TIMEOUT, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| DbError::Unavailable("database: no SQLite connection free within the timeout".into()))?
+            .map_err(|_| DbError::Unavailable("database: the pool is closed".into()))?;
+        if let Some(c) = self.idle.lock().expect("idle").pop() {
+            return Ok((c, permit));
+        }
+        let mut conn = SqliteConnection::connect_with(&self.options).await.map_err(super::map_sqlx)?;
+        let slot = Arc::new(Slot::default());
+        set_authorizer(&mut conn, Arc::as_ptr(&slot) as usize).await.map_err(super::map_sqlx)?;
+        Ok((Conn { conn, slot, prepared_under: None }, permit))
     }
 }
 
@@ -173,7 +223,7 @@ struct Cached {
 
 /// The SQLite backend.
 pub struct Lite {
-    pool: SqlitePool,
+    pool: Arc<Pool>,
     options: SqliteConnectOptions,
     policies: Mutex<HashMap<String, Cached>>,
 }
@@ -188,18 +238,19 @@ impl Lite {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_connect(|conn, _meta| Box::pin(async move { set_authorizer(conn, Auth::DenyAll).await }))
-            .connect_lazy_with(options.clone());
-        Ok(Lite { pool, options, policies: Mutex::new(HashMap::new()) })
+        let pool = Pool {
+            options: options.clone(),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(max_connections.max(1) as usize)),
+        };
+        Ok(Lite { pool: Arc::new(pool), options, policies: Mutex::new(HashMap::new()) })
     }
 
     pub async fn ping(&self) -> Result<(), DbError> {
-        let mut conn = self.pool.acquire().await.map_err(super::map_sqlx)?;
-        conn.execute("SELECT 1").await.map_err(super::map_sqlx)?;
-        Ok(())
+        let (conn, permit) = self.pool.checkout().await?;
+        let mut session = Session { conn: Some(conn), pool: self.pool.clone(), _permit: permit, in_txn: false, clean: false };
+        session.conn().execute("SELECT 1").await.map_err(super::map_sqlx)?;
+        session.finish(true).await
     }
 
     /// Builds the plugin's policy at load. Tables that do not exist yet
@@ -299,9 +350,7 @@ impl Lite {
     /// A connection under `plugin`'s policy; in a transaction when `txn`.
     pub async fn open(&self, plugin: &str, grants: &DatabaseGrants, txn: bool) -> Result<Session, DbError> {
         let auth = self.policy(plugin, grants).await?;
-        let conn = self.pool.acquire().await.map_err(super::map_sqlx)?;
-        let mut session = Session { conn: Some(conn), installed: 0, in_txn: false };
-        session.enter(auth).await?;
+        let mut session = self.session(auth).await?;
         if txn {
             session.conn().execute("BEGIN").await.map_err(super::map_sqlx)?;
             session.in_txn = true;
@@ -309,47 +358,45 @@ impl Lite {
         Ok(session)
     }
 
-    /// A connection under an explicit policy, bypassing the parser layer
-    /// (for tests of layer 2 on its own).
+    /// A connection under `auth`. Public to the tests of layer 2 on its
+    /// own, which bypass the parser layer.
+    pub(super) async fn session(&self, auth: Arc<AuthPolicy>) -> Result<Session, DbError> {
+        let (mut conn, permit) = self.pool.checkout().await?;
+        conn.slot.set(Some(auth.clone()));
+        if !conn.prepared_under.as_ref().is_some_and(|p| Arc::ptr_eq(p, &auth)) {
+            // Another policy prepared the cached statements: expire them.
+            if let Err(e) = set_authorizer(&mut conn.conn, Arc::as_ptr(&conn.slot) as usize).await {
+                conn.abandon();
+                return Err(super::map_sqlx(e));
+            }
+            conn.prepared_under = Some(auth);
+        }
+        Ok(Session { conn: Some(conn), pool: self.pool.clone(), _permit: permit, in_txn: false, clean: false })
+    }
+
     #[cfg(test)]
-    pub async fn open_with(&self, auth: AuthPolicy) -> Result<Session, DbError> {
-        let conn = self.pool.acquire().await.map_err(super::map_sqlx)?;
-        let mut session = Session { conn: Some(conn), installed: 0, in_txn: false };
-        session.enter(Arc::new(auth)).await?;
-        Ok(session)
+    async fn open_with(&self, auth: AuthPolicy) -> Result<Session, DbError> {
+        self.session(Arc::new(auth)).await
     }
 }
 
-/// One pooled connection with a plugin's authorizer installed.
+/// One connection of the pool with a plugin's policy in its slot.
 pub struct Session {
-    conn: Option<PoolConnection<Sqlite>>,
-    /// The `Arc<AuthPolicy>` pointer the connection holds (0: deny-all).
-    installed: usize,
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
     in_txn: bool,
+    /// Ended by `finish`: the connection may serve another call.
+    clean: bool,
 }
 
 impl Session {
-    async fn enter(&mut self, auth: Arc<AuthPolicy>) -> Result<(), DbError> {
-        let ptr = Arc::into_raw(auth) as usize;
-        match set_authorizer(self.conn(), Auth::Policy(ptr)).await {
-            Ok(()) => {
-                self.installed = ptr;
-                Ok(())
-            }
-            Err(e) => {
-                // SAFETY: not installed; take back the count `into_raw` leaked.
-                drop(unsafe { Arc::from_raw(ptr as *const AuthPolicy) });
-                Err(super::map_sqlx(e))
-            }
-        }
-    }
-
     pub fn conn(&mut self) -> &mut SqliteConnection {
-        self.conn.as_mut().expect("session connection")
+        &mut self.conn.as_mut().expect("session connection").conn
     }
 
-    /// Ends the transaction (if any), restores the deny-all authorizer and
-    /// gives the connection back to the pool.
+    /// Ends the transaction (if any), empties the slot and gives the
+    /// connection back to the pool.
     pub async fn finish(mut self, commit: bool) -> Result<(), DbError> {
         let mut result = Ok(());
         if self.in_txn {
@@ -358,25 +405,21 @@ impl Session {
                 self.in_txn = false;
             }
         }
-        if self.installed != 0 && set_authorizer(self.conn(), Auth::DenyAll).await.is_ok() {
-            // SAFETY: the connection no longer holds the pointer.
-            drop(unsafe { Arc::from_raw(self.installed as *const AuthPolicy) });
-            self.installed = 0;
-        }
+        self.clean = !self.in_txn;
         result
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // Dropped mid-call or in a transaction: close the connection (which
-        // rolls the transaction back) rather than pool it with a plugin's
-        // authorizer. The policy's count stays leaked: the closing
-        // connection may still point at it.
-        if (self.installed != 0 || self.in_txn)
-            && let Some(conn) = self.conn.as_mut()
-        {
-            conn.close_on_drop();
+        let Some(conn) = self.conn.take() else { return };
+        conn.slot.set(None);
+        if self.clean {
+            self.pool.idle.lock().expect("idle").push(conn);
+        } else {
+            // Dropped mid-call or in a transaction: close the connection
+            // (which rolls the transaction back) instead of pooling it.
+            conn.abandon();
         }
     }
 }
@@ -476,12 +519,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_statement_cached_under_one_policy_is_authorized_again_under_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let mut lite = lite(&dir).await;
+        lite.pool = Lite::connect(&url, 1).unwrap().pool; // one connection
+        let (allowed, _) = lite.build(&grants(&["secrets"], &[])).await.unwrap();
+        let (refused, _) = lite.build(&grants(&["users"], &[])).await.unwrap();
+        let (allowed, refused) = (Arc::new(allowed), Arc::new(refused));
+        for _ in 0..2 {
+            let mut s = lite.session(allowed.clone()).await.unwrap();
+            assert_eq!(run(&mut s, "SELECT * FROM secrets").await.unwrap(), 1);
+            s.finish(true).await.unwrap();
+            let mut s = lite.session(refused.clone()).await.unwrap();
+            let r = run(&mut s, "SELECT * FROM secrets").await;
+            assert!(matches!(r, Err(DbError::Denied(_))), "{r:?}");
+            s.finish(true).await.unwrap();
+        }
+        assert_eq!(lite.pool.idle.lock().unwrap().len(), 1, "one connection served every call");
+    }
+
+    #[tokio::test]
     async fn an_idle_connection_reads_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let lite = lite(&dir).await;
-        let mut conn = lite.pool.acquire().await.unwrap();
-        conn.execute("SELECT 1").await.expect("a table-less select passes");
-        let r = conn.execute("SELECT * FROM users").await;
+        let (mut conn, _permit) = lite.pool.checkout().await.unwrap();
+        conn.conn.execute("SELECT 1").await.expect("a table-less select passes");
+        let r = conn.conn.execute("SELECT * FROM users").await;
         assert!(matches!(r.map_err(super::super::map_sqlx), Err(DbError::Denied(_))));
     }
 }
