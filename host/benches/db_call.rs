@@ -152,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
         admin.execute("CREATE TABLE bench_one (id INTEGER PRIMARY KEY, name TEXT); INSERT INTO bench_one VALUES (1, 'one')").await?;
         let guest_us = guest(&config, work.path(), &wasm, "bench_one", n).await?;
         let direct_us = direct_sqlite(&url, "bench_one", n).await?;
-        report("sqlite", n, guest_us, direct_us, "SQLite in-process: the direct query is a few µs, so the fixed cost of a host call dominates the ratio");
+        report("sqlite", n, guest_us, direct_us, "SQLite in-process: the direct query is one hop to sqlx's connection thread; the guest adds the host call, the SQL parse (once per job per statement), the cursor task and its hop");
     }
 
     // PostgreSQL, when the test service (or CELER_TEST_DATABASE_URL) answers.
@@ -181,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
                 n,
                 guest_us,
                 direct_us,
-                "loopback PostgreSQL; the guest's query runs in its own transaction (BEGIN READ ONLY; SET LOCAL ROLE; …; COMMIT): two round trips more than the direct one",
+                "loopback PostgreSQL; the guest's query runs in a transaction of its own under the plugin's role: one round trip more than the direct one (BEGIN READ ONLY + SET LOCAL ROLE, sent together); the COMMIT is off the guest's path",
             );
         }
     }

@@ -159,11 +159,12 @@ pub async fn renew_holds_the_lease_until_it_is_lost(b: &dyn Broker) {
 
 pub async fn a_renewed_lease_is_never_taken_over(b: &dyn Broker) {
     let id = enqueue(b, job("t")).await;
-    let d = fetch_with(b, 1, &[], Duration::from_millis(300)).await.remove(0);
-    for _ in 0..6 {
+    // Renewed every 100 ms, a 1 s lease outlives its first deadline by far.
+    let d = fetch_with(b, 1, &[], Duration::from_millis(1_000)).await.remove(0);
+    for _ in 0..15 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(
-            b.renew(&d.lease, Duration::from_millis(300)).await.unwrap(),
+            b.renew(&d.lease, Duration::from_millis(1_000)).await.unwrap(),
             LeaseStatus::Held { cancel_requested: false }
         );
         assert!(fetch(b, 10).await.is_empty(), "not handed out while renewed");

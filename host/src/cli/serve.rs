@@ -60,9 +60,21 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let schedules = ScheduleStore::open(&config.database_url()).await.map_err(|e| CliError::Failed(e.to_string()))?;
+    // A database that is down must not stop the host from running jobs:
+    // without the schedule store, this host runs no scheduler role (another
+    // host, or a restart, picks it up) and says so once.
+    let schedules = match ScheduleStore::open(&config.database_url()).await {
+        Ok(store) => Some(store),
+        Err(e) => {
+            tracing::error!(error = %e, "schedule store unavailable: this host runs without the scheduler role and /api/schedules");
+            None
+        }
+    };
     if let Some(listener) = listener {
-        let api = api.with_broker(broker.clone()).with_registry(registry.clone()).with_schedules(schedules.clone());
+        let mut api = api.with_broker(broker.clone()).with_registry(registry.clone());
+        if let Some(store) = &schedules {
+            api = api.with_schedules(store.clone());
+        }
         tokio::spawn(celer::api::serve(listener, celer::api::router(api), stop_rx.clone()));
     }
     tokio::spawn(async move {
@@ -75,9 +87,9 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
     });
 
     let mut roles = tokio::task::JoinSet::new();
-    if has("scheduler") {
+    if let (true, Some(store)) = (has("scheduler"), schedules) {
         let scheduler = Scheduler {
-            store: schedules,
+            store,
             broker: broker.clone(),
             registry: Some(registry.clone()),
             host: config.host_id(),

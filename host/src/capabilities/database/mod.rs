@@ -16,9 +16,12 @@
 //! no database grant at all is refused every call (it gets no role and no
 //! connection).
 //!
-//! Streaming: `query` returns a cursor whose rows come from a server-side
-//! stream (a task owns the connection and the sqlx row stream; `next`
-//! asks it for a batch), so a plugin never holds a whole result. Each
+//! Streaming: `query` checks the statement, takes a connection and returns
+//! a cursor; the statement runs at the first `next` (the database's own
+//! errors come from there), in a task that owns the connection and the
+//! sqlx row stream, and each `next` asks it for a batch, so a plugin never
+//! holds a whole result. Column names come with the first rows (or from
+//! the prepared statement when there are none). Each
 //! query may return `[database] max_rows_per_query` rows and
 //! `max_bytes_per_query` bytes (`budget-exceeded` beyond); one `next`
 //! returns at most [`BATCH_MAX_ROWS`] rows and stops adding rows after
@@ -62,6 +65,9 @@ pub const BATCH_MAX_ROWS: u32 = 10_000;
 pub const BATCH_MAX_BYTES: u64 = 1 << 20;
 /// Cursors a job may hold open at once (each holds a connection).
 pub const MAX_OPEN_CURSORS: usize = 4;
+/// Statements a job remembers the parser's verdict on (a job often runs
+/// the same statement in a loop; its grants do not change while it runs).
+const CHECKED_CACHE: usize = 32;
 
 /// A table name must be a plain SQL identifier (optionally schema-qualified),
 /// so that it can be matched against the tables a statement names; the
@@ -192,6 +198,11 @@ impl Backend {
     pub async fn prepare(&self, plugin: &str, grants: &Grants) -> Result<(), GrantError> {
         let g = &grants.database;
         if g.read.is_empty() && g.write.is_empty() {
+            // No role needed (every call is refused before the database);
+            // the role of a version loaded before loses its privileges.
+            if let Db::Pg(pg) = &self.db {
+                pg.revoke_if_known(plugin).await;
+            }
             return Ok(());
         }
         match &self.db {
@@ -243,6 +254,13 @@ enum Open {
     Transaction,
 }
 
+/// What `columns` needs of the parameters: their PostgreSQL types and the
+/// statement's cache key.
+enum Shape {
+    Pg(Vec<sqlx::postgres::PgTypeInfo>, String),
+    Sqlite,
+}
+
 /// Bound parameters, per backend.
 enum Args {
     Pg(sqlx::postgres::PgArguments, Vec<sqlx::postgres::PgTypeInfo>, String),
@@ -265,6 +283,13 @@ fn pg_type(v: &Value) -> sqlx::postgres::PgTypeInfo {
 }
 
 impl Args {
+    fn shape(&self) -> Shape {
+        match self {
+            Args::Pg(_, types, key) => Shape::Pg(types.clone(), key.clone()),
+            Args::Sqlite(_) => Shape::Sqlite,
+        }
+    }
+
     fn new(dialect: Dialect, params: &[Value]) -> Result<Args, DbError> {
         match dialect {
             Dialect::Postgres => {
@@ -286,15 +311,22 @@ enum Session {
     Sqlite(sqlite::Session),
 }
 
-/// A decoded row and its size.
-type SizedRow = (Row, u64);
+/// A decoded row, its size, and (with the first row) the column names.
+type SizedRow = (Row, u64, Option<Vec<String>>);
 
 impl Session {
     /// The text sent for `sql` (PostgreSQL: keyed by the parameter kinds).
     fn text(sql: &str, args: &Args) -> String {
         match args {
-            Args::Pg(_, _, key) if !key.is_empty() => format!("{sql}\n-- celer:{key}"),
-            _ => sql.to_string(),
+            Args::Pg(_, _, key) => Self::keyed(sql, key),
+            Args::Sqlite(_) => sql.to_string(),
+        }
+    }
+
+    fn keyed(sql: &str, key: &str) -> String {
+        match key.is_empty() {
+            true => sql.to_string(),
+            false => format!("{sql}\n-- celer:{key}"),
         }
     }
 
@@ -305,17 +337,18 @@ impl Session {
         }
     }
 
-    async fn columns(&mut self, sql: &str, args: &Args) -> Result<Vec<String>, DbError> {
+    async fn columns(&mut self, sql: &str, shape: &Shape) -> Result<Vec<String>, DbError> {
         fn names<C: Column>(cols: &[C]) -> Vec<String> {
             cols.iter().map(|c| c.name().to_string()).collect()
         }
-        let text = sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(Self::text(sql, args)));
-        match (self, args) {
-            (Session::Pg(s), Args::Pg(_, types, _)) => {
+        match (self, shape) {
+            (Session::Pg(s), Shape::Pg(types, key)) => {
+                let text = sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(Self::keyed(sql, key)));
                 let st = s.conn().prepare_with(text, types).await.map_err(map_sqlx)?;
                 Ok(names(sqlx::Statement::columns(&st)))
             }
-            (Session::Sqlite(s), Args::Sqlite(_)) => {
+            (Session::Sqlite(s), Shape::Sqlite) => {
+                let text = sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(sql.to_string()));
                 let st = s.conn().prepare(text).await.map_err(map_sqlx)?;
                 Ok(names(sqlx::Statement::columns(&st)))
             }
@@ -337,33 +370,37 @@ impl Session {
         match (self, args) {
             (Session::Pg(s), Args::Pg(a, _, _)) => sqlx::query_with(text, a)
                 .fetch(s.conn())
-                .map(|r| {
+                .enumerate()
+                .map(|(i, r)| {
                     let row = r.map_err(map_sqlx)?;
                     let mut out = Vec::with_capacity(row.len());
                     let mut size = 0;
-                    for (i, col) in row.columns().iter().enumerate() {
-                        let raw = row.try_get_raw(i).map_err(map_sqlx)?;
+                    for (c, col) in row.columns().iter().enumerate() {
+                        let raw = row.try_get_raw(c).map_err(map_sqlx)?;
                         let v = values::pg_value(raw, col.name()).map_err(DbError::Invalid)?;
                         size += values::size(&v);
                         out.push(v);
                     }
-                    Ok((out, size))
+                    let names = (i == 0).then(|| row.columns().iter().map(|c| c.name().to_string()).collect());
+                    Ok((out, size, names))
                 })
                 .boxed(),
             (Session::Sqlite(s), Args::Sqlite(a)) => sqlx::query_with(text, a)
                 .fetch(s.conn())
-                .map(|r| {
+                .enumerate()
+                .map(|(i, r)| {
                     let row = r.map_err(map_sqlx)?;
                     let mut out = Vec::with_capacity(row.len());
                     let mut size = 0;
-                    for (i, col) in row.columns().iter().enumerate() {
+                    for (c, col) in row.columns().iter().enumerate() {
                         let declared = col.type_info().name().to_string();
-                        let raw = row.try_get_raw(i).map_err(map_sqlx)?;
+                        let raw = row.try_get_raw(c).map_err(map_sqlx)?;
                         let v = values::sqlite_value(raw, &declared, col.name()).map_err(DbError::Invalid)?;
                         size += values::size(&v);
                         out.push(v);
                     }
-                    Ok((out, size))
+                    let names = (i == 0).then(|| row.columns().iter().map(|c| c.name().to_string()).collect());
+                    Ok((out, size, names))
                 })
                 .boxed(),
             _ => futures_util::stream::once(async { Err(DbError::Invalid("parameters bound for another backend".into())) }).boxed(),
@@ -387,23 +424,62 @@ struct Fetch {
     reply: oneshot::Sender<Batch>,
 }
 
+/// What the host asks the task of a cursor.
+enum Request {
+    Fetch(Fetch),
+    /// The column names, before any row was fetched.
+    Columns(oneshot::Sender<Result<Vec<String>, DbError>>),
+}
+
 #[derive(Default)]
 struct Batch {
     rows: Vec<Row>,
     bytes: u64,
     end: bool,
     error: Option<DbError>,
+    /// The column names, with the first batch that has rows, or with the
+    /// last one when there were none.
+    columns: Option<Vec<String>>,
 }
 
 /// Owns the connection and the row stream of one cursor; answers `next`
-/// with batches. Ends at the end of the rows, on an error, or when the
-/// cursor is dropped; then gives the connection back to the job's
-/// transaction (`give_back`) or ends its own transaction.
-async fn stream_rows(mut session: Session, sql: String, args: Args, mut requests: mpsc::Receiver<Fetch>, give_back: Option<oneshot::Sender<Session>>) {
+/// with batches. The statement runs at the first `next` (its column names
+/// come with the rows: no extra round trip). Ends at the end of the rows,
+/// on an error, or when the cursor is dropped; then gives the connection
+/// back to the job's transaction (`give_back`) or ends its own transaction.
+async fn stream_rows(mut session: Session, sql: String, args: Args, mut requests: mpsc::Receiver<Request>, give_back: Option<oneshot::Sender<Session>>) {
+    let shape = args.shape();
     let mut clean = true;
-    {
+    let mut known = false;
+    // Before the first fetch: column names on demand.
+    let first = loop {
+        match requests.recv().await {
+            None => break None,
+            Some(Request::Columns(reply)) => {
+                let c = session.columns(&sql, &shape).await;
+                known |= c.is_ok();
+                let _ = reply.send(c);
+            }
+            Some(Request::Fetch(f)) => break Some(f),
+        }
+    };
+    let mut last: Option<(oneshot::Sender<Batch>, Batch)> = None;
+    if let Some(first) = first {
         let mut rows = session.rows(&sql, args);
-        while let Some(req) = requests.recv().await {
+        let mut next = Some(first);
+        loop {
+            let req = match next.take() {
+                Some(f) => f,
+                None => match requests.recv().await {
+                    Some(Request::Fetch(f)) => f,
+                    Some(Request::Columns(reply)) => {
+                        // Rows were fetched already: their names came with them.
+                        let _ = reply.send(Err(DbError::Invalid("columns are known".into())));
+                        continue;
+                    }
+                    None => break,
+                },
+            };
             let mut batch = Batch::default();
             while batch.rows.len() < req.max_rows && batch.bytes < req.max_bytes {
                 match rows.next().await {
@@ -411,7 +487,11 @@ async fn stream_rows(mut session: Session, sql: String, args: Args, mut requests
                         batch.end = true;
                         break;
                     }
-                    Some(Ok((row, size))) => {
+                    Some(Ok((row, size, names))) => {
+                        if let Some(names) = names {
+                            known = true;
+                            batch.columns = Some(names);
+                        }
                         batch.bytes += size;
                         batch.rows.push(row);
                     }
@@ -422,12 +502,19 @@ async fn stream_rows(mut session: Session, sql: String, args: Args, mut requests
                     }
                 }
             }
-            let done = batch.end || batch.error.is_some();
-            let _ = req.reply.send(batch);
-            if done {
+            if batch.end || batch.error.is_some() {
+                last = Some((req.reply, batch));
                 break;
             }
+            let _ = req.reply.send(batch);
         }
+    }
+    if let Some((reply, mut batch)) = last {
+        if batch.end && !known {
+            // No row: the names come from the prepared statement.
+            batch.columns = session.columns(&sql, &shape).await.ok();
+        }
+        let _ = reply.send(batch);
     }
     match give_back {
         Some(back) => {
@@ -441,9 +528,12 @@ async fn stream_rows(mut session: Session, sql: String, args: Args, mut requests
 
 /// An open query's rows, as the plugin's `cursor` resource.
 pub struct Cursor {
-    columns: Vec<String>,
+    /// Known once rows came (or asked for before).
+    columns: Option<Vec<String>>,
     /// To the streaming task; `None` once the cursor ended.
-    requests: Option<mpsc::Sender<Fetch>>,
+    requests: Option<mpsc::Sender<Request>>,
+    /// No `next` yet: the task can still be asked for the column names.
+    fetched: bool,
     rows: u64,
     bytes: u64,
     /// Tables the query reads, for `touched`.
@@ -469,6 +559,8 @@ pub struct DatabaseCap {
     backend: Arc<Backend>,
     pub(super) record: Record,
     policy: Option<Policy>,
+    /// The parser's verdicts on statements this job ran: (call, SQL, parameters).
+    checked: std::collections::HashMap<(Kind, String, usize), sqlcheck::Checked>,
     txn: Txn,
     cursors: ResourceTable,
     open_cursors: usize,
@@ -476,7 +568,7 @@ pub struct DatabaseCap {
 
 impl DatabaseCap {
     pub fn new(info: Arc<JobInfo>, grants: Arc<Grants>, backend: Arc<Backend>) -> Self {
-        DatabaseCap { info, grants, backend, record: Record::default(), policy: None, txn: Txn::None, cursors: ResourceTable::new(), open_cursors: 0 }
+        DatabaseCap { info, grants, backend, record: Record::default(), policy: None, checked: Default::default(), txn: Txn::None, cursors: ResourceTable::new(), open_cursors: 0 }
     }
 
     fn deny(&mut self, what: String) -> HostError {
@@ -490,10 +582,20 @@ impl DatabaseCap {
             let head: String = sql.chars().take(60).collect();
             return Err(self.deny(format!("no database.read or database.write grant ({head:?})")));
         }
+        let key = (kind, sql.to_string(), params);
+        if let Some(c) = self.checked.get(&key) {
+            return Ok(c.clone());
+        }
         let dialect = self.backend.dialect();
         let policy = self.policy.get_or_insert_with(|| Policy::from_grants(g, dialect));
         match sqlcheck::check(dialect, kind, sql, params, policy) {
-            Ok(c) => Ok(c),
+            Ok(c) => {
+                if self.checked.len() >= CHECKED_CACHE {
+                    self.checked.clear();
+                }
+                self.checked.insert(key, c.clone());
+                Ok(c)
+            }
             Err(Refusal::Denied(why)) => Err(self.deny(why)),
             Err(Refusal::Invalid(why)) => Err(HostError::Invalid(format!("database: {why}"))),
         }
@@ -586,25 +688,10 @@ impl Host for DatabaseCap {
                 (s, false)
             }
         };
-        let prepared = match in_txn {
-            true => session.reassert().await,
-            false => Ok(()),
-        };
-        let columns = match prepared {
-            Ok(()) => session.columns(&checked.sql, &args).await,
-            Err(e) => Err(e),
-        };
-        let columns = match columns {
-            Ok(c) => c,
-            Err(e) => {
-                if in_txn {
-                    self.txn = Txn::Open(session);
-                } else {
-                    let _ = session.finish(false).await;
-                }
-                return Err(self.db_error(e));
-            }
-        };
+        if in_txn && let Err(e) = session.reassert().await {
+            self.txn = Txn::Open(session);
+            return Err(self.db_error(e));
+        }
         let (requests, receiver) = mpsc::channel(1);
         let (give_back, back) = match in_txn {
             true => {
@@ -614,7 +701,7 @@ impl Host for DatabaseCap {
             false => (None, None),
         };
         tokio::spawn(stream_rows(session, checked.sql, args, receiver, give_back));
-        let cursor = Cursor { columns, requests: Some(requests), rows: 0, bytes: 0, tables: checked.reads, in_txn };
+        let cursor = Cursor { columns: None, requests: Some(requests), fetched: false, rows: 0, bytes: 0, tables: checked.reads, in_txn };
         let handle = self.cursors.push(cursor).map_err(|e| HostError::Unavailable(format!("database: {e}")))?;
         if let Some(back) = back {
             self.txn = Txn::Lent { back, cursor: handle.rep() };
@@ -677,7 +764,29 @@ impl Host for DatabaseCap {
 
 impl HostCursor for DatabaseCap {
     async fn columns(&mut self, cursor: Resource<Cursor>) -> Vec<String> {
-        self.cursors.get(&cursor).map(|c| c.columns.clone()).unwrap_or_default()
+        let Ok(c) = self.cursors.get_mut(&cursor) else { return Vec::new() };
+        if let Some(names) = &c.columns {
+            return names.clone();
+        }
+        // Before the first `next`, the task prepares the statement for them.
+        let (Some(requests), false) = (c.requests.clone(), c.fetched) else { return Vec::new() };
+        let (reply, answer) = oneshot::channel();
+        if requests.send(Request::Columns(reply)).await.is_err() {
+            return Vec::new();
+        }
+        let names = match answer.await {
+            Ok(Ok(names)) => names,
+            Ok(Err(e)) => {
+                // The statement fails; `next` says why.
+                tracing::debug!(error = ?e, "database: no column names");
+                return Vec::new();
+            }
+            Err(_) => return Vec::new(),
+        };
+        if let Ok(c) = self.cursors.get_mut(&cursor) {
+            c.columns = Some(names.clone());
+        }
+        names
     }
 
     async fn next(&mut self, cursor: Resource<Cursor>, max_rows: u32) -> Result<Vec<Row>, HostError> {
@@ -692,18 +801,22 @@ impl HostCursor for DatabaseCap {
         let max_rows = u64::from(max_rows.min(BATCH_MAX_ROWS)).min(limits.max_rows.saturating_sub(c.rows) + 1);
         let max_bytes = BATCH_MAX_BYTES.min(limits.max_bytes.saturating_sub(c.bytes) + 1);
         let (reply, answer) = oneshot::channel();
-        let sent = requests.send(Fetch { max_rows: max_rows as usize, max_bytes, reply }).await;
+        c.fetched = true;
+        let sent = requests.send(Request::Fetch(Fetch { max_rows: max_rows as usize, max_bytes, reply })).await;
         let batch = match sent {
             Ok(()) => answer.await.ok(),
             Err(_) => None,
         };
         let c = self.cursors.get_mut(&cursor).map_err(|_| HostError::Invalid("database: no such cursor".into()))?;
-        let Some(batch) = batch else {
+        let Some(mut batch) = batch else {
             c.requests = None;
             return Err(HostError::Unavailable("database: the query's connection was lost".into()));
         };
         c.rows += batch.rows.len() as u64;
         c.bytes += batch.bytes;
+        if batch.columns.is_some() {
+            c.columns = batch.columns.take();
+        }
         if batch.end || batch.error.is_some() {
             c.requests = None;
         }

@@ -119,6 +119,18 @@ impl Pg {
         }
     }
 
+    /// For a plugin reloaded without database grants: the role its earlier
+    /// version used (in this process) is stripped of its privileges. Best
+    /// effort: with no grants every call is refused before the database.
+    pub async fn revoke_if_known(&self, plugin: &str) {
+        if self.roles.lock().expect("roles").remove(plugin).is_none() {
+            return;
+        }
+        if let Err(PrepareError::Refused(e) | PrepareError::Unreachable(e)) = self.apply(plugin, &DatabaseGrants::default()).await {
+            tracing::warn!(plugin, error = %e, "could not revoke the privileges of the plugin's role");
+        }
+    }
+
     /// Before a call: the role is ready, or is made ready now.
     async fn ensure(&self, plugin: &str, grants: &DatabaseGrants) -> Result<String, DbError> {
         let role = self.role(plugin).map_err(DbError::Invalid)?;

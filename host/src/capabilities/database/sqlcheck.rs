@@ -190,7 +190,7 @@ impl Dialect {
 }
 
 /// Which call the statement came through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// `query`: reads only.
     Read,

@@ -395,6 +395,13 @@ async fn the_postgres_role_blocks_what_the_parser_would_have_refused() {
     let r = s.conn().execute(AssertSqlSafe(format!("SELECT * FROM {}", n[0]))).await.map_err(map_sqlx);
     assert!(matches!(r, Err(DbError::Denied(_))), "{r:?}");
     drop(s);
+
+    // Reloaded without database grants: the role keeps nothing.
+    backend.prepare("p", &grants(&[], &[])).await.unwrap();
+    let mut s = pg.open_as(&role, false).await.unwrap();
+    let r = s.conn().execute(AssertSqlSafe(format!("SELECT * FROM {}", n[2]))).await.map_err(map_sqlx);
+    assert!(matches!(r, Err(DbError::Denied(_))), "{r:?}");
+    drop(s);
     tables.drop_all(&mut admin, &role).await;
 }
 
