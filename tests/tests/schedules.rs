@@ -84,7 +84,16 @@ fn add_list_disable_enable_remove_and_run_now() {
 
 #[test]
 fn three_hosts_fire_each_tick_exactly_once_and_survive_the_leader_dying() {
-    let env = Env::with_config(&config());
+    three_hosts(Env::with_config(&config()));
+}
+
+/// The same on the Redis broker, whose hosts elect their leader in Redis.
+#[test]
+fn three_hosts_on_one_redis_fire_each_tick_exactly_once() {
+    three_hosts(Env::with_config(&config()).var("CELER_BROKER_URL", celer_integration::services::REDIS_URL));
+}
+
+fn three_hosts(env: Env) {
     env.install("hello");
     let out = env.celer(&["schedules", "add", "every-second", "hello.noop", "--every", "1s"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -104,6 +113,8 @@ fn three_hosts_fire_each_tick_exactly_once_and_survive_the_leader_dying() {
     assert_each_tick_once(&seen);
     let leaders = hosts.iter().filter(|h| h.log().contains("leading=true")).count();
     assert!(leaders >= 2, "another host took over");
+    // With a Redis broker the lock is taken in Redis, never the fallback.
+    assert!(hosts.iter().all(|h| !h.log().contains("using the database lock")), "the Redis lock was not used");
 }
 
 #[test]

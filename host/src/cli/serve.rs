@@ -14,6 +14,7 @@ use celer::runtime::Runtime;
 use celer::runtime::registry::Registry;
 use celer::runtime::watcher;
 use celer::scheduler::Scheduler;
+use celer::scheduler::lock::LeaderLock;
 use celer::scheduler::store::ScheduleStore;
 use celer::worker::Worker;
 
@@ -88,7 +89,19 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
 
     let mut roles = tokio::task::JoinSet::new();
     if let (true, Some(store)) = (has("scheduler"), schedules) {
+        let lock = match config.broker.url.as_deref().filter(|u| u.starts_with("redis://") || u.starts_with("rediss://")) {
+            Some(url) => match LeaderLock::redis(url, &config.broker.prefix).await {
+                Ok(lock) => lock,
+                Err(e) => {
+                    // Ticks stay exactly-once through their idempotency keys.
+                    tracing::warn!(error = %e, "Redis unreachable for the scheduler lock; using the database lock");
+                    LeaderLock::Database(store.clone())
+                }
+            },
+            None => LeaderLock::Database(store.clone()),
+        };
         let scheduler = Scheduler {
+            lock,
             store,
             broker: broker.clone(),
             registry: Some(registry.clone()),

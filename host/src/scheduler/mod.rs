@@ -7,6 +7,7 @@
 
 pub mod beat_import;
 pub mod cronexpr;
+pub mod lock;
 pub mod schedule;
 pub mod store;
 
@@ -46,6 +47,8 @@ impl Default for SchedulerConfig {
 /// One host's scheduler role.
 pub struct Scheduler {
     pub store: ScheduleStore,
+    /// The leader lock: in Redis with a Redis broker, else in the store.
+    pub lock: lock::LeaderLock,
     pub broker: Arc<dyn Broker>,
     /// Loaded plugins, whose manifests may carry default schedules.
     pub registry: Option<Arc<Registry>>,
@@ -67,7 +70,7 @@ impl Scheduler {
                 _ = shutdown.changed() => break,
             }
             self.seed_plugin_defaults(&mut seeded).await;
-            match self.store.try_lead(&self.host, ttl).await {
+            match self.lock.try_lead(&self.host, ttl).await {
                 Ok(now_leading) => {
                     if now_leading != leading {
                         tracing::info!(host = %self.host, leading = now_leading, "scheduler leadership changed");
@@ -84,7 +87,7 @@ impl Scheduler {
             }
         }
         if leading {
-            if let Err(e) = self.store.resign(&self.host).await {
+            if let Err(e) = self.lock.resign(&self.host).await {
                 tracing::warn!(error = %e, "cannot hand the scheduler lock over");
             }
         }
