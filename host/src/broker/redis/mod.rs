@@ -683,15 +683,7 @@ impl Broker for RedisBroker {
         let Some(queue) = Self::lease_queue(lease) else { return Ok(LeaseStatus::Lost) };
         let qp = self.queue_prefix(queue);
         let mut c = self.conn();
-        let r: i64 = self
-            .inner
-            .scripts
-            .renew
-            .key(format!("{qp}j:{}", lease.job_id))
-            .key(format!("{qp}leases"))
-            .arg(&qp)
-            .arg(GROUP)
-            .arg(&lease.token)
+        let r: i64 = lease_call(&self.inner.scripts.renew, &qp, lease)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
             .arg(&lease.job_id)
             .invoke_async(&mut c)
@@ -767,15 +759,7 @@ impl Broker for RedisBroker {
         let Some(queue) = Self::lease_queue(lease) else { return Ok(()) };
         let qp = self.queue_prefix(queue);
         let mut c = self.conn();
-        let _: i64 = self
-            .inner
-            .scripts
-            .release
-            .key(format!("{qp}j:{}", lease.job_id))
-            .key(format!("{qp}leases"))
-            .arg(&qp)
-            .arg(GROUP)
-            .arg(&lease.token)
+        let _: i64 = lease_call(&self.inner.scripts.release, &qp, lease)
             .arg(&lease.job_id)
             .arg(self.inner.ttl_s)
             .invoke_async(&mut c)
@@ -910,3 +894,12 @@ impl Broker for RedisBroker {
 
 #[cfg(test)]
 mod tests;
+
+/// The start every lease-holding script shares: keys (job hash, lease
+/// deadlines), then queue prefix, consumer group and lease token; callers
+/// append their own arguments.
+fn lease_call<'a>(script: &'a ::redis::Script, qp: &str, lease: &Lease) -> ::redis::ScriptInvocation<'a> {
+    let mut call = script.prepare_invoke();
+    call.key(format!("{qp}j:{}", lease.job_id)).key(format!("{qp}leases")).arg(qp).arg(GROUP).arg(&lease.token);
+    call
+}
