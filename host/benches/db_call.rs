@@ -86,16 +86,18 @@ async fn guest(config: &Config, work: &Path, wasm: &Path, table: &str, n: usize)
     Ok(median(per_query))
 }
 
-/// µs per query made directly with sqlx (a pool, a bound parameter, one row).
-async fn direct_sqlite(url: &str, table: &str, n: usize) -> anyhow::Result<f64> {
-    let pool = sqlx::SqlitePool::connect(url).await?;
-    let sql = format!("SELECT id, name FROM {table} WHERE id = ?1");
+/// Median µs per call of `call`, over ROUNDS timed rounds of `n` calls
+/// after one warm-up round.
+async fn per_call_us<F, Fut>(n: usize, mut call: F) -> anyhow::Result<f64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let mut per_query = Vec::new();
     for round in 0..=ROUNDS {
         let t = Instant::now();
         for _ in 0..n {
-            let row = sqlx::query(AssertSqlSafe(sql.clone())).bind(1_i64).fetch_one(&pool).await?;
-            std::hint::black_box(row);
+            call().await?;
         }
         if round > 0 {
             per_query.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
@@ -104,21 +106,25 @@ async fn direct_sqlite(url: &str, table: &str, n: usize) -> anyhow::Result<f64> 
     Ok(median(per_query))
 }
 
+/// µs per query made directly with sqlx (a pool, a bound parameter, one row).
+async fn direct_sqlite(url: &str, table: &str, n: usize) -> anyhow::Result<f64> {
+    let pool = sqlx::SqlitePool::connect(url).await?;
+    let sql = format!("SELECT id, name FROM {table} WHERE id = ?1");
+    per_call_us(n, || async {
+        std::hint::black_box(sqlx::query(AssertSqlSafe(sql.clone())).bind(1_i64).fetch_one(&pool).await?);
+        Ok(())
+    })
+    .await
+}
+
 async fn direct_pg(url: &str, table: &str, n: usize) -> anyhow::Result<f64> {
     let pool = sqlx::PgPool::connect(url).await?;
     let sql = format!("SELECT id, name FROM {table} WHERE id = $1");
-    let mut per_query = Vec::new();
-    for round in 0..=ROUNDS {
-        let t = Instant::now();
-        for _ in 0..n {
-            let row = sqlx::query(AssertSqlSafe(sql.clone())).bind(1_i64).fetch_one(&pool).await?;
-            std::hint::black_box(row);
-        }
-        if round > 0 {
-            per_query.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
-        }
-    }
-    Ok(median(per_query))
+    per_call_us(n, || async {
+        std::hint::black_box(sqlx::query(AssertSqlSafe(sql.clone())).bind(1_i64).fetch_one(&pool).await?);
+        Ok(())
+    })
+    .await
 }
 
 fn report(backend: &str, n: usize, guest_us: f64, direct_us: f64, note: &str) {
