@@ -45,6 +45,7 @@ fn job(task: &str, kwargs: Value) -> Job {
         timeout_ms: None,
         idempotency_key: None,
         parent_id: None,
+        root_id: None,
         enqueued_at: chrono::Utc::now(),
     }
 }

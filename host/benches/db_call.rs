@@ -39,6 +39,7 @@ fn job(n: usize, table: &str, placeholder: &str) -> Job {
         timeout_ms: Some(600_000),
         idempotency_key: None,
         parent_id: None,
+        root_id: None,
         enqueued_at: chrono::Utc::now(),
     }
 }

@@ -31,6 +31,10 @@ use celer::runtime::registry::Registry;
 use celer::worker::Worker;
 use serde_json::{Value, json};
 
+/// The allocator `celer serve` runs with (see `src/main.rs`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const PREFIX: &str = "celer-bench:";
 const QUEUE: &str = "bench";
 
@@ -117,6 +121,37 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
     values[i.min(values.len() - 1)]
 }
 
+/// CPU seconds (user + system) this process has used so far, all threads.
+fn process_cpu_s() -> f64 {
+    // Fields 14 and 15 of /proc/self/stat, in clock ticks (100 per second).
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Redis's own CPU seconds and, per command, (calls, µs), from INFO.
+async fn redis_cpu(b: &RedisBroker) -> anyhow::Result<(f64, HashMap<String, (f64, f64)>)> {
+    let mut c = b.conn();
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await?;
+    let field = |name: &str| -> f64 {
+        info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok()).unwrap_or(0.0)
+    };
+    let cpu = field("used_cpu_sys") + field("used_cpu_user");
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut c).await?;
+    let mut commands = HashMap::new();
+    for line in stats.lines() {
+        let Some((name, rest)) = line.strip_prefix("cmdstat_").and_then(|l| l.split_once(':')) else { continue };
+        let get = |k: &str| rest.split(',').find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')?.parse::<f64>().ok()).unwrap_or(0.0);
+        commands.insert(name.to_string(), (get("calls"), get("usec")));
+    }
+    Ok((cpu, commands))
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -187,8 +222,29 @@ async fn run(threads: usize) -> anyhow::Result<()> {
         backoff: Default::default(),
         host: "bench".into(),
     };
+    let (redis_cpu_before, commands_before) = redis_cpu(&broker).await?;
+    let host_cpu_before = process_cpu_s();
     let handle = tokio::spawn(worker.run(stop_rx));
     drain(&broker, Duration::from_secs(300)).await?;
+    let host_cpu_us = (process_cpu_s() - host_cpu_before) * 1e6 / a.n as f64;
+    let (redis_cpu_after, commands_after) = redis_cpu(&broker).await?;
+    let redis_cpu_us = (redis_cpu_after - redis_cpu_before) * 1e6 / a.n as f64;
+    // Where Redis spends its time per job: the costliest commands (a script's
+    // inner commands are counted under their own names as well as in evalsha).
+    let mut per_command: Vec<(String, f64, f64)> = commands_after
+        .iter()
+        .map(|(name, (calls, usec))| {
+            let (c0, u0) = commands_before.get(name).copied().unwrap_or((0.0, 0.0));
+            (name.clone(), (calls - c0) / a.n as f64, (usec - u0) / a.n as f64)
+        })
+        .filter(|(_, calls, _)| *calls > 0.0)
+        .collect();
+    per_command.sort_by(|x, y| y.2.total_cmp(&x.2));
+    let redis_commands: Vec<Value> = per_command
+        .iter()
+        .take(12)
+        .map(|(name, calls, us)| json!({"command": name, "calls_per_job": (calls * 100.0).round() / 100.0, "us_per_job": (us * 100.0).round() / 100.0}))
+        .collect();
     let done = times(&broker, &backlog).await?;
     let backlog_s = (done.iter().map(|d| d.1).max().unwrap_or(0) - done.iter().map(|d| d.0).min().unwrap_or(0)) as f64 / 1e6;
     eprintln!("celer: backlog drained in {backlog_s:.3} s");
@@ -266,6 +322,9 @@ async fn run(threads: usize) -> anyhow::Result<()> {
             "start_p99_ms": r3(percentile(&mut to_start, 99.0)),
             "done_p50_ms": r3(percentile(&mut to_end, 50.0)),
             "done_p99_ms": r3(percentile(&mut to_end, 99.0)),
+            "backlog_host_cpu_us_per_job": r1(host_cpu_us),
+            "backlog_redis_cpu_us_per_job": r1(redis_cpu_us),
+            "backlog_redis_commands": redis_commands,
             "peak_rss_mib": r1(peak_rss_mib()),
             "peak_rss_note": "the whole bench process: producer + host",
             "loadavg_1m_before": loadavg,

@@ -55,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         timeout_ms: None,
         idempotency_key: None,
         parent_id: None,
+        root_id: None,
         enqueued_at: chrono::Utc::now(),
     };
     for _ in 0..500 {

@@ -35,6 +35,10 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// The job that enqueued this one.
     pub parent_id: Option<String>,
+    /// The first job of the workflow this one belongs to (Celery's
+    /// `root_id`), so that every job a request set off can be found from
+    /// it; `None` when this job starts a workflow itself.
+    pub root_id: Option<String>,
 }
 
 impl NewJob {
@@ -52,6 +56,7 @@ impl NewJob {
             timeout_ms: None,
             idempotency_key: None,
             parent_id: None,
+            root_id: None,
         }
     }
 
@@ -102,7 +107,18 @@ pub struct Job {
     pub timeout_ms: Option<u64>,
     pub idempotency_key: Option<String>,
     pub parent_id: Option<String>,
+    /// See [`NewJob::root_id`].
+    #[serde(default)]
+    pub root_id: Option<String>,
     pub enqueued_at: DateTime<Utc>,
+}
+
+impl Job {
+    /// The root of the workflow this job belongs to: its own root, or
+    /// itself when it started one. Follow-up jobs carry it on.
+    pub fn workflow_root(&self) -> &str {
+        self.root_id.as_deref().unwrap_or(&self.id)
+    }
 }
 
 /// Where a job is in its life cycle.

@@ -199,6 +199,8 @@ fn a_job_can_enqueue_its_granted_follow_up_and_its_status_says_so() {
     let child_id = parent["result"]["child"].as_str().expect("child id").to_string();
     let child = env.wait_state(&child_id, "succeeded", T);
     assert_eq!(child["parent_id"], id.as_str());
+    assert_eq!(child["root_id"], id.as_str(), "the parent started the workflow");
+    assert_eq!(parent["root_id"], serde_json::Value::Null);
     assert_eq!(child["result"], json!({"message": "Hello, Grace!"}));
     assert_eq!(parent["touched"]["enqueued"][0]["task"], "hello.greet", "{parent:#}");
 }
@@ -219,7 +221,8 @@ fn inspect_shows_queue_depths() {
     let env = env_with_hello();
     env.enqueue("hello.noop", &["--delay", "1h"]);
     env.enqueue("hello.noop", &["--queue", "other"]);
-    let q = stdout_json(&env.celer(&["inspect", "--json"]));
+    let out = stdout_json(&env.celer(&["inspect", "--json"]));
+    let q = out["queues"].clone();
     let by = |name: &str| q.as_array().expect("list").iter().find(|x| x["queue"] == name).cloned().expect(name);
     assert_eq!((by("default")["delayed"].clone(), by("other")["queued"].clone()), (json!(1), json!(1)), "{q:#}");
 }

@@ -44,13 +44,13 @@ use sqlx::{Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use super::{
-    Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, Lease, LeaseStatus,
-    Outcome, QueueStats, RunRecord,
+    Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, HostInfo, Lease,
+    LeaseStatus, Outcome, QueueStats, RunRecord,
 };
 use crate::job::{ErrorKind, Job, JobError, JobState, JobStatus, NewJob, Progress};
 
 /// Bumped with every change to [`SCHEMA`]; stored in `celer_meta`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// How long a writer waits for another process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections per process; SQLite has one writer at a time anyway.
@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS celer_jobs (
     timeout_ms       INTEGER,
     idempotency_key  TEXT UNIQUE,
     parent_id        TEXT,
+    root_id          TEXT,
     enqueued_at      INTEGER NOT NULL,
     started_at       INTEGER,
     finished_at      INTEGER,
@@ -254,6 +255,21 @@ impl EmbeddedBroker {
 async fn migrate(pool: &SqlitePool) -> Result<(), BrokerError> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
     sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(db)?;
+    // Version 2 added `root_id`; a file made by version 1 gets the column.
+    let has_root: i64 = sqlx::query_scalar("SELECT count(*) FROM pragma_table_info('celer_jobs') WHERE name = 'root_id'")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+    if has_root == 0 {
+        sqlx::query("ALTER TABLE celer_jobs ADD COLUMN root_id TEXT").execute(&mut *tx).await.map_err(db)?;
+    }
+    sqlx::query(
+        "UPDATE celer_meta SET value = ?1 WHERE key = 'schema_version' AND CAST(value AS INTEGER) < ?1",
+    )
+    .bind(SCHEMA_VERSION.to_string())
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
     sqlx::query(
         "INSERT INTO celer_meta (key, value) VALUES ('schema_version', ?1)
          ON CONFLICT (key) DO NOTHING",
@@ -307,8 +323,8 @@ impl Broker for EmbeddedBroker {
             let inserted = sqlx::query(
                 "INSERT INTO celer_jobs (id, task, queue, args, kwargs, priority, attempt,
                      max_retries, state, run_at, eta, expires_at, timeout_ms, idempotency_key,
-                     parent_id, enqueued_at, cancel_requested)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, 0)
+                     parent_id, root_id, enqueued_at, cancel_requested)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, 0)
                  ON CONFLICT (idempotency_key) DO NOTHING",
             )
             .bind(&id)
@@ -325,6 +341,7 @@ impl Broker for EmbeddedBroker {
             .bind(timeout_ms)
             .bind(job.idempotency_key.as_deref())
             .bind(job.parent_id.as_deref())
+            .bind(job.root_id.as_deref())
             .bind(now)
             .execute(&self.writer)
             .await
@@ -598,6 +615,30 @@ impl Broker for EmbeddedBroker {
         Ok(done.rows_affected())
     }
 
+    async fn ping(&self) -> Result<(), BrokerError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db)?;
+        Ok(())
+    }
+
+    /// The embedded broker keeps no heartbeats (its hosts share one
+    /// machine): the hosts listed are those holding running jobs.
+    async fn hosts(&self) -> Result<Vec<HostInfo>, BrokerError> {
+        let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
+            "SELECT host, count(*) FROM celer_jobs WHERE state = 'running' GROUP BY host ORDER BY host",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|(host, running)| HostInfo {
+                host: host.unwrap_or_default(),
+                running: u64::try_from(running).unwrap_or(0),
+                ..HostInfo::default()
+            })
+            .collect())
+    }
+
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, BrokerError> {
         // Only queues with pending, running or dead jobs: finished history is
         // not read (the index walk stays proportional to the live jobs).
@@ -858,6 +899,7 @@ impl<'r> Reader<'r> {
             timeout_ms: self.opt_int("timeout_ms")?,
             idempotency_key: self.get("idempotency_key")?,
             parent_id: self.get("parent_id")?,
+            root_id: self.get("root_id")?,
             enqueued_at: self.time("enqueued_at")?,
         })
     }

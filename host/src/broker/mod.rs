@@ -122,6 +122,22 @@ pub struct QueueStats {
     pub dead: u64,
 }
 
+/// A worker host as the broker knows it, for `celer inspect`: an operator
+/// sees which hosts are alive and what each is holding.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HostInfo {
+    pub host: String,
+    /// Jobs it holds a lease on now.
+    pub running: u64,
+    /// Its last heartbeat, when the broker keeps heartbeats (Redis: every
+    /// 2 s; a host silent for 10 s is gone from the list).
+    pub last_seen: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub pid: Option<u32>,
+    /// The queues it consumes, when it said.
+    pub queues: Vec<String>,
+}
+
 /// What fetch may hand out.
 #[derive(Debug, Clone)]
 pub struct FetchRequest<'a> {
@@ -191,4 +207,10 @@ pub trait Broker: Send + Sync {
 
     /// Depth of every queue that holds jobs.
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, BrokerError>;
+
+    /// Succeeds when the broker answers (`/readyz`).
+    async fn ping(&self) -> Result<(), BrokerError>;
+
+    /// The hosts that hold running jobs or sent a heartbeat lately.
+    async fn hosts(&self) -> Result<Vec<HostInfo>, BrokerError>;
 }

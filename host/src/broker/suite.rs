@@ -76,6 +76,7 @@ pub async fn enqueue_stores_a_queued_job_and_status_reads_it_back(b: &dyn Broker
     new.max_retries = 5;
     new.timeout_ms = Some(1_500);
     new.parent_id = Some("parent-1".into());
+    new.root_id = Some("root-1".into());
     let before = Utc::now();
     let id = enqueue(b, new.clone()).await;
     assert!(Uuid::parse_str(&id).is_ok_and(|u| u.get_version_num() == 7), "{id}");
@@ -88,6 +89,7 @@ pub async fn enqueue_stores_a_queued_job_and_status_reads_it_back(b: &dyn Broker
     assert_eq!((s.job.priority, s.job.attempt, s.job.max_retries), (7, 0, 5));
     assert_eq!(s.job.timeout_ms, Some(1_500));
     assert_eq!(s.job.parent_id.as_deref(), Some("parent-1"));
+    assert_eq!(s.job.root_id.as_deref(), Some("root-1"));
     assert_eq!((s.job.eta, s.job.expires_at), (None, None));
     assert!(s.job.enqueued_at >= ms_precision(before) && s.job.enqueued_at <= Utc::now());
     assert_eq!((s.result, s.error, s.progress, s.started_at, s.finished_at), (None, None, None, None, None));
@@ -496,8 +498,27 @@ macro_rules! broker_suite {
             a_stop_requested_on_a_vanished_host_ends_cancelled,
             release_gives_the_job_back_with_the_same_attempt,
             queue_stats_count_per_queue,
+            hosts_and_ping_show_who_holds_running_jobs,
         );
     };
+}
+
+/// `celer inspect` and `/readyz`: the broker answers a ping, and lists the
+/// host holding running jobs with how many it holds, none once they end.
+pub async fn hosts_and_ping_show_who_holds_running_jobs(b: &dyn Broker) {
+    b.ping().await.expect("ping");
+    enqueue(b, job("t")).await;
+    enqueue(b, job("t")).await;
+    let leased = fetch(b, 2).await;
+    assert_eq!(leased.len(), 2);
+    let hosts = b.hosts().await.expect("hosts");
+    let me = hosts.iter().find(|h| h.host == HOST).unwrap_or_else(|| panic!("{HOST} listed: {hosts:?}"));
+    assert_eq!(me.running, 2, "{hosts:?}");
+    for d in &leased {
+        assert!(b.complete(&d.lease, Outcome::Succeeded { result: json!(null) }, RunRecord::default()).await.unwrap());
+    }
+    let hosts = b.hosts().await.expect("hosts");
+    assert!(hosts.iter().all(|h| h.running == 0), "nothing runs any more: {hosts:?}");
 }
 
 /// The embedded broker against the shared suite (its SQL-specific tests

@@ -1,6 +1,7 @@
 //! `celer:plugin/jobs`: follow-up jobs, limited to the task names in
-//! `grants.enqueue`. The new job's `parent_id` is the calling job, so a
-//! chain of jobs can be followed in their status.
+//! `grants.enqueue`. The new job's `parent_id` is the calling job and its
+//! `root_id` the calling job's workflow root, so a chain of jobs can be
+//! followed in their status (as Celery's `parent_id` / `root_id`).
 
 use std::sync::Arc;
 
@@ -52,6 +53,7 @@ impl Host for JobsCap {
         }
         let mut job = NewJob::new(task.clone(), parse_json("args", &args)?, parse_json("kwargs", &kwargs)?);
         job.parent_id = Some(self.info.job_id.clone());
+        job.root_id = Some(self.info.root_id.clone());
         if let Some(q) = options.queue {
             job.queue = q;
         }

@@ -31,6 +31,9 @@ use crate::runtime::manifest::{Grants, Manifest};
 #[derive(Debug, Clone)]
 pub struct JobInfo {
     pub job_id: String,
+    /// The workflow's first job (the job itself when it started one);
+    /// follow-up jobs carry it on as their `root_id`.
+    pub root_id: String,
     pub task: String,
     pub plugin: String,
     pub attempt: u32,
@@ -115,6 +118,7 @@ impl Capabilities {
     /// Which backends answer, for `/readyz`: (capability, error if any).
     pub async fn ping(&self) -> Vec<(&'static str, Result<(), String>)> {
         vec![
+            ("broker", self.broker.ping().await.map_err(|e| e.to_string())),
             ("database", self.database.ping().await),
             ("cache", self.cache.ping().await),
             ("storage", self.storage.ping().await),

@@ -18,8 +18,8 @@ use chrono::Utc;
 use super::ResultWriter;
 use super::result::{self, Exception, Status};
 use crate::broker::{
-    Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, Lease, LeaseStatus, Outcome, QueueStats,
-    RunRecord,
+    Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, HostInfo, Lease, LeaseStatus, Outcome,
+    QueueStats, RunRecord,
 };
 use crate::job::{JobStatus, NewJob};
 
@@ -136,5 +136,13 @@ impl Broker for CeleryAwareBroker {
 
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, BrokerError> {
         self.inner.queue_stats().await
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        self.inner.ping().await
+    }
+
+    async fn hosts(&self) -> Result<Vec<HostInfo>, BrokerError> {
+        self.inner.hosts().await
     }
 }

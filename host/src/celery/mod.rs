@@ -454,6 +454,9 @@ pub fn to_job(msg: &TaskMessage, queue: &str) -> NewJob {
     job.max_retries = crate::job::DEFAULT_MAX_RETRIES.saturating_sub(msg.retries);
     job.idempotency_key = Some(format!("{}{}", broker::KEY_PREFIX, msg.id));
     job.parent_id = msg.parent_id.clone();
+    // Celery names a workflow's first task as its own root; celer leaves
+    // the root empty then, so both read "this job started it".
+    job.root_id = msg.root_id.clone().filter(|root| *root != msg.id);
     job
 }
 
@@ -487,4 +490,36 @@ async fn dead_letter(ctx: &Ctx, queue: &str, raw: &[u8], reason: &str, task_id: 
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: &str, root: Option<&str>, parent: Option<&str>) -> TaskMessage {
+        TaskMessage {
+            id: id.into(),
+            task: "proj.tasks.add".into(),
+            args: serde_json::json!([1, 2]),
+            kwargs: serde_json::json!({}),
+            eta: None,
+            expires: None,
+            retries: 1,
+            root_id: root.map(String::from),
+            parent_id: parent.map(String::from),
+            has_workflow: false,
+        }
+    }
+
+    #[test]
+    fn a_message_becomes_a_job_with_its_lineage_and_spent_retries() {
+        let job = to_job(&message("c", Some("a"), Some("b")), "celery");
+        assert_eq!((job.root_id.as_deref(), job.parent_id.as_deref()), (Some("a"), Some("b")));
+        assert_eq!(job.queue, "celery");
+        assert_eq!(job.max_retries, crate::job::DEFAULT_MAX_RETRIES - 1);
+        assert_eq!(job.idempotency_key.as_deref(), Some(format!("{}c", broker::KEY_PREFIX).as_str()));
+        // Celery names a first task its own root: celer reads that as "no root".
+        let first = to_job(&message("a", Some("a"), None), "celery");
+        assert_eq!((first.root_id, first.parent_id), (None, None));
+    }
 }

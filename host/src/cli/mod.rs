@@ -152,14 +152,28 @@ async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>, CliError> {
 
 /// `celer inspect`: what an operator checks first at 3 a.m.
 async fn inspect(config: &Config, as_json: bool) -> Result<ExitCode, CliError> {
-    let stats = open_broker(config).await?.queue_stats().await?;
+    let broker = open_broker(config).await?;
+    let stats = broker.queue_stats().await?;
+    let hosts = broker.hosts().await?;
     if as_json {
-        print_json(&stats)?;
-    } else {
-        say(&format!("{:<24} {:>10} {:>10} {:>10} {:>10}", "queue", "queued", "delayed", "running", "dead"));
-        for q in &stats {
-            say(&format!("{:<24} {:>10} {:>10} {:>10} {:>10}", q.queue, q.queued, q.delayed, q.running, q.dead));
-        }
+        print_json(&serde_json::json!({"queues": stats, "hosts": hosts}))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    say(&format!("{:<24} {:>10} {:>10} {:>10} {:>10}", "queue", "queued", "delayed", "running", "dead"));
+    for q in &stats {
+        say(&format!("{:<24} {:>10} {:>10} {:>10} {:>10}", q.queue, q.queued, q.delayed, q.running, q.dead));
+    }
+    say("");
+    say(&format!("{:<32} {:>8} {:>8} {:<22} {}", "host", "running", "pid", "last seen", "queues"));
+    let now = chrono::Utc::now();
+    for h in &hosts {
+        let seen = match h.last_seen {
+            Some(t) => format!("{:.1} s ago", (now - t).num_milliseconds().max(0) as f64 / 1000.0),
+            // No heartbeat: it holds jobs but is not known to be alive.
+            None => "no heartbeat".to_string(),
+        };
+        let pid = h.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        say(&format!("{:<32} {:>8} {:>8} {:<22} {}", h.host, h.running, pid, seen, h.queues.join(",")));
     }
     Ok(ExitCode::SUCCESS)
 }

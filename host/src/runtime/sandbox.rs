@@ -194,7 +194,7 @@ impl Runtime {
     /// Calls `describe()` in a fresh instance (at load, to check the plugin
     /// against its manifest).
     pub(crate) async fn describe(&self, plugin: &LoadedPlugin) -> Result<PluginInfo, String> {
-        let info = Arc::new(JobInfo { job_id: "-".into(), task: "describe".into(), plugin: plugin.name.clone(), attempt: 0 });
+        let info = Arc::new(JobInfo { job_id: "-".into(), root_id: "-".into(), task: "describe".into(), plugin: plugin.name.clone(), attempt: 0 });
         let log = JobLog::new(self.sandbox.log_cap_bytes);
         let mut store = self.new_store(plugin, info, Arc::default(), &log, DESCRIBE_TIMEOUT);
         let call = async {
@@ -213,6 +213,7 @@ impl Runtime {
         let timeout = Duration::from_millis(job.timeout_ms.unwrap_or(plugin.limits.timeout_ms));
         let info = Arc::new(JobInfo {
             job_id: job.id.clone(),
+            root_id: job.workflow_root().to_string(),
             task: job.task.clone(),
             plugin: plugin.name.clone(),
             attempt: job.attempt,

@@ -13,6 +13,7 @@
 //! | `celer:{q}:idem:<key>` | string | idempotency key → job id; expires with its job |
 //! | `celer:queues` | set | queue names, for lookups by id and `queue_stats` |
 //! | `celer:host:<host>` | string, TTL | heartbeat of a live host (JSON) |
+//! | `celer:hosts` | set | host names that sent a heartbeat (pruned when theirs expired) |
 //!
 //! All keys of one queue share the hash tag `{q}`, so every script (one per
 //! state change, see [`scripts`]) touches one cluster slot.
@@ -59,6 +60,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::redis::AsyncCommands;
+use futures_util::future::join_all;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -68,8 +70,8 @@ use uuid::Uuid;
 use self::conn::{Conn, Target};
 use self::scripts::Scripts;
 use super::{
-    Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, Lease, LeaseStatus,
-    Outcome, QueueStats, RunRecord,
+    Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, HostInfo, Lease,
+    LeaseStatus, Outcome, QueueStats, RunRecord,
 };
 use crate::job::{ErrorKind, Job, JobError, JobState, JobStatus, NewJob, Progress};
 
@@ -123,6 +125,9 @@ struct Envelope {
     timeout_ms: Option<u64>,
     idempotency_key: Option<String>,
     parent_id: Option<String>,
+    /// Absent in envelopes written before root ids were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    root_id: Option<String>,
 }
 
 /// A broker on Redis Streams; cheap to clone.
@@ -228,6 +233,36 @@ impl RedisBroker {
         format!("{}queues", self.inner.prefix)
     }
 
+    fn hosts_key(&self) -> String {
+        format!("{}hosts", self.inner.prefix)
+    }
+
+    /// Jobs each consumer (host) holds, from the pending lists of every
+    /// queue's streams.
+    async fn running_by_host(&self) -> Result<HashMap<String, u64>, BrokerError> {
+        let mut by_host = HashMap::new();
+        for queue in self.queues().await? {
+            let qp = self.queue_prefix(&queue);
+            let mut c = self.conn();
+            let mut prios: Vec<String> = c.zrange(format!("{qp}prios"), 0, -1).await.map_err(unavailable)?;
+            if !prios.iter().any(|p| p == "0") {
+                prios.push("0".into());
+            }
+            for p in prios {
+                let summary: Result<::redis::Value, _> =
+                    ::redis::cmd("XPENDING").arg(format!("{qp}s:{p}")).arg(GROUP).query_async(&mut c).await;
+                // No stream or no group yet: nothing pending there.
+                let Ok(::redis::Value::Array(parts)) = summary else { continue };
+                let Some(::redis::Value::Array(consumers)) = parts.get(3) else { continue };
+                for consumer in consumers {
+                    let Ok((name, count)) = ::redis::from_redis_value::<(String, u64)>(consumer.clone()) else { continue };
+                    *by_host.entry(name).or_insert(0) += count;
+                }
+            }
+        }
+        Ok(by_host)
+    }
+
     /// Every queue that ever held a job (since the last flush).
     pub async fn queues(&self) -> Result<Vec<String>, BrokerError> {
         let mut c = self.conn();
@@ -252,7 +287,7 @@ impl RedisBroker {
                 Ok::<_, BrokerError>(h)
             }
         });
-        let found = futures_join_all(lookups).await;
+        let found = join_all(lookups).await;
         for (q, h) in queues.into_iter().zip(found) {
             let h = h?;
             if !h.is_empty() {
@@ -268,21 +303,32 @@ impl RedisBroker {
             return;
         }
         let key = format!("{}host:{}", self.inner.prefix, host);
-        let value = serde_json::json!({
-            "host": host, "queues": queues, "pid": std::process::id(), "started_at": Utc::now(),
-        })
-        .to_string();
+        let hosts_key = self.hosts_key();
+        let (host, queues, started_at) = (host.to_string(), queues.to_vec(), Utc::now());
         let weak = Arc::downgrade(&self.inner);
         *slot = Some(tokio::spawn(async move {
             loop {
                 let Some(inner) = weak.upgrade() else { return };
                 let mut c = inner.conn.clone();
                 drop(inner);
-                let beat: Result<(), _> = ::redis::cmd("SET")
+                let value = Heartbeat {
+                    host: host.clone(),
+                    queues: queues.clone(),
+                    pid: std::process::id(),
+                    started_at,
+                    seen_at: Utc::now(),
+                };
+                let beat: Result<(), _> = ::redis::pipe()
+                    .cmd("SET")
                     .arg(&key)
-                    .arg(&value)
+                    .arg(serde_json::to_string(&value).unwrap_or_default())
                     .arg("PX")
                     .arg(HEARTBEAT_TTL.as_millis() as u64)
+                    .ignore()
+                    .cmd("SADD")
+                    .arg(&hosts_key)
+                    .arg(&host)
+                    .ignore()
                     .query_async(&mut c)
                     .await;
                 if let Err(e) = beat {
@@ -462,6 +508,16 @@ impl RedisBroker {
     }
 }
 
+/// What a host writes to `celer:host:<host>` every [`HEARTBEAT_EVERY`].
+#[derive(Debug, Serialize, Deserialize)]
+struct Heartbeat {
+    host: String,
+    queues: Vec<String>,
+    pid: u32,
+    started_at: DateTime<Utc>,
+    seen_at: DateTime<Utc>,
+}
+
 /// One `complete`, waiting for its batch.
 struct CompleteReq {
     queue: String,
@@ -521,7 +577,7 @@ async fn complete_batches(
                 }
             }
         });
-        futures_join_all(calls).await;
+        join_all(calls).await;
     }
 }
 
@@ -549,6 +605,7 @@ fn job_of(env: Envelope, attempt: u32, enqueued_at: DateTime<Utc>) -> Job {
         timeout_ms: env.timeout_ms,
         idempotency_key: env.idempotency_key,
         parent_id: env.parent_id,
+        root_id: env.root_id,
         enqueued_at,
     }
 }
@@ -563,23 +620,6 @@ fn delivery(id: &str, env: &str, attempt: &str, token: &str, enq: &str) -> Resul
         .ok_or_else(|| format!("enqueue time {enq:?}"))?;
     let job = job_of(env, attempt, enq);
     Ok(Delivery { lease: Lease { job_id: id.to_string(), token: token.to_string() }, job })
-}
-
-/// `join_all` without the futures crate: runs the futures concurrently.
-async fn futures_join_all<F, T>(futures: impl IntoIterator<Item = F>) -> Vec<T>
-where
-    F: std::future::Future<Output = T> + Send + 'static,
-    T: Send + 'static,
-{
-    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        match h.await {
-            Ok(v) => out.push(v),
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
-    }
-    out
 }
 
 /// An optional record field as the complete script takes it: '' when
@@ -609,6 +649,7 @@ impl Broker for RedisBroker {
             timeout_ms: job.timeout_ms,
             idempotency_key: job.idempotency_key.clone(),
             parent_id: job.parent_id,
+            root_id: job.root_id,
         };
         let mut inv = self.inner.scripts.enqueue.prepare_invoke();
         inv.key(&jk)
@@ -864,6 +905,45 @@ impl Broker for RedisBroker {
             total += n;
         }
         Ok(total)
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        let mut c = self.conn();
+        let _: String = ::redis::cmd("PING").query_async(&mut c).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Hosts with a live heartbeat, and any other consumer still holding
+    /// jobs (a host that died: its jobs are taken over once their leases
+    /// run out).
+    async fn hosts(&self) -> Result<Vec<HostInfo>, BrokerError> {
+        let mut c = self.conn();
+        let names: Vec<String> = c.smembers(self.hosts_key()).await.map_err(unavailable)?;
+        let mut running = self.running_by_host().await?;
+        let mut out = Vec::new();
+        for name in names {
+            let beat: Option<String> = c.get(format!("{}host:{}", self.inner.prefix, name)).await.map_err(unavailable)?;
+            let Some(beat) = beat.and_then(|b| serde_json::from_str::<Heartbeat>(&b).ok()) else {
+                // Its heartbeat expired: forget it (its jobs still show below).
+                let _: Result<i64, _> = c.srem(self.hosts_key(), &name).await;
+                continue;
+            };
+            out.push(HostInfo {
+                running: running.remove(&name).unwrap_or(0),
+                host: name,
+                last_seen: Some(beat.seen_at),
+                started_at: Some(beat.started_at),
+                pid: Some(beat.pid),
+                queues: beat.queues,
+            });
+        }
+        for (host, n) in running {
+            if n > 0 {
+                out.push(HostInfo { host, running: n, ..HostInfo::default() });
+            }
+        }
+        out.sort_by(|a, b| a.host.cmp(&b.host));
+        Ok(out)
     }
 
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, BrokerError> {

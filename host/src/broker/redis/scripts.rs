@@ -46,6 +46,17 @@ local function priorities()
   if not zero then out[#out + 1] = '0' end
   return out
 end
+-- Runs `cmd key args…` for a list of arguments, in chunks small enough for
+-- Lua's stack (`unpack` of thousands of values fails): one command per
+-- batch of jobs instead of one per job.
+local function bulk(cmd, key, args, prefix)
+  for i = 1, #args, 2000 do
+    local part = {}
+    if prefix then for _, a in ipairs(prefix) do part[#part + 1] = a end end
+    for j = i, math.min(i + 1999, #args) do part[#part + 1] = args[j] end
+    redis.call(cmd, key, unpack(part))
+  end
+end
 -- Acks and deletes the job's current stream entry, if any.
 local function drop_entry(jk)
   local e = redis.call('HMGET', jk, 'sk', 'eid')
@@ -123,15 +134,17 @@ local C, max, lease, tokp, toks, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV
 local excluded = {}
 for i = 11, 10 + tonumber(ARGV[10]) do excluded[ARGV[i]] = true end
 local out, n = {}, 0
+local LU = S(NOW + lease)
+-- Deadlines of the jobs leased by this call, written with one ZADD at the end.
+local deadlines = {}
 local function lease_job(jk, id, attempt, env, enq)
   n = n + 1
   local tok = tokp .. n .. toks
-  local lu = NOW + lease
-  redis.call('HSET', jk, 'state', 'running', 'tok', tok, 'lu', S(lu), 'host', C, 'st', NOW_US, 'attempt', S(attempt))
+  redis.call('HSET', jk, 'state', 'running', 'tok', tok, 'lu', LU, 'host', C, 'st', NOW_US, 'attempt', attempt)
   -- A fresh job has nothing of an earlier attempt to clear.
-  if attempt > 0 then redis.call('HDEL', jk, 'fin', 'pd', 'pt') end
-  redis.call('ZADD', KEYS[3], lu, id)
-  out[#out + 1] = id; out[#out + 1] = env; out[#out + 1] = S(attempt); out[#out + 1] = tok; out[#out + 1] = enq
+  if attempt ~= '0' then redis.call('HDEL', jk, 'fin', 'pd', 'pt') end
+  deadlines[#deadlines + 1] = LU; deadlines[#deadlines + 1] = id
+  out[#out + 1] = id; out[#out + 1] = env; out[#out + 1] = attempt; out[#out + 1] = tok; out[#out + 1] = enq
 end
 
 -- 1. promote due delayed jobs
@@ -172,7 +185,7 @@ for _, id in ipairs(lost) do
       finish(jk, id, 'failed', 'lost', 'lease expired on every attempt (host died?)', ttl)
     elseif n < max and not excluded[f[7]] then
       if f[10] and f[11] then pcall(redis.call, 'XCLAIM', f[10], G, C, 0, f[11], 'JUSTID') end
-      lease_job(jk, id, tonumber(f[4]) + 1, f[8], f[9])
+      lease_job(jk, id, S(tonumber(f[4]) + 1), f[8], f[9])
     end
   end
 end
@@ -208,7 +221,7 @@ for _, p in ipairs(prios) do
           redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
           deferred[#deferred + 1] = {sk, id, jk}
         else
-          lease_job(jk, id, tonumber(f[6]), f[4], f[5])
+          lease_job(jk, id, f[6], f[4], f[5])
         end
       end
     end
@@ -219,6 +232,7 @@ for _, d in ipairs(deferred) do
   local eid = redis.call('XADD', d[1], '*', 'id', d[2])
   redis.call('HSET', d[3], 'eid', eid)
 end
+if #deadlines > 0 then bulk('ZADD', KEYS[3], deadlines) end
 
 local wait = {}
 if n == 0 and ARGV[9] == '1' then
@@ -271,6 +285,9 @@ const COMPLETE: &str = r#"
 local ttl = tonumber(ARGV[3])
 local names = {'plugin', 'pv', 'touched', 'log', 'pd', 'pt'}
 local out = {}
+-- Stream entries to ack and delete (per stream) and leases to drop, each
+-- written with one command for the whole batch.
+local acks, ended = {}, {}
 for base = 4, #ARGV - 12, 13 do
   local tok, id, kind, result, ek, em, at = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], ARGV[base + 5], ARGV[base + 6]
   local jk = jkey(id)
@@ -282,11 +299,14 @@ for base = 4, #ARGV - 12, 13 do
       kind = 'cancelled'; ek = 'cancelled'; em = 'cancelled; the last attempt failed: ' .. em
     end
     if f[5] and f[6] then
-      redis.call('XACK', f[5], G, f[6])
-      redis.call('XDEL', f[5], f[6])
+      local list = acks[f[5]]
+      if not list then list = {}; acks[f[5]] = list end
+      list[#list + 1] = f[6]
     end
-    redis.call('ZREM', KEYS[1], id)
-    local set, del = {}, {'tok', 'lu', 'sk', 'eid'}
+    ended[#ended + 1] = id
+    -- The lease fields stay (the state says they are void); `sk`/`eid`
+    -- name an entry that no longer exists, which every reader tolerates.
+    local set = {}
     for i, name in ipairs(names) do
       local v = ARGV[base + 6 + i]
       if v ~= '' then set[#set + 1] = name; set[#set + 1] = string.sub(v, 2) end
@@ -294,10 +314,10 @@ for base = 4, #ARGV - 12, 13 do
     local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
     if kind == 'succeeded' then
       put('state', 'succeeded'); put('result', result); put('fin', NOW_US)
-      del[#del + 1] = 'ek'; del[#del + 1] = 'em'
+      -- Only a retried job carries an earlier attempt's error.
+      if f[4] ~= '0' then redis.call('HDEL', jk, 'ek', 'em') end
     elseif kind == 'retry' then
       put('state', 'retrying'); put('attempt', S(tonumber(f[4]) + 1)); put('run_at', at); put('ek', ek); put('em', em)
-      del[#del + 1] = 'fin'
       redis.call('ZADD', KEYS[2], tonumber(at), id)
     elseif kind == 'dead' then
       put('state', 'failed'); put('ek', ek); put('em', em); put('fin', NOW_US); put('dead', NOW_US)
@@ -306,7 +326,6 @@ for base = 4, #ARGV - 12, 13 do
       put('state', 'cancelled'); put('ek', ek); put('em', em); put('fin', NOW_US)
     end
     redis.call('HSET', jk, unpack(set))
-    redis.call('HDEL', jk, unpack(del))
     if kind == 'succeeded' or kind == 'cancelled' then
       redis.call('EXPIRE', jk, ttl)
       if f[7] then redis.call('EXPIRE', f[7], ttl) end
@@ -314,6 +333,11 @@ for base = 4, #ARGV - 12, 13 do
     out[#out + 1] = 1
   end
 end
+for sk, eids in pairs(acks) do
+  bulk('XACK', sk, eids, {G})
+  bulk('XDEL', sk, eids)
+end
+if #ended > 0 then bulk('ZREM', KEYS[1], ended) end
 return out
 "#;
 

@@ -254,3 +254,27 @@ mod cluster {
         suite::concurrent_workers_deliver_every_job_exactly_once(brokers).await;
     }
 }
+
+/// A fetching host writes a heartbeat (pid, queues, time of the beat) that
+/// `hosts()` reports; a host whose heartbeat expired is no longer listed
+/// unless it still holds jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetching_host_is_listed_with_its_heartbeat() {
+    let (_guard, b) = fresh().await;
+    enqueue(&*b, job("t")).await;
+    let d = fetch_one(&*b).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let me = loop {
+        let hosts = b.hosts().await.expect("hosts");
+        if let Some(h) = hosts.into_iter().find(|h| h.host == suite::HOST && h.last_seen.is_some()) {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "no heartbeat within 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!((me.pid, me.running, me.queues.clone()), (Some(std::process::id()), 1, vec!["default".to_string()]));
+    let age = chrono::Utc::now() - me.last_seen.expect("seen");
+    assert!(age < chrono::TimeDelta::seconds(3), "beat {age} ago");
+    assert!(b.complete(&d.lease, Outcome::Succeeded { result: json!(1) }, RunRecord::default()).await.unwrap());
+    assert_eq!(b.hosts().await.unwrap().iter().find(|h| h.host == suite::HOST).map(|h| h.running), Some(0));
+}

@@ -41,7 +41,7 @@ fn grants(read: &[&str], write: &[&str]) -> Arc<Grants> {
 }
 
 fn cap(backend: &Arc<Backend>, plugin: &str, grants: &Arc<Grants>) -> DatabaseCap {
-    let info = Arc::new(JobInfo { job_id: "job".into(), task: "t".into(), plugin: plugin.into(), attempt: 0 });
+    let info = Arc::new(JobInfo { job_id: "job".into(), root_id: "job".into(), task: "t".into(), plugin: plugin.into(), attempt: 0 });
     DatabaseCap::new(info, grants.clone(), backend.clone())
 }
 

@@ -4,20 +4,23 @@
 //! success, a retry after backoff, or a dead letter. On shutdown it stops
 //! leasing, gives running jobs a grace period, then hands their leases back.
 
+mod leases;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::broker::backoff::Backoff;
-use crate::broker::{Broker, Delivery, FetchRequest, LeaseStatus, Outcome, RunRecord};
+use crate::broker::{Broker, Delivery, FetchRequest, Outcome, RunRecord};
 use crate::config::WorkerConfig;
 use crate::job::{ErrorKind, JobError};
 use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
 use crate::runtime::sandbox::{JobControl, RunOutcome, StopReason};
+use leases::RunningJobs;
 
 /// Everything a worker needs; cheap to clone into each job's task.
 #[derive(Clone)]
@@ -33,26 +36,65 @@ pub struct Worker {
 /// How long to wait before asking an unreachable broker again.
 const BROKER_RETRY: Duration = Duration::from_millis(500);
 
+/// While jobs run and only a few slots are free, the worker waits up to
+/// this long for more to free up, so that one fetch leases a batch instead
+/// of one round trip per finished job. Long jobs lose at most this much;
+/// short ones gain the most.
+const BATCH_WAIT: Duration = Duration::from_millis(1);
+
+/// One worker slot, held while a job runs in the sandbox and given back as
+/// soon as the run ends (before its outcome is written: a finished job no
+/// longer occupies the host). Wakes the fetch loop when freed.
+struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // The permit first, so the woken loop sees the slot free.
+        drop(self.permit.take());
+        self.freed.notify_one();
+    }
+}
+
 impl Worker {
     /// Runs until `shutdown` turns true, then drains as described above.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let slots = Arc::new(Semaphore::new(self.config.concurrency));
+        let concurrency = self.config.concurrency;
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let freed = Arc::new(Notify::new());
         let mut running: JoinSet<()> = JoinSet::new();
-        let controls: Arc<std::sync::Mutex<Vec<(String, Arc<JobControl>)>>> = Arc::default();
         let lease = Duration::from_millis(self.config.lease_ms);
+        let leases = Arc::new(RunningJobs::default());
+        let keeper = tokio::spawn(leases.clone().keep(self.broker.clone(), lease));
         let poll = Duration::from_millis(self.config.poll_ms);
-        tracing::info!(host = %self.host, queues = ?self.config.queues, concurrency = self.config.concurrency, "worker started");
+        let batch = (concurrency / 4).max(1);
+        let mut batch_deadline: Option<Instant> = None;
+        tracing::info!(host = %self.host, queues = ?self.config.queues, concurrency, "worker started");
 
         while !*shutdown.borrow() {
             while running.try_join_next().is_some() {}
             let free = slots.available_permits();
             if free == 0 {
                 tokio::select! {
-                    _ = running.join_next() => {}
+                    _ = freed.notified() => {}
                     _ = shutdown.changed() => {}
                 }
                 continue;
             }
+            if free < batch && free < concurrency {
+                let deadline = *batch_deadline.get_or_insert_with(|| Instant::now() + BATCH_WAIT);
+                if Instant::now() < deadline {
+                    tokio::select! {
+                        _ = freed.notified() => {}
+                        _ = tokio::time::sleep_until(deadline.into()) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    continue;
+                }
+            }
+            batch_deadline = None;
             let exclude = self.registry.saturated_tasks();
             let request = FetchRequest { host: &self.host, queues: &self.config.queues, exclude_tasks: &exclude, max: free, lease };
             let deliveries = match self.broker.fetch(request).await {
@@ -73,16 +115,9 @@ impl Worker {
                     let _ = self.broker.release(&delivery.lease).await;
                     continue;
                 };
-                let control = Arc::new(JobControl::default());
-                if let Ok(mut c) = controls.lock() {
-                    c.retain(|(_, c)| Arc::strong_count(c) > 1);
-                    c.push((delivery.job.id.clone(), control.clone()));
-                }
-                let worker = self.clone();
-                running.spawn(async move {
-                    worker.run_delivery(delivery, control).await;
-                    drop(permit);
-                });
+                let slot = Slot { permit: Some(permit), freed: freed.clone() };
+                let (worker, leases) = (self.clone(), leases.clone());
+                running.spawn(async move { worker.run_delivery(delivery, slot, &leases).await });
             }
             if got < free && !self.broker.fetch_waits() {
                 tokio::select! {
@@ -98,18 +133,15 @@ impl Worker {
         let drained = tokio::time::timeout(grace, async { while running.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!(running = running.len(), "grace period over: handing the remaining jobs back to the queue");
-            if let Ok(c) = controls.lock() {
-                for (_, control) in c.iter() {
-                    control.stop(StopReason::Shutdown);
-                }
-            }
+            leases.stop_all(StopReason::Shutdown);
             while running.join_next().await.is_some() {}
         }
+        keeper.abort();
         tracing::info!("worker stopped");
     }
 
     /// Runs one leased job to its recorded outcome.
-    async fn run_delivery(&self, delivery: Delivery, control: Arc<JobControl>) {
+    async fn run_delivery(&self, delivery: Delivery, slot: Slot, leases: &Arc<RunningJobs>) {
         let Delivery { job, lease } = delivery;
         let Some(plugin) = self.registry.lookup(&job.task) else {
             let error = JobError::new(ErrorKind::UnknownTask, format!("no loaded plugin serves task {:?}", job.task));
@@ -117,7 +149,7 @@ impl Worker {
             self.finish(&lease, Outcome::Dead { error }, RunRecord::default()).await;
             return;
         };
-        let Ok(_plugin_slot) = plugin.slots.clone().try_acquire_owned() else {
+        let Ok(plugin_slot) = plugin.slots.clone().try_acquire_owned() else {
             // Its plugin filled up between fetch and now: give it back unharmed.
             if let Err(e) = self.broker.release(&lease).await {
                 tracing::warn!(job_id = %job.id, error = %e, "cannot release a job; it runs again once its lease expires");
@@ -125,10 +157,13 @@ impl Worker {
             return;
         };
 
-        let keeper = tokio::spawn(keep_lease(self.broker.clone(), lease.clone(), control.clone(), Duration::from_millis(self.config.lease_ms)));
+        let control = Arc::new(JobControl::default());
+        let kept = leases.register(&lease, &control);
         let started = Instant::now();
         let report = self.runtime.run_job(&plugin, &job, control).await;
-        keeper.abort();
+        drop(kept);
+        drop(plugin_slot);
+        drop(slot);
         let elapsed_ms = started.elapsed().as_millis() as u64;
 
         let record = RunRecord {
@@ -197,34 +232,5 @@ impl Worker {
             }
         }
         tracing::error!(job_id = %lease.job_id, "giving up recording the outcome; the job runs again once its lease expires");
-    }
-}
-
-/// Renews the lease every third of its length, forwards cancel requests and
-/// lease loss to the running guest, and publishes progress.
-async fn keep_lease(broker: Arc<dyn Broker>, lease: crate::broker::Lease, control: Arc<JobControl>, ttl: Duration) {
-    let mut progress = control.progress();
-    let mut renew = tokio::time::interval(ttl / 3);
-    renew.tick().await;
-    loop {
-        tokio::select! {
-            _ = renew.tick() => match broker.renew(&lease, ttl).await {
-                Ok(LeaseStatus::Held { cancel_requested: true }) => control.stop(StopReason::Cancelled),
-                Ok(LeaseStatus::Held { cancel_requested: false }) => {}
-                Ok(LeaseStatus::Lost) => { control.stop(StopReason::LeaseLost); return; }
-                Err(e) => tracing::warn!(job_id = %lease.job_id, error = %e, "cannot renew lease; will try again"),
-            },
-            changed = progress.changed() => {
-                if changed.is_err() { return; }
-                let current = *progress.borrow_and_update();
-                if let Some(p) = current {
-                    if let Err(e) = broker.progress(&lease, p.done, p.total).await {
-                        tracing::debug!(job_id = %lease.job_id, error = %e, "cannot publish progress");
-                    }
-                    // At most a few progress writes per second.
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-            }
-        }
     }
 }

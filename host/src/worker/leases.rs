@@ -1,0 +1,127 @@
+//! Keeps the leases of every running job of one worker alive from a single
+//! task, instead of a timer task per job: a short job then costs no task
+//! spawn, timer or wake-up for its lease, and a host running many long jobs
+//! renews them all in one concurrent round. The same task forwards cancel
+//! requests and lease loss to the guests and publishes their progress.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use tokio::sync::watch;
+
+use crate::broker::{Broker, Lease, LeaseStatus};
+use crate::job::Progress;
+use crate::runtime::sandbox::{JobControl, StopReason};
+
+/// Running jobs, by job id; shared by the worker and the keeper task.
+#[derive(Default)]
+pub struct RunningJobs {
+    jobs: Mutex<HashMap<String, Tracked>>,
+}
+
+struct Tracked {
+    lease: Lease,
+    control: Arc<JobControl>,
+    progress: watch::Receiver<Option<Progress>>,
+    renewed: Instant,
+}
+
+/// Removes its job from [`RunningJobs`] when the run ends, however it ends.
+pub struct Registration {
+    jobs: Arc<RunningJobs>,
+    id: String,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut jobs) = self.jobs.jobs.lock() {
+            jobs.remove(&self.id);
+        }
+    }
+}
+
+impl RunningJobs {
+    /// Starts keeping `lease` alive until the returned guard is dropped.
+    pub fn register(self: &Arc<Self>, lease: &Lease, control: &Arc<JobControl>) -> Registration {
+        let tracked = Tracked {
+            lease: lease.clone(),
+            control: control.clone(),
+            progress: control.progress(),
+            renewed: Instant::now(),
+        };
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.insert(lease.job_id.clone(), tracked);
+        }
+        Registration { jobs: self.clone(), id: lease.job_id.clone() }
+    }
+
+    /// Asks every running guest to stop (shutdown after the grace period).
+    pub fn stop_all(&self, reason: StopReason) {
+        if let Ok(jobs) = self.jobs.lock() {
+            for t in jobs.values() {
+                t.control.stop(reason);
+            }
+        }
+    }
+
+    /// Renews every lease older than a third of `ttl` and publishes changed
+    /// progress, each `tick`, until the worker drops its handle.
+    pub async fn keep(self: Arc<Self>, broker: Arc<dyn Broker>, ttl: Duration) {
+        let tick = (ttl / 6).min(PROGRESS_EVERY);
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            // The worker's own handle is gone: it stopped.
+            if Arc::strong_count(&self) == 1 {
+                return;
+            }
+            let (renew, progress) = self.due(ttl);
+            let renewals = renew.into_iter().map(|(lease, control)| {
+                let broker = broker.clone();
+                async move {
+                    match broker.renew(&lease, ttl).await {
+                        Ok(LeaseStatus::Held { cancel_requested: true }) => control.stop(StopReason::Cancelled),
+                        Ok(LeaseStatus::Held { cancel_requested: false }) => {}
+                        Ok(LeaseStatus::Lost) => control.stop(StopReason::LeaseLost),
+                        Err(e) => tracing::warn!(job_id = %lease.job_id, error = %e, "cannot renew lease; will try again"),
+                    }
+                }
+            });
+            let published = progress.into_iter().map(|(lease, p)| {
+                let broker = broker.clone();
+                async move {
+                    if let Err(e) = broker.progress(&lease, p.done, p.total).await {
+                        tracing::debug!(job_id = %lease.job_id, error = %e, "cannot publish progress");
+                    }
+                }
+            });
+            tokio::join!(join_all(renewals), join_all(published));
+        }
+    }
+
+    /// The leases to renew now (marked renewed) and the progress reports
+    /// not yet published.
+    fn due(&self, ttl: Duration) -> (Vec<(Lease, Arc<JobControl>)>, Vec<(Lease, Progress)>) {
+        let now = Instant::now();
+        let (mut renew, mut progress) = (Vec::new(), Vec::new());
+        let Ok(mut jobs) = self.jobs.lock() else { return (renew, progress) };
+        for t in jobs.values_mut() {
+            if now.duration_since(t.renewed) >= ttl / 3 {
+                t.renewed = now;
+                renew.push((t.lease.clone(), t.control.clone()));
+            }
+            if t.progress.has_changed().unwrap_or(false) {
+                if let Some(p) = *t.progress.borrow_and_update() {
+                    progress.push((t.lease.clone(), p));
+                }
+            }
+        }
+        (renew, progress)
+    }
+}
+
+/// At most this often a running job's progress is written to the broker.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
