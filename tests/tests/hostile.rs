@@ -107,6 +107,19 @@ fn an_output_flood_is_capped_not_fatal() {
     assert!(log.contains("more bytes of output dropped"), "the cap is visible");
 }
 
+/// Memory slots are reused between jobs (zeroed, not unmapped): no job may
+/// see a global or the bytes of a static buffer an earlier one left.
+#[test]
+fn no_job_sees_what_an_earlier_one_left_in_memory() {
+    let env = env();
+    let _server = env.serve();
+    for _ in 0..12 {
+        let id = env.enqueue("hostile.remember", &[]);
+        let s = env.wait_state(&id, "succeeded", T);
+        assert_eq!(s["result"], json!({"runs": 1, "scratch_was_clean": true}), "{s:#}");
+    }
+}
+
 #[test]
 fn several_hostile_jobs_at_once_do_not_take_the_host_down() {
     let env = env();

@@ -4,7 +4,8 @@
 //! a job that spins is interrupted at its deadline, one that eats memory hits
 //! its limit, a panic or trap becomes a `trap` error, a capability call without
 //! a grant is `denied`, a flood of output does not take the host down, and a
-//! long job can be stopped from outside. `hostile.ok` proves that the plugin
+//! long job can be stopped from outside; `hostile.remember` tries to see
+//! what an earlier job left in memory. `hostile.ok` proves that the plugin
 //! itself loads and works. None of this belongs in a real plugin.
 
 use std::hint::black_box;
@@ -27,6 +28,7 @@ celer_plugin::plugin! {
         "hostile.sleep" => sleep,
         "hostile.print_flood" => print_flood,
         "hostile.ok" => ok,
+        "hostile.remember" => remember,
     }
 }
 
@@ -117,6 +119,24 @@ fn print_flood(_: &Context, (): ()) -> Result<&'static str, TaskError> {
     }
     let _ = out.flush();
     Ok("ok")
+}
+
+/// Counts its runs in a global and leaves a secret in a zero-initialised
+/// 256 KiB buffer, after looking for the previous run's: every job
+/// must start from a fresh instance (the host reuses memory slots and
+/// zeroes only the pages a job dirtied), so it must see 1 run and no secret.
+fn remember(_: &Context, (): ()) -> Result<Value, TaskError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    static SCRATCH: std::sync::Mutex<[u8; 256 * 1024]> = std::sync::Mutex::new([0; 256 * 1024]);
+    const SECRET: &[u8] = b"left by an earlier job";
+    let runs = RUNS.fetch_add(1, Ordering::SeqCst) + 1;
+    let mut scratch = SCRATCH.lock().map_err(|_| TaskError::fail("poisoned"))?;
+    let scratch_was_clean = scratch.iter().all(|b| *b == 0);
+    for chunk in scratch.chunks_mut(4096) {
+        chunk[..SECRET.len()].copy_from_slice(SECRET);
+    }
+    Ok(json!({ "runs": runs, "scratch_was_clean": scratch_was_clean }))
 }
 
 /// Works: proves the plugin loads and runs when it behaves.
