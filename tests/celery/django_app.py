@@ -11,7 +11,7 @@ manifest maps:
     proj.tasks.fail  -> hello.fail    fails (permanently with retry=False)
 
 Environment: CELERY_URL (broker and result backend), CELERY_QUEUE (the
-queue, unique per test run). Exits non-zero with a message on the first
+queue, unique per test run), CELER_PREFIX (the host's key prefix). Exits non-zero with a message on the first
 failed check; prints one JSON line of facts for the Rust side.
 """
 import base64
@@ -27,6 +27,7 @@ from celery.exceptions import TaskRevokedError
 
 URL = os.environ["CELERY_URL"]
 QUEUE = os.environ["CELERY_QUEUE"]
+PREFIX = os.environ["CELER_PREFIX"]  # celer's key prefix: its own keys, to watch progress
 
 app = Celery("proj", broker=URL, backend=URL)
 app.conf.task_default_queue = QUEUE
@@ -107,6 +108,34 @@ try:
 except TaskRevokedError:
     pass
 check(y.state == "REVOKED", f"state REVOKED, got {y.state}")
+
+# 5b. revoke(): a task waiting for its countdown is not run and reads REVOKED
+# at once; a task id revoked before its message is sent is never run.
+v = add.apply_async((7, 7), countdown=4)
+deadline = time.time() + T
+# celer has taken the message once the job it made is findable.
+while not store.exists(f"{PREFIX}celery:job:{v.id}") and time.time() < deadline:
+    time.sleep(0.02)
+t_revoke = time.time()
+v.revoke()
+try:
+    v.get(timeout=T)
+    check(False, "a revoked task's .get() raises")
+except TaskRevokedError:
+    pass
+check(v.state == "REVOKED", f"revoked: state REVOKED, got {v.state}")
+facts["revoked_result_after_s"] = round(time.time() - t_revoke, 3)
+check(time.time() - t_revoke < 3.5, "REVOKED before the countdown would have run it")
+early = "revoked-before-sent-" + QUEUE
+app.control.revoke(early)
+time.sleep(0.5)  # the broadcast reaches celer
+w = add.apply_async((8, 8), task_id=early)
+try:
+    w.get(timeout=T)
+    check(False, "a task revoked before it was sent: .get() raises")
+except TaskRevokedError:
+    pass
+check(w.state == "REVOKED", f"revoked before sent: state REVOKED, got {w.state}")
 
 # 6. Malformed messages go to celer's dead letters; the host keeps consuming.
 good = json.loads(json.dumps({

@@ -84,6 +84,7 @@ fn a_django_app_gets_its_results_from_celer() {
         .arg(repo_root().join("tests/celery/django_app.py"))
         .env("CELERY_URL", services::REDIS_URL)
         .env("CELERY_QUEUE", &queue)
+        .env("CELER_PREFIX", &prefix)
         .output()
         .expect("run the Celery producer");
     assert!(

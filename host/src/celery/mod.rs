@@ -14,6 +14,8 @@
 //!   `celery:<task id>`).
 //! - [`broker::CeleryAwareBroker`] writes `celery-task-meta-<id>` when a
 //!   job from Celery ends, in Celery's format ([`result`]).
+//! - [`revoke`] hears `AsyncResult.revoke()` broadcasts and cancels the
+//!   task's job (or keeps its message from running).
 //!
 //! Messages that cannot be run (not JSON, bad base64, pickle or another
 //! content type, unknown task) go to the stream `<prefix>celery:dead` with
@@ -24,6 +26,7 @@
 pub mod broker;
 pub mod protocol;
 pub mod result;
+pub mod revoke;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,6 +147,7 @@ pub async fn start(
     add.query_async::<i64>(&mut c).await.map_err(|e| format!("Celery's Redis at {url}: {e}"))?;
     tokio::spawn(keep_alive(ctx.clone(), stop.clone()));
     tokio::spawn(recover_loop(ctx.clone(), stop.clone()));
+    tokio::spawn(revoke::listen(ctx.clone(), url.clone(), stop.clone()));
     for queue in &ctx.celery.queues {
         tokio::spawn(consume(ctx.clone(), queue.clone(), stop.clone()));
     }
@@ -421,12 +425,30 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
         let e = Exception::new("TaskRevokedError", "celery.exceptions", "expired");
         return write_result(ctx, &msg, Status::Revoked, e, false).await;
     }
+    if ctx.is_revoked(&msg.id).await? {
+        tracing::info!(task_id = %msg.id, task = %msg.task, "Celery task was revoked before it arrived: not run");
+        return ctx.write_revoked(&msg.id, "revoked").await;
+    }
     if msg.has_workflow {
         tracing::warn!(task_id = %msg.id, task = %msg.task, "Celery callbacks/chains/chords are not run by celer; running the task alone");
     }
     let job = to_job(&msg, queue);
     match ctx.broker.enqueue(job).await {
         Ok(enqueued) => {
+            // Remembered so that a revoke can find the job; lives as long as the result.
+            let mut c = ctx.conn.clone();
+            ::redis::cmd("SET")
+                .arg(ctx.job_of(&msg.id))
+                .arg(&enqueued.id)
+                .arg("EX")
+                .arg(ctx.celery.result_expires_s.max(1))
+                .query_async::<()>(&mut c)
+                .await
+                .map_err(|e| e.to_string())?;
+            // A revoke heard between the check above and now found no job yet.
+            if ctx.is_revoked(&msg.id).await? {
+                ctx.revoke_job(&msg.id, &enqueued.id, false).await?;
+            }
             if let Some(expires) = msg.expires {
                 let mut c = ctx.conn.clone();
                 ::redis::cmd("ZADD")

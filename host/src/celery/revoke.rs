@@ -1,0 +1,245 @@
+//! `AsyncResult.revoke()` and `app.control.revoke(ids)` from a Django app.
+//! Celery broadcasts the request on its `celery.pidbox` fanout exchange,
+//! which kombu's Redis transport turns into a PUBLISH on the channel
+//! `<key prefix>/<db>.celery.pidbox` (captured in
+//! `shared/fixtures/celery-protocol/pidbox-broadcast-hello.json`). celer
+//! listens on it as a Celery worker does, and does what a worker does:
+//!
+//! - the id is remembered for [`REMEMBER`] (Celery's `REVOKE_EXPIRES`), so a
+//!   message that arrives later for it is not run but reads REVOKED;
+//! - a job not started yet is cancelled and reads REVOKED at once;
+//! - a running job is stopped only when the request says `terminate=True`
+//!   (then it ends `cancelled` and reads REVOKED); otherwise it finishes,
+//!   as it would under Celery.
+//!
+//! Broadcasts are not stored: a revoke sent while no host listens is lost,
+//! as with Celery workers that run without `--statedb`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use chrono::Utc;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::Ctx;
+use super::result::{self, Exception, Status};
+use crate::broker::CancelOutcome;
+use crate::job::JobState;
+
+/// How long a revoked id is remembered (Celery's default, 3 hours).
+const REMEMBER: Duration = Duration::from_secs(3 * 3600);
+
+/// One revoke request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Revoke {
+    pub task_ids: Vec<String>,
+    pub terminate: bool,
+}
+
+/// The pub/sub channel of `celery.pidbox` for a Redis URL's database.
+pub fn channel(url: &str, key_prefix: &str) -> String {
+    let db = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.path().trim_start_matches('/').parse::<u32>().ok())
+        .unwrap_or(0);
+    format!("{key_prefix}/{db}.celery.pidbox")
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    body: String,
+    #[serde(rename = "content-type")]
+    content_type: Option<String>,
+    #[serde(default)]
+    properties: Properties,
+}
+
+#[derive(Deserialize, Default)]
+struct Properties {
+    body_encoding: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Request {
+    method: String,
+    #[serde(default)]
+    arguments: serde_json::Value,
+    #[serde(default)]
+    destination: Option<Vec<String>>,
+}
+
+/// The revoke request in a pidbox broadcast; `None` for anything else
+/// (other control commands, requests addressed to named Celery workers, or
+/// messages this reader cannot decode, which are never executed).
+pub fn parse(payload: &[u8]) -> Option<Revoke> {
+    let envelope: Envelope = serde_json::from_slice(payload).ok()?;
+    if envelope.content_type.as_deref().is_some_and(|t| t != "application/json") {
+        return None;
+    }
+    let body = match envelope.properties.body_encoding.as_deref() {
+        Some("base64") => base64::engine::general_purpose::STANDARD.decode(envelope.body.as_bytes()).ok()?,
+        _ => envelope.body.into_bytes(),
+    };
+    let request: Request = serde_json::from_slice(&body).ok()?;
+    // A revoke meant for named Celery workers is theirs; celer is not one.
+    if request.method != "revoke" || request.destination.is_some_and(|d| !d.is_empty()) {
+        return None;
+    }
+    let task_ids = match request.arguments.get("task_id")? {
+        serde_json::Value::String(id) => vec![id.clone()],
+        serde_json::Value::Array(ids) => ids.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+        _ => return None,
+    };
+    let terminate = request.arguments.get("terminate").and_then(serde_json::Value::as_bool).unwrap_or(false);
+    Some(Revoke { task_ids, terminate })
+}
+
+impl Ctx {
+    fn revoked(&self, celery_id: &str) -> String {
+        format!("{}celery:revoked:{celery_id}", self.prefix)
+    }
+
+    /// celer's job id for a Celery task id, written when its message is taken.
+    pub(super) fn job_of(&self, celery_id: &str) -> String {
+        format!("{}celery:job:{celery_id}", self.prefix)
+    }
+
+    /// Whether a revoke for this Celery task id was heard lately.
+    pub(super) async fn is_revoked(&self, celery_id: &str) -> Result<bool, String> {
+        let mut c = self.conn.clone();
+        ::redis::cmd("EXISTS").arg(self.revoked(celery_id)).query_async(&mut c).await.map_err(|e| e.to_string())
+    }
+
+    /// Stores REVOKED as the task's result, as a Celery worker does.
+    pub(super) async fn write_revoked(&self, celery_id: &str, why: &str) -> Result<(), String> {
+        let e = Exception::new("TaskRevokedError", "celery.exceptions", why);
+        let doc = result::meta(celery_id, Status::Revoked, &result::Outcome::Failure(e, None), Utc::now());
+        self.results.write(celery_id, &doc).await.map_err(|e| e.to_string())
+    }
+
+    /// Cancels the job of a revoked task if it has not started (or, with
+    /// `terminate`, stops it); a job that already ended is left as it is.
+    pub(super) async fn revoke_job(&self, celery_id: &str, job_id: &str, terminate: bool) -> Result<(), String> {
+        let state = self.broker.status(job_id).await.map_err(|e| e.to_string())?.map(|s| s.state);
+        match state {
+            Some(JobState::Running) if !terminate => {
+                tracing::info!(task_id = %celery_id, job_id, "Celery task revoked while running: it finishes (no terminate=True)");
+                Ok(())
+            }
+            Some(s) if !s.is_terminal() => match self.broker.cancel(job_id).await.map_err(|e| e.to_string())? {
+                CancelOutcome::Cancelled => {
+                    tracing::info!(task_id = %celery_id, job_id, "Celery task revoked: its job is cancelled");
+                    self.write_revoked(celery_id, "revoked").await
+                }
+                // Its worker stops it and writes REVOKED when it ends.
+                CancelOutcome::StopRequested => {
+                    tracing::info!(task_id = %celery_id, job_id, "Celery task revoked with terminate=True: stopping its job");
+                    Ok(())
+                }
+                CancelOutcome::AlreadyFinished | CancelOutcome::NotFound => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    async fn apply(&self, revoke: &Revoke) -> Result<(), String> {
+        for id in &revoke.task_ids {
+            let mut c = self.conn.clone();
+            ::redis::cmd("SET")
+                .arg(self.revoked(id))
+                .arg(u8::from(revoke.terminate))
+                .arg("EX")
+                .arg(REMEMBER.as_secs())
+                .query_async::<()>(&mut c)
+                .await
+                .map_err(|e| e.to_string())?;
+            let job: Option<String> = ::redis::cmd("GET").arg(self.job_of(id)).query_async(&mut c).await.map_err(|e| e.to_string())?;
+            match job {
+                Some(job_id) => self.revoke_job(id, &job_id, revoke.terminate).await?,
+                None => tracing::info!(task_id = %id, "Celery task revoked before its message arrived: it will not run"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Listens for revoke broadcasts until `stop`, reconnecting when Redis
+/// goes away.
+pub(super) async fn listen(ctx: Arc<Ctx>, url: String, mut stop: watch::Receiver<bool>) {
+    let channel = channel(&url, &ctx.celery.key_prefix);
+    while !*stop.borrow() {
+        let subscribed = async {
+            let client = ::redis::Client::open(url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, ::redis::RedisError>(pubsub)
+        };
+        let pubsub = match subscribed.await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, channel, "Celery revokes: cannot subscribe; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.changed() => return,
+                }
+            }
+        };
+        let mut messages = pubsub.into_on_message();
+        loop {
+            let message = tokio::select! {
+                m = messages.next() => m,
+                _ = stop.changed() => return,
+            };
+            // The connection dropped: subscribe again.
+            let Some(message) = message else { break };
+            let Some(revoke) = parse(message.get_payload_bytes()) else { continue };
+            if let Err(e) = ctx.apply(&revoke).await {
+                tracing::warn!(error = %e, task_ids = ?revoke.task_ids, "Celery revoke not applied");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broadcast shaped like the captured `hello` one, carrying `body`.
+    fn broadcast(body: serde_json::Value) -> Vec<u8> {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(body.to_string());
+        serde_json::json!({
+            "body": encoded, "content-encoding": "utf-8", "content-type": "application/json",
+            "headers": {"clock": 1, "expires": 1795369060.725446},
+            "properties": {"delivery_mode": 2, "delivery_info": {"exchange": "celery.pidbox", "routing_key": ""},
+                           "priority": 0, "body_encoding": "base64", "delivery_tag": "t"}
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn revoke_requests_are_read_and_nothing_else_is() {
+        let one = broadcast(serde_json::json!({"method": "revoke", "arguments": {"task_id": "a", "terminate": false, "signal": "SIGTERM"},
+            "destination": null, "pattern": null, "matcher": null, "ticket": "x"}));
+        assert_eq!(parse(&one), Some(Revoke { task_ids: vec!["a".into()], terminate: false }));
+        let many = broadcast(serde_json::json!({"method": "revoke", "arguments": {"task_id": ["a", "b"], "terminate": true}}));
+        assert_eq!(parse(&many), Some(Revoke { task_ids: vec!["a".into(), "b".into()], terminate: true }));
+        // The captured mingle `hello`, a request for named workers, and junk: ignored.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/celery-protocol/pidbox-broadcast-hello.json");
+        let hello = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(parse(&hello), None);
+        let targeted = broadcast(serde_json::json!({"method": "revoke", "arguments": {"task_id": "a"}, "destination": ["w1@host"]}));
+        assert_eq!(parse(&targeted), None);
+        assert_eq!(parse(b"not json"), None);
+    }
+
+    #[test]
+    fn the_channel_names_the_database_and_the_key_prefix() {
+        assert_eq!(channel("redis://127.0.0.1:6390/0", ""), "/0.celery.pidbox");
+        assert_eq!(channel("redis://:pw@redis:6379/3", "app:"), "app:/3.celery.pidbox");
+        assert_eq!(channel("redis://redis:6379", ""), "/0.celery.pidbox");
+    }
+}
