@@ -137,6 +137,27 @@ except TaskRevokedError:
     pass
 check(w.state == "REVOKED", f"revoked before sent: state REVOKED, got {w.state}")
 
+# 5c. Canvas: a chain runs its tasks in order, each given the previous
+# result unless immutable; link= callbacks run after success.
+from celery import chain
+ch = chain(add.s(1, 2), add.si(5, 5)).apply_async()
+check(ch.get(timeout=T) == {"sum": 10}, "the chain's last task ran")
+check(ch.parent.get(timeout=T) == {"sum": 3}, "the chain's first task ran")
+check(json.loads(store.get(f"celery-task-meta-{ch.id}"))["status"] == "SUCCESS", "chain result stored")
+# A mutable signature gets the result first: greet({"sum": 3}) fails on its type.
+bad = chain(add.s(1, 2), greet.s()).apply_async()
+try:
+    bad.get(timeout=T)
+    check(False, "greet({'sum': 3}) fails")
+except Exception as e:  # noqa: BLE001
+    facts["chain_type_error"] = str(e)
+    check("invalid type: map" in str(e), f"the previous result (a map) was passed on: {e!r}")
+cb = greet.si(name="Lin")
+cb.freeze()
+linked = add.apply_async((2, 2), link=cb)
+check(linked.get(timeout=T) == {"sum": 4}, "the linked task's own result")
+check(app.AsyncResult(cb.id).get(timeout=T) == {"message": "Hello, Lin!"}, "the link= callback ran")
+
 # 6. Malformed messages go to celer's dead letters; the host keeps consuming.
 good = json.loads(json.dumps({
     "body": base64.b64encode(json.dumps([[1, 2], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()).decode(),

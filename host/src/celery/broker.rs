@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use super::ResultWriter;
+use super::follow_ups::FollowUps;
 use super::result::{self, Exception, Status};
 use crate::broker::{
     Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, HostInfo, Lease, LeaseStatus, Outcome,
@@ -39,13 +40,14 @@ struct Origin {
 pub struct CeleryAwareBroker {
     inner: Arc<dyn Broker>,
     results: ResultWriter,
+    follow_ups: FollowUps,
     /// Leased Celery jobs of this host: job id → origin.
     leased: Mutex<HashMap<String, Origin>>,
 }
 
 impl CeleryAwareBroker {
-    pub fn new(inner: Arc<dyn Broker>, results: ResultWriter) -> Self {
-        CeleryAwareBroker { inner, results, leased: Mutex::new(HashMap::new()) }
+    pub fn new(inner: Arc<dyn Broker>, results: ResultWriter, follow_ups: FollowUps) -> Self {
+        CeleryAwareBroker { inner, results, follow_ups, leased: Mutex::new(HashMap::new()) }
     }
 
     fn take(&self, job_id: &str) -> Option<Origin> {
@@ -84,6 +86,17 @@ impl Broker for CeleryAwareBroker {
     }
 
     async fn complete(&self, lease: &Lease, outcome: Outcome, record: RunRecord) -> Result<bool, BrokerError> {
+        if let Outcome::Succeeded { result } = &outcome {
+            let celery_id = self.leased.lock().ok().and_then(|m| m.get(&lease.job_id).map(|o| o.celery_id.clone()));
+            if let Some(id) = celery_id {
+                // Sent before the outcome is recorded: if this fails, the
+                // outcome is not recorded either and the job runs again.
+                self.follow_ups
+                    .send(&id, result)
+                    .await
+                    .map_err(|e| BrokerError::Unavailable(format!("cannot send the Celery follow-ups of {id}: {e}")))?;
+            }
+        }
         let recorded = self.inner.complete(lease, outcome.clone(), record.clone()).await?;
         let Some(origin) = self.take(&lease.job_id) else { return Ok(recorded) };
         if !recorded {

@@ -14,6 +14,8 @@
 //!   `celery:<task id>`).
 //! - [`broker::CeleryAwareBroker`] writes `celery-task-meta-<id>` when a
 //!   job from Celery ends, in Celery's format ([`result`]).
+//! - [`follow_ups`] sends `link=` callbacks and the next task of a chain
+//!   when a task succeeds, as a Celery worker does.
 //! - [`revoke`] hears `AsyncResult.revoke()` broadcasts and cancels the
 //!   task's job (or keeps its message from running).
 //!
@@ -24,6 +26,7 @@
 //! passed gets `REVOKED`, as a Celery worker would write them.
 
 pub mod broker;
+pub mod follow_ups;
 pub mod protocol;
 pub mod result;
 pub mod revoke;
@@ -107,6 +110,7 @@ struct Ctx {
     broker: Arc<dyn Broker>,
     registry: Arc<Registry>,
     results: ResultWriter,
+    follow_ups: follow_ups::FollowUps,
     mover: ::redis::Script,
 }
 
@@ -126,6 +130,12 @@ pub async fn start(
     }
     let conn = target.connect(Some(Duration::from_secs(5))).await.map_err(|e| format!("Celery's Redis at {url}: {e}"))?;
     let results = ResultWriter::new(conn.clone(), config.celery.result_expires_s);
+    let follow_ups = follow_ups::FollowUps::new(
+        conn.clone(),
+        config.broker.prefix.clone(),
+        config.celery.key_prefix.clone(),
+        config.celery.result_expires_s,
+    );
     let ctx = Arc::new(Ctx {
         conn,
         target,
@@ -135,6 +145,7 @@ pub async fn start(
         broker: broker.clone(),
         registry,
         results: results.clone(),
+        follow_ups: follow_ups.clone(),
         mover: ::redis::Script::new(MOVE),
     });
     // Register this host's in-flight lists before anything moves into them.
@@ -152,7 +163,7 @@ pub async fn start(
         tokio::spawn(consume(ctx.clone(), queue.clone(), stop.clone()));
     }
     tracing::info!(queues = ?ctx.celery.queues, "consuming Celery messages");
-    Ok(Arc::new(broker::CeleryAwareBroker::new(broker, results)))
+    Ok(Arc::new(broker::CeleryAwareBroker::new(broker, results, follow_ups)))
 }
 
 impl Ctx {
@@ -429,9 +440,11 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
         tracing::info!(task_id = %msg.id, task = %msg.task, "Celery task was revoked before it arrived: not run");
         return ctx.write_revoked(&msg.id, "revoked").await;
     }
-    if msg.has_workflow {
-        tracing::warn!(task_id = %msg.id, task = %msg.task, "Celery callbacks/chains/chords are not run by celer; running the task alone");
+    if !msg.workflow.unsupported.is_empty() {
+        tracing::warn!(task_id = %msg.id, task = %msg.task, parts = ?msg.workflow.unsupported, "parts of this Celery canvas are not run by celer; the task and its links/chain are");
     }
+    // Before the job exists: it may succeed (and look for them) at once.
+    ctx.follow_ups.keep(&msg, queue).await?;
     let job = to_job(&msg, queue);
     match ctx.broker.enqueue(job).await {
         Ok(enqueued) => {
@@ -529,7 +542,7 @@ mod tests {
             retries: 1,
             root_id: root.map(String::from),
             parent_id: parent.map(String::from),
-            has_workflow: false,
+            workflow: protocol::Workflow::default(),
         }
     }
 

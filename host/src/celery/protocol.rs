@@ -34,8 +34,27 @@ pub struct TaskMessage {
     pub retries: u32,
     pub root_id: Option<String>,
     pub parent_id: Option<String>,
-    /// Callbacks, errbacks, chain or chord were attached (not supported).
-    pub has_workflow: bool,
+    /// What Celery's canvas attached to run after it.
+    pub workflow: Workflow,
+}
+
+/// The canvas of a message (`embed` of the body): signatures as Celery
+/// sent them (`{"task", "args", "kwargs", "options", "immutable", …}`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Workflow {
+    /// `link=`: each is sent with the result when the task succeeds.
+    pub callbacks: Vec<Value>,
+    /// The rest of a `chain(…)`; the last element runs next, with the result.
+    pub chain: Vec<Value>,
+    /// Attached parts celer does not run (`errbacks`, `chord`).
+    pub unsupported: Vec<&'static str>,
+}
+
+impl Workflow {
+    /// Anything to send on when the task succeeds.
+    pub fn has_follow_ups(&self) -> bool {
+        !self.callbacks.is_empty() || !self.chain.is_empty()
+    }
 }
 
 /// Why a message was not accepted; `task_id` when the headers could be read,
@@ -106,9 +125,23 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
     if !kwargs.is_object() {
         return Err(reject("kwargs is not a JSON object".into()));
     }
-    let has_workflow = ["callbacks", "errbacks", "chain", "chord"]
-        .iter()
-        .any(|k| embed.get(k).is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())));
+    let attached = |k: &str| embed.get(k).is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()));
+    let signatures = |k: &str| -> Result<Vec<Value>, Rejected> {
+        match embed.get(k) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(sigs)) if sigs.iter().all(|s| s.get("task").is_some_and(Value::is_string)) => Ok(sigs.clone()),
+            Some(other) => Err(reject(format!("embed.{k} is not a list of task signatures: {other}"))),
+        }
+    };
+    let workflow = Workflow {
+        callbacks: signatures("callbacks")?,
+        chain: signatures("chain")?,
+        unsupported: [("errbacks", "link_error (errbacks)"), ("chord", "chord")]
+            .into_iter()
+            .filter(|(k, _)| attached(k))
+            .map(|(_, what)| what)
+            .collect(),
+    };
     let time = |k: &str| -> Result<Option<DateTime<Utc>>, Rejected> {
         match headers.and_then(|h| h.get(k)) {
             None | Some(Value::Null) => Ok(None),
@@ -127,8 +160,50 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
         retries: u32::try_from(retries).unwrap_or(u32::MAX),
         root_id: header_str("root_id"),
         parent_id: header_str("parent_id"),
-        has_workflow,
+        workflow,
     })
+}
+
+/// A task message celer sends (a follow-up of Celery's canvas), in the
+/// shape a Celery client writes (`shared/fixtures/celery-protocol/
+/// send_task-*.json`), so that any consumer of the queue, Celery worker or
+/// celer host, runs it.
+pub struct Outgoing<'a> {
+    pub id: &'a str,
+    pub task: &'a str,
+    pub args: &'a Value,
+    pub kwargs: &'a Value,
+    /// `{"callbacks", "errbacks", "chain", "chord"}` of the new message.
+    pub embed: Value,
+    pub root_id: &'a str,
+    pub parent_id: &'a str,
+    pub queue: &'a str,
+    pub eta: Option<DateTime<Utc>>,
+}
+
+/// Encodes `o` as a protocol v2 message (JSON body, base64).
+pub fn encode(o: &Outgoing<'_>) -> String {
+    let body = serde_json::json!([o.args, o.kwargs, o.embed]).to_string();
+    serde_json::json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(body),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py", "task": o.task, "id": o.id, "shadow": null,
+            "eta": o.eta.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, false)),
+            "expires": null, "group": null, "group_index": null, "retries": 0, "timelimit": [null, null],
+            "root_id": o.root_id, "parent_id": o.parent_id,
+            "argsrepr": o.args.to_string(), "kwargsrepr": o.kwargs.to_string(),
+            "origin": "celer", "ignore_result": false, "replaced_task_nesting": 0,
+            "stamped_headers": null, "stamps": {},
+        },
+        "properties": {
+            "correlation_id": o.id, "reply_to": "", "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": o.queue},
+            "priority": 0, "body_encoding": "base64", "delivery_tag": uuid::Uuid::new_v4().to_string(),
+        },
+    })
+    .to_string()
 }
 
 /// ISO-8601 as Celery writes it (`2026-11-22T17:37:35.310600+00:00`); a
@@ -165,7 +240,7 @@ mod tests {
         assert_eq!((m.eta, m.expires, m.retries), (None, None, 0));
         assert_eq!(m.root_id.as_deref(), Some("72233f39-e827-45bf-91ba-025a6eeb6cb9"));
         assert_eq!(m.parent_id, None);
-        assert!(!m.has_workflow);
+        assert_eq!(m.workflow, Workflow::default());
 
         let m = decode(&fixture("send_task-export.organization-countdown10.json")).unwrap();
         assert_eq!(m.eta, Some(parse_time("2026-11-22T17:37:35.310600+00:00").unwrap()));
@@ -203,7 +278,30 @@ mod tests {
         assert!(bad_body.reason.contains("protocol v2"), "{}", bad_body.reason);
         let ok = decode(&message("application/json", &b64(json!([[1], {"k": 2}, {"callbacks": null}])))).unwrap();
         assert_eq!((ok.retries, ok.parent_id.as_deref(), ok.root_id.as_deref()), (2, Some("p"), Some("r")));
-        let chained = decode(&message("application/json", &b64(json!([[], {}, {"chain": [{"task": "t"}]}])))).unwrap();
-        assert!(chained.has_workflow);
+        let chained = decode(&message("application/json", &b64(json!([[], {}, {"chain": [{"task": "t"}], "errbacks": [{"task": "e"}]}])))).unwrap();
+        assert_eq!(chained.workflow.chain, vec![json!({"task": "t"})]);
+        assert!(chained.workflow.has_follow_ups());
+        assert_eq!(chained.workflow.unsupported, vec!["link_error (errbacks)"]);
+        let bad = decode(&message("application/json", &b64(json!([[], {}, {"callbacks": [1]}])))).unwrap_err();
+        assert!(bad.reason.contains("embed.callbacks"), "{}", bad.reason);
+    }
+
+    #[test]
+    fn what_celer_sends_reads_back_as_sent() {
+        let (args, kwargs) = (json!([{"sum": 3}, 4]), json!({"k": true}));
+        let embed = json!({"callbacks": null, "errbacks": null, "chain": [{"task": "t.last"}], "chord": null});
+        let out = Outgoing {
+            id: "n-1", task: "t.next", args: &args, kwargs: &kwargs, embed, root_id: "r", parent_id: "p", queue: "q", eta: None,
+        };
+        let m = decode(encode(&out).as_bytes()).expect("decodes");
+        assert_eq!((m.id.as_str(), m.task.as_str(), &m.args, &m.kwargs), ("n-1", "t.next", &args, &kwargs));
+        assert_eq!((m.root_id.as_deref(), m.parent_id.as_deref()), (Some("r"), Some("p")));
+        assert_eq!(m.workflow.chain, vec![json!({"task": "t.last"})]);
+        // The same headers and properties as a real client's message.
+        let ours: Value = serde_json::from_str(&encode(&out)).unwrap();
+        let theirs: Value = serde_json::from_slice(&fixture("send_task-export.organization.json")).unwrap();
+        let keys = |v: &Value, k: &str| v[k].as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&ours, "headers"), keys(&theirs, "headers"));
+        assert_eq!(keys(&ours, "properties"), keys(&theirs, "properties"));
     }
 }

@@ -1,0 +1,148 @@
+//! Celery's canvas after a task succeeds: `link=` callbacks and the next
+//! task of a `chain(…)`. When a message carrying either is taken, its
+//! workflow is kept beside the job (`<prefix>celery:workflow:<task id>`, as
+//! long as the result); when the job succeeds, each follow-up is sent as a
+//! protocol v2 message onto its queue's kombu list, as a Celery worker
+//! sends it: the result first in its args unless the signature is
+//! immutable, the rest of the chain in its embed, root and parent ids
+//! carried on. Whatever consumes that queue, a celer host or a Celery
+//! worker, runs it.
+//!
+//! Follow-ups are sent before the outcome is recorded, so a host that dies
+//! in between sends them again when the job runs again; each keeps the
+//! task id Celery froze into its signature (or one derived from the parent
+//! id), and celer's consumer makes one job per task id, so a repeat is not
+//! run twice by celer.
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::Digest;
+
+use super::protocol::{self, Outgoing, TaskMessage};
+use crate::broker::redis::conn::Conn;
+
+/// Sends the follow-ups of Celery tasks that succeed.
+#[derive(Clone)]
+pub struct FollowUps {
+    conn: Conn,
+    /// celer's key prefix (where workflows are kept).
+    prefix: String,
+    /// kombu's `global_keyprefix` (where queues are).
+    key_prefix: String,
+    expires_s: u64,
+}
+
+/// What is kept per task between taking its message and its success.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Kept {
+    callbacks: Vec<Value>,
+    chain: Vec<Value>,
+    /// The queue the task came from: follow-ups without one go there.
+    queue: String,
+    root_id: String,
+}
+
+impl FollowUps {
+    pub fn new(conn: Conn, prefix: String, key_prefix: String, expires_s: u64) -> Self {
+        FollowUps { conn, prefix, key_prefix, expires_s: expires_s.max(1) }
+    }
+
+    fn key(&self, celery_id: &str) -> String {
+        format!("{}celery:workflow:{celery_id}", self.prefix)
+    }
+
+    /// Keeps the follow-ups of a message just taken from `queue`, if any.
+    pub async fn keep(&self, msg: &TaskMessage, queue: &str) -> Result<(), String> {
+        if !msg.workflow.has_follow_ups() {
+            return Ok(());
+        }
+        let kept = Kept {
+            callbacks: msg.workflow.callbacks.clone(),
+            chain: msg.workflow.chain.clone(),
+            queue: queue.to_string(),
+            root_id: msg.root_id.clone().unwrap_or_else(|| msg.id.clone()),
+        };
+        let text = serde_json::to_string(&kept).map_err(|e| e.to_string())?;
+        let mut c = self.conn.clone();
+        ::redis::cmd("SET")
+            .arg(self.key(&msg.id))
+            .arg(text)
+            .arg("EX")
+            .arg(self.expires_s)
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Sends the follow-ups of `celery_id`, which succeeded with `result`.
+    pub async fn send(&self, celery_id: &str, result: &Value) -> Result<(), String> {
+        let mut c = self.conn.clone();
+        let kept: Option<String> = ::redis::cmd("GET").arg(self.key(celery_id)).query_async(&mut c).await.map_err(|e| e.to_string())?;
+        let Some(kept) = kept else { return Ok(()) };
+        let kept: Kept = serde_json::from_str(&kept).map_err(|e| format!("unreadable workflow of {celery_id}: {e}"))?;
+        let mut messages = Vec::new();
+        for (i, sig) in kept.callbacks.iter().enumerate() {
+            messages.push(self.message(sig, Vec::new(), result, celery_id, &kept, &format!("link-{i}")));
+        }
+        if let Some((next, rest)) = kept.chain.split_last() {
+            messages.push(self.message(next, rest.to_vec(), result, celery_id, &kept, "chain"));
+        }
+        let mut pipe = ::redis::pipe();
+        for (queue, message) in &messages {
+            pipe.cmd("LPUSH").arg(format!("{}{queue}", self.key_prefix)).arg(message).ignore();
+        }
+        pipe.cmd("DEL").arg(self.key(celery_id)).ignore();
+        pipe.query_async::<()>(&mut c).await.map_err(|e| e.to_string())?;
+        tracing::info!(task_id = %celery_id, follow_ups = messages.len(), "Celery follow-ups sent");
+        Ok(())
+    }
+
+    /// The queue and message for one signature.
+    fn message(&self, sig: &Value, chain: Vec<Value>, result: &Value, parent: &str, kept: &Kept, role: &str) -> (String, String) {
+        let options = sig.get("options").cloned().unwrap_or(json!({}));
+        let immutable = sig.get("immutable").and_then(Value::as_bool).unwrap_or(false);
+        let mut args: Vec<Value> = sig.get("args").and_then(Value::as_array).cloned().unwrap_or_default();
+        if !immutable {
+            args.insert(0, result.clone());
+        }
+        let kwargs = sig.get("kwargs").filter(|k| k.is_object()).cloned().unwrap_or(json!({}));
+        let id = options.get("task_id").and_then(Value::as_str).map(String::from).unwrap_or_else(|| derived_id(parent, role));
+        let queue = options
+            .get("queue")
+            .and_then(|q| q.as_str().or_else(|| q.get("name").and_then(Value::as_str)))
+            .or_else(|| options.get("routing_key").and_then(Value::as_str))
+            .unwrap_or(&kept.queue)
+            .to_string();
+        let eta = options.get("countdown").and_then(Value::as_f64).map(|s| Utc::now() + chrono::Duration::milliseconds((s * 1000.0) as i64));
+        let list = |k: &str| options.get(k).filter(|v| v.is_array()).cloned().unwrap_or(Value::Null);
+        let embed = json!({
+            "callbacks": list("link"),
+            "errbacks": list("link_error"),
+            "chain": if chain.is_empty() { Value::Null } else { Value::Array(chain) },
+            "chord": null,
+        });
+        let task = sig.get("task").and_then(Value::as_str).unwrap_or_default();
+        let out = Outgoing {
+            id: &id,
+            task,
+            args: &Value::Array(args),
+            kwargs: &kwargs,
+            embed,
+            root_id: &kept.root_id,
+            parent_id: parent,
+            queue: &queue,
+            eta,
+        };
+        (queue.clone(), protocol::encode(&out))
+    }
+}
+
+/// A stable task id for a follow-up whose signature has none, so that
+/// sending it twice still makes one job.
+fn derived_id(parent: &str, role: &str) -> String {
+    let digest = sha2::Sha256::digest(format!("{parent}/{role}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Uuid::from_bytes(bytes).to_string()
+}
