@@ -48,6 +48,16 @@ def check(ok, what):
         sys.exit(f"FAILED: {what}")
 
 
+def expect_revoked(result, what):
+    """`.get()` raises TaskRevokedError and the state reads REVOKED."""
+    try:
+        result.get(timeout=T)
+        check(False, f"{what}: .get() raises TaskRevokedError")
+    except TaskRevokedError:
+        pass
+    check(result.state == "REVOKED", f"{what}: state REVOKED, got {result.state}")
+
+
 facts = {}
 store = redis.Redis.from_url(URL)
 T = 30
@@ -94,20 +104,10 @@ check(done - t0 >= 2.0, f"countdown=2 ran after {done - t0:.3f} s")
 
 # 5. expires in the past: not run, reported as REVOKED (what a Celery worker stores).
 x = add.apply_async((5, 5), expires=datetime.now(timezone.utc) - timedelta(seconds=5))
-try:
-    x.get(timeout=T)
-    check(False, "an expired task's .get() raises")
-except TaskRevokedError:
-    pass
-check(x.state == "REVOKED", f"state REVOKED, got {x.state}")
+expect_revoked(x, "an expired task")
 # ... and one that expires while it waits in celer's queue (its countdown is later).
 y = add.apply_async((6, 6), countdown=3, expires=1.5)
-try:
-    y.get(timeout=T)
-    check(False, "a task that expired while waiting: .get() raises")
-except TaskRevokedError:
-    pass
-check(y.state == "REVOKED", f"state REVOKED, got {y.state}")
+expect_revoked(y, "a task that expired while waiting")
 
 # 5b. revoke(): a task waiting for its countdown is not run and reads REVOKED
 # at once; a task id revoked before its message is sent is never run.
@@ -118,24 +118,14 @@ while not store.exists(f"{PREFIX}celery:job:{v.id}") and time.time() < deadline:
     time.sleep(0.02)
 t_revoke = time.time()
 v.revoke()
-try:
-    v.get(timeout=T)
-    check(False, "a revoked task's .get() raises")
-except TaskRevokedError:
-    pass
-check(v.state == "REVOKED", f"revoked: state REVOKED, got {v.state}")
+expect_revoked(v, "a revoked task")
 facts["revoked_result_after_s"] = round(time.time() - t_revoke, 3)
 check(time.time() - t_revoke < 3.5, "REVOKED before the countdown would have run it")
 early = "revoked-before-sent-" + QUEUE
 app.control.revoke(early)
 time.sleep(0.5)  # the broadcast reaches celer
 w = add.apply_async((8, 8), task_id=early)
-try:
-    w.get(timeout=T)
-    check(False, "a task revoked before it was sent: .get() raises")
-except TaskRevokedError:
-    pass
-check(w.state == "REVOKED", f"revoked before sent: state REVOKED, got {w.state}")
+expect_revoked(w, "a task revoked before it was sent")
 
 # 5c. Canvas: a chain runs its tasks in order, each given the previous
 # result unless immutable; link= callbacks run after success.
