@@ -57,7 +57,8 @@ impl Case {
     /// Runs SQL as the database's owner (the sqlite3 shell, psql).
     fn admin(&self, sql: &str) -> String {
         let out = match self.db {
-            Db::Sqlite => Command::new("sqlite3").arg(self.env.data.join("celer.db")).arg(sql).output(),
+            // A busy timeout: the host may be writing the same file (its embedded queue).
+            Db::Sqlite => Command::new("sqlite3").args(["-cmd", ".timeout 10000"]).arg(self.env.data.join("celer.db")).arg(sql).output(),
             Db::Postgres => Command::new("psql").args([services::DATABASE_URL, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql]).output(),
         }
         .expect("sqlite3 / psql (scripts/services.sh up installs them)");

@@ -233,7 +233,8 @@ impl Seeds {
     /// Runs SQL as the database's owner: lines of `|`-separated columns.
     fn sql(&self, sql: &str) -> String {
         let out = match &self.pg {
-            None => Command::new("sqlite3").arg(self.env.data.join("celer.db")).arg(sql).output(),
+            // A busy timeout: the host may be writing the same file (its embedded queue).
+            None => Command::new("sqlite3").args(["-cmd", ".timeout 10000"]).arg(self.env.data.join("celer.db")).arg(sql).output(),
             Some(pg) => Command::new("psql").args([&pg.url, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql]).output(),
         }
         .expect("sqlite3 / psql");
