@@ -9,6 +9,7 @@ manifest maps:
     proj.tasks.add   -> hello.add     {"sum": a + b}
     proj.tasks.greet -> hello.greet   {"message": "Hello, <name>!"}
     proj.tasks.fail  -> hello.fail    fails (permanently with retry=False)
+    proj.tasks.slow  -> hostile.sleep busy for `ms`, then {"slept_ms": ms, …}
 
 Environment: CELERY_URL (broker and result backend), CELERY_QUEUE (the
 queue, unique per test run), CELER_PREFIX (the host's key prefix). Exits non-zero with a message on the first
@@ -40,6 +41,11 @@ def add(a, b):  # runs in celer (hello.add), never here
 
 @app.task(name="proj.tasks.greet")
 def greet(name, excited=False):
+    raise AssertionError("celer runs this task")
+
+
+@app.task(name="proj.tasks.slow")
+def slow(ms):  # hostile.sleep: busy for `ms`
     raise AssertionError("celer runs this task")
 
 
@@ -126,6 +132,29 @@ app.control.revoke(early)
 time.sleep(0.5)  # the broadcast reaches celer
 w = add.apply_async((8, 8), task_id=early)
 expect_revoked(w, "a task revoked before it was sent")
+
+# A running task: revoke() lets it finish (as Celery does); revoke(terminate=True) stops it.
+def wait_running(result):
+    deadline = time.time() + T
+    while time.time() < deadline:
+        job = store.get(f"{PREFIX}celery:job:{result.id}")
+        if job and store.hget(f"{PREFIX}{{{QUEUE}}}:j:{job.decode()}", "state") == b"running":
+            return
+        time.sleep(0.01)
+    check(False, "the slow task started")
+
+
+kept = slow.apply_async(kwargs={"ms": 800})
+wait_running(kept)
+kept.revoke()
+check(kept.get(timeout=T)["slept_ms"] == 800, "revoke() without terminate: the running task finishes")
+stopped = slow.apply_async(kwargs={"ms": 1900})
+wait_running(stopped)
+t_stop = time.time()
+stopped.revoke(terminate=True)
+expect_revoked(stopped, "a running task revoked with terminate=True")
+facts["terminate_revoked_after_s"] = round(time.time() - t_stop, 3)
+check(time.time() - t_stop < 1.6, "stopped before it would have finished")
 
 # 5c. Canvas: a chain runs its tasks in order, each given the previous
 # result unless immutable; link= callbacks run after success.

@@ -78,6 +78,11 @@ fn a_django_app_gets_its_results_from_celer() {
         1,
     );
     env.install_files("hello", &std::fs::read(plugin_wasm("hello")).expect("wasm"), &manifest);
+    // A task that runs for a while, for revoke(terminate=True).
+    let slow = std::fs::read_to_string(plugin_manifest("hostile"))
+        .expect("manifest")
+        .replacen("\n[limits]", "\naliases = { \"proj.tasks.slow\" = \"hostile.sleep\" }\n\n[limits]", 1);
+    env.install_files("hostile", &std::fs::read(plugin_wasm("hostile")).expect("wasm"), &slow);
     let host = start(&env);
 
     let out = Command::new(python())
