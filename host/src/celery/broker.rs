@@ -41,7 +41,8 @@ pub struct CeleryAwareBroker {
     inner: Arc<dyn Broker>,
     results: ResultWriter,
     follow_ups: FollowUps,
-    /// Leased Celery jobs of this host: job id → origin.
+    /// Leased Celery jobs of this host, by lease token (one job id can be
+    /// leased twice when a lease lapsed and this host took the job back).
     leased: Mutex<HashMap<String, Origin>>,
 }
 
@@ -50,8 +51,8 @@ impl CeleryAwareBroker {
         CeleryAwareBroker { inner, results, follow_ups, leased: Mutex::new(HashMap::new()) }
     }
 
-    fn take(&self, job_id: &str) -> Option<Origin> {
-        self.leased.lock().ok().and_then(|mut m| m.remove(job_id))
+    fn take(&self, lease: &Lease) -> Option<Origin> {
+        self.leased.lock().ok().and_then(|mut m| m.remove(&lease.token))
     }
 }
 
@@ -66,7 +67,7 @@ impl Broker for CeleryAwareBroker {
         if let Ok(mut m) = self.leased.lock() {
             for d in &got {
                 if let Some(id) = celery_id(d.job.idempotency_key.as_deref()) {
-                    m.insert(d.job.id.clone(), Origin { celery_id: id.to_string(), task: d.job.task.clone() });
+                    m.insert(d.lease.token.clone(), Origin { celery_id: id.to_string(), task: d.job.task.clone() });
                 }
             }
         }
@@ -87,7 +88,7 @@ impl Broker for CeleryAwareBroker {
 
     async fn complete(&self, lease: &Lease, outcome: Outcome, record: RunRecord) -> Result<bool, BrokerError> {
         if let Outcome::Succeeded { result } = &outcome {
-            let celery_id = self.leased.lock().ok().and_then(|m| m.get(&lease.job_id).map(|o| o.celery_id.clone()));
+            let celery_id = self.leased.lock().ok().and_then(|m| m.get(&lease.token).map(|o| o.celery_id.clone()));
             if let Some(id) = celery_id {
                 // Sent before the outcome is recorded: if this fails, the
                 // outcome is not recorded either and the job runs again.
@@ -98,7 +99,7 @@ impl Broker for CeleryAwareBroker {
             }
         }
         let recorded = self.inner.complete(lease, outcome.clone(), record.clone()).await?;
-        let Some(origin) = self.take(&lease.job_id) else { return Ok(recorded) };
+        let Some(origin) = self.take(lease) else { return Ok(recorded) };
         if !recorded {
             return Ok(false);
         }
@@ -123,7 +124,7 @@ impl Broker for CeleryAwareBroker {
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
-        self.take(&lease.job_id);
+        self.take(lease);
         self.inner.release(lease).await
     }
 

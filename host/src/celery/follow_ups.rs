@@ -64,12 +64,14 @@ impl FollowUps {
             root_id: msg.root_id.clone().unwrap_or_else(|| msg.id.clone()),
         };
         let text = serde_json::to_string(&kept).map_err(|e| e.to_string())?;
+        // Kept until its task can have run (its eta) and as long as a result after that.
+        let wait_s = msg.eta.map_or(0, |eta| u64::try_from((eta - Utc::now()).num_seconds()).unwrap_or(0));
         let mut c = self.conn.clone();
         ::redis::cmd("SET")
             .arg(self.key(&msg.id))
             .arg(text)
             .arg("EX")
-            .arg(self.expires_s)
+            .arg(self.expires_s + wait_s)
             .query_async::<()>(&mut c)
             .await
             .map_err(|e| e.to_string())
@@ -88,7 +90,10 @@ impl FollowUps {
         if let Some((next, rest)) = kept.chain.split_last() {
             messages.push(self.message(next, rest.to_vec(), result, celery_id, &kept, "chain"));
         }
+        // All or nothing: a dropped connection must not leave some sent and
+        // the workflow still there to send them again.
         let mut pipe = ::redis::pipe();
+        pipe.atomic();
         for (queue, message) in &messages {
             pipe.cmd("LPUSH").arg(format!("{}{queue}", self.key_prefix)).arg(message).ignore();
         }

@@ -458,9 +458,11 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
                 .query_async::<()>(&mut c)
                 .await
                 .map_err(|e| e.to_string())?;
-            // A revoke heard between the check above and now found no job yet.
+            // A revoke heard between the check above and now found no job
+            // yet; it came before the job existed, so stop it even if a
+            // worker took it meanwhile.
             if ctx.is_revoked(&msg.id).await? {
-                ctx.revoke_job(&msg.id, &enqueued.id, false).await?;
+                ctx.revoke_job(&msg.id, &enqueued.id, true).await?;
             }
             if let Some(expires) = msg.expires {
                 let mut c = ctx.conn.clone();

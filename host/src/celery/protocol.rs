@@ -133,7 +133,7 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
             Some(other) => Err(reject(format!("embed.{k} is not a list of task signatures: {other}"))),
         }
     };
-    let workflow = Workflow {
+    let mut workflow = Workflow {
         callbacks: signatures("callbacks")?,
         chain: signatures("chain")?,
         unsupported: [("errbacks", "link_error (errbacks)"), ("chord", "chord")]
@@ -142,6 +142,15 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
             .map(|(_, what)| what)
             .collect(),
     };
+    // A group or chord inside a chain or link (`subtask_type` set) is not a
+    // task message celer can send: none of the follow-ups run then, rather
+    // than a part of them.
+    let canvas = |s: &Value| s.get("subtask_type").is_some_and(|t| !t.is_null());
+    if workflow.chain.iter().chain(&workflow.callbacks).any(canvas) {
+        workflow.chain.clear();
+        workflow.callbacks.clear();
+        workflow.unsupported.push("a group or chord in a chain or link");
+    }
     let time = |k: &str| -> Result<Option<DateTime<Utc>>, Rejected> {
         match headers.and_then(|h| h.get(k)) {
             None | Some(Value::Null) => Ok(None),
@@ -282,6 +291,9 @@ mod tests {
         assert_eq!(chained.workflow.chain, vec![json!({"task": "t"})]);
         assert!(chained.workflow.has_follow_ups());
         assert_eq!(chained.workflow.unsupported, vec!["link_error (errbacks)"]);
+        let grouped = decode(&message("application/json", &b64(json!([[], {}, {"chain": [{"task": "celery.chord", "subtask_type": "chord"}]}])))).unwrap();
+        assert!(!grouped.workflow.has_follow_ups());
+        assert_eq!(grouped.workflow.unsupported, vec!["a group or chord in a chain or link"]);
         let bad = decode(&message("application/json", &b64(json!([[], {}, {"callbacks": [1]}])))).unwrap_err();
         assert!(bad.reason.contains("embed.callbacks"), "{}", bad.reason);
     }

@@ -145,21 +145,27 @@ impl Ctx {
         }
     }
 
+    /// Remembers every id first (one failing id must not cost the others
+    /// their revoke: broadcasts are not stored), then ends the jobs.
     async fn apply(&self, revoke: &Revoke) -> Result<(), String> {
+        let mut c = self.conn.clone();
+        let mut pipe = ::redis::pipe();
         for id in &revoke.task_ids {
-            let mut c = self.conn.clone();
-            ::redis::cmd("SET")
-                .arg(self.revoked(id))
-                .arg(u8::from(revoke.terminate))
-                .arg("EX")
-                .arg(REMEMBER.as_secs())
-                .query_async::<()>(&mut c)
-                .await
-                .map_err(|e| e.to_string())?;
-            let job: Option<String> = ::redis::cmd("GET").arg(self.job_of(id)).query_async(&mut c).await.map_err(|e| e.to_string())?;
-            match job {
-                Some(job_id) => self.revoke_job(id, &job_id, revoke.terminate).await?,
-                None => tracing::info!(task_id = %id, "Celery task revoked before its message arrived: it will not run"),
+            pipe.cmd("SET").arg(self.revoked(id)).arg(u8::from(revoke.terminate)).arg("EX").arg(REMEMBER.as_secs()).ignore();
+        }
+        pipe.query_async::<()>(&mut c).await.map_err(|e| e.to_string())?;
+        for id in &revoke.task_ids {
+            let job: Result<Option<String>, _> = ::redis::cmd("GET").arg(self.job_of(id)).query_async(&mut c).await;
+            let done = match job {
+                Ok(Some(job_id)) => self.revoke_job(id, &job_id, revoke.terminate).await,
+                Ok(None) => {
+                    tracing::info!(task_id = %id, "Celery task revoked before its message arrived: it will not run");
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = done {
+                tracing::warn!(task_id = %id, error = %e, "Celery revoke: the id is remembered, but its job could not be ended now");
             }
         }
         Ok(())

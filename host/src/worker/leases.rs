@@ -15,7 +15,9 @@ use crate::broker::{Broker, Lease, LeaseStatus};
 use crate::job::Progress;
 use crate::runtime::sandbox::{JobControl, StopReason};
 
-/// Running jobs, by job id; shared by the worker and the keeper task.
+/// Running jobs, by lease token (one job id can run twice on a host when
+/// its lease lapsed and this host took it back: each run keeps its own);
+/// shared by the worker and the keeper task.
 #[derive(Default)]
 pub struct RunningJobs {
     jobs: Mutex<HashMap<String, Tracked>>,
@@ -31,13 +33,13 @@ struct Tracked {
 /// Removes its job from [`RunningJobs`] when the run ends, however it ends.
 pub struct Registration {
     jobs: Arc<RunningJobs>,
-    id: String,
+    token: String,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Ok(mut jobs) = self.jobs.jobs.lock() {
-            jobs.remove(&self.id);
+            jobs.remove(&self.token);
         }
     }
 }
@@ -52,9 +54,9 @@ impl RunningJobs {
             renewed: Instant::now(),
         };
         if let Ok(mut jobs) = self.jobs.lock() {
-            jobs.insert(lease.job_id.clone(), tracked);
+            jobs.insert(lease.token.clone(), tracked);
         }
-        Registration { jobs: self.clone(), id: lease.job_id.clone() }
+        Registration { jobs: self.clone(), token: lease.token.clone() }
     }
 
     /// Asks every running guest to stop (shutdown after the grace period).
@@ -125,3 +127,28 @@ impl RunningJobs {
 
 /// At most this often a running job's progress is written to the broker.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(token: &str) -> Lease {
+        Lease { job_id: "job-1".into(), token: token.into() }
+    }
+
+    /// A job whose lease lapsed can be taken back by the same host: the
+    /// old run ending must not stop the new run's renewals.
+    #[test]
+    fn two_runs_of_one_job_keep_their_own_leases() {
+        let jobs = Arc::new(RunningJobs::default());
+        let (old, new) = (Arc::new(JobControl::default()), Arc::new(JobControl::default()));
+        let old_run = jobs.register(&lease("t-old"), &old);
+        let _new_run = jobs.register(&lease("t-new"), &new);
+        drop(old_run);
+        let ttl = Duration::ZERO; // everything is due
+        let (renew, _) = jobs.due(ttl);
+        assert_eq!(renew.iter().map(|(l, _)| l.token.as_str()).collect::<Vec<_>>(), vec!["t-new"]);
+        jobs.stop_all(StopReason::Shutdown);
+        assert_eq!((old.stopped(), new.stopped()), (None, Some(StopReason::Shutdown)));
+    }
+}

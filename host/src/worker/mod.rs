@@ -116,8 +116,12 @@ impl Worker {
                     continue;
                 };
                 let slot = Slot { permit: Some(permit), freed: freed.clone() };
-                let (worker, leases) = (self.clone(), leases.clone());
-                running.spawn(async move { worker.run_delivery(delivery, slot, &leases).await });
+                // Registered before the task starts, so a shutdown that
+                // stops every running job reaches this one too.
+                let control = Arc::new(JobControl::default());
+                let kept = leases.register(&delivery.lease, &control);
+                let worker = self.clone();
+                running.spawn(async move { worker.run_delivery(delivery, slot, control, kept).await });
             }
             if got < free && !self.broker.fetch_waits() {
                 tokio::select! {
@@ -141,7 +145,8 @@ impl Worker {
     }
 
     /// Runs one leased job to its recorded outcome.
-    async fn run_delivery(&self, delivery: Delivery, slot: Slot, leases: &Arc<RunningJobs>) {
+    /// `kept` keeps the lease alive until the outcome is written.
+    async fn run_delivery(&self, delivery: Delivery, slot: Slot, control: Arc<JobControl>, kept: leases::Registration) {
         let Delivery { job, lease } = delivery;
         let Some(plugin) = self.registry.lookup(&job.task) else {
             let error = JobError::new(ErrorKind::UnknownTask, format!("no loaded plugin serves task {:?}", job.task));
@@ -157,11 +162,8 @@ impl Worker {
             return;
         };
 
-        let control = Arc::new(JobControl::default());
-        let kept = leases.register(&lease, &control);
         let started = Instant::now();
         let report = self.runtime.run_job(&plugin, &job, control).await;
-        drop(kept);
         drop(plugin_slot);
         drop(slot);
         let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -212,6 +214,7 @@ impl Worker {
             }
         };
         self.finish(&lease, outcome, record).await;
+        drop(kept);
     }
 
     /// Records an outcome, retrying briefly when the broker is unreachable.

@@ -318,19 +318,17 @@ impl RedisBroker {
                     started_at,
                     seen_at: Utc::now(),
                 };
-                let beat: Result<(), _> = ::redis::pipe()
-                    .cmd("SET")
+                // Two commands, not one pipeline: on a cluster the keys live
+                // in different slots.
+                let set: Result<(), _> = ::redis::cmd("SET")
                     .arg(&key)
                     .arg(serde_json::to_string(&value).unwrap_or_default())
                     .arg("PX")
                     .arg(HEARTBEAT_TTL.as_millis() as u64)
-                    .ignore()
-                    .cmd("SADD")
-                    .arg(&hosts_key)
-                    .arg(&host)
-                    .ignore()
                     .query_async(&mut c)
                     .await;
+                let add: Result<i64, _> = ::redis::cmd("SADD").arg(&hosts_key).arg(&host).query_async(&mut c).await;
+                let beat = set.and(add.map(|_| ()));
                 if let Err(e) = beat {
                     tracing::debug!(error = %e, "heartbeat not written");
                 }

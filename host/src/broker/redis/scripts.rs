@@ -203,7 +203,12 @@ for _, p in ipairs(prios) do
       -- NOGROUP: the group is gone (flushed, or a restart): create it again.
       pcall(redis.call, 'XGROUP', 'CREATE', sk, G, '0', 'MKSTREAM')
       ok, res = pcall(redis.call, 'XREADGROUP', 'GROUP', G, C, 'COUNT', want, 'STREAMS', sk, '>')
-      if not ok then return redis.error_reply(tostring(res.err or res)) end
+      if not ok then
+        -- Jobs already turned `running` by this call keep their deadlines,
+        -- so they are taken back if nobody runs them.
+        if #deadlines > 0 then bulk('ZADD', KEYS[3], deadlines) end
+        return redis.error_reply(tostring(res.err or res))
+      end
     end
     if not res then break end
     local entries = res[1][2]
