@@ -10,6 +10,7 @@ manifest maps:
     proj.tasks.greet -> hello.greet   {"message": "Hello, <name>!"}
     proj.tasks.fail  -> hello.fail    fails (permanently with retry=False)
     proj.tasks.slow  -> hostile.sleep busy for `ms`, then {"slept_ms": ms, …}
+    proj.tasks.slow_retry -> hostile.sleep_then_retry  busy, then asks for a retry
 
 Environment: CELERY_URL (broker and result backend), CELERY_QUEUE (the
 queue, unique per test run), CELER_PREFIX (the host's key prefix). Exits non-zero with a message on the first
@@ -46,6 +47,11 @@ def greet(name, excited=False):
 
 @app.task(name="proj.tasks.slow")
 def slow(ms):  # hostile.sleep: busy for `ms`
+    raise AssertionError("celer runs this task")
+
+
+@app.task(name="proj.tasks.slow_retry")
+def slow_retry(ms):  # hostile.sleep_then_retry: busy for `ms`, then asks for a retry
     raise AssertionError("celer runs this task")
 
 
@@ -155,6 +161,11 @@ stopped.revoke(terminate=True)
 expect_revoked(stopped, "a running task revoked with terminate=True")
 facts["terminate_revoked_after_s"] = round(time.time() - t_stop, 3)
 check(time.time() - t_stop < 1.6, "stopped before it would have finished")
+# Revoked while running, then its attempt asks for a retry: no retry (as Celery).
+again = slow_retry.apply_async(kwargs={"ms": 700})
+wait_running(again)
+again.revoke()
+expect_revoked(again, "a revoked task whose running attempt asked for a retry")
 
 # 5c. Canvas: a chain runs its tasks in order, each given the previous
 # result unless immutable; link= callbacks run after success.

@@ -81,7 +81,7 @@ fn a_django_app_gets_its_results_from_celer() {
     // A task that runs for a while, for revoke(terminate=True).
     let slow = std::fs::read_to_string(plugin_manifest("hostile"))
         .expect("manifest")
-        .replacen("\n[limits]", "\naliases = { \"proj.tasks.slow\" = \"hostile.sleep\" }\n\n[limits]", 1);
+        .replacen("\n[limits]", "\naliases = { \"proj.tasks.slow\" = \"hostile.sleep\", \"proj.tasks.slow_retry\" = \"hostile.sleep_then_retry\" }\n\n[limits]", 1);
     env.install_files("hostile", &std::fs::read(plugin_wasm("hostile")).expect("wasm"), &slow);
     let host = start(&env);
 

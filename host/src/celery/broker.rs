@@ -17,12 +17,13 @@ use chrono::Utc;
 
 use super::ResultWriter;
 use super::follow_ups::FollowUps;
+use super::revoke::Revocations;
 use super::result::{self, Exception, Status};
 use crate::broker::{
     Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, HostInfo, Lease, LeaseStatus, Outcome,
     QueueStats, RunRecord,
 };
-use crate::job::{JobStatus, NewJob};
+use crate::job::{ErrorKind, JobError, JobStatus, NewJob};
 
 /// Idempotency keys of jobs enqueued from Celery messages start with this.
 pub const KEY_PREFIX: &str = "celery:";
@@ -41,14 +42,27 @@ pub struct CeleryAwareBroker {
     inner: Arc<dyn Broker>,
     results: ResultWriter,
     follow_ups: FollowUps,
+    revocations: Revocations,
     /// Leased Celery jobs of this host, by lease token (one job id can be
     /// leased twice when a lease lapsed and this host took the job back).
     leased: Mutex<HashMap<String, Origin>>,
 }
 
 impl CeleryAwareBroker {
-    pub fn new(inner: Arc<dyn Broker>, results: ResultWriter, follow_ups: FollowUps) -> Self {
-        CeleryAwareBroker { inner, results, follow_ups, leased: Mutex::new(HashMap::new()) }
+    pub fn new(inner: Arc<dyn Broker>, results: ResultWriter, follow_ups: FollowUps, revocations: Revocations) -> Self {
+        CeleryAwareBroker { inner, results, follow_ups, revocations, leased: Mutex::new(HashMap::new()) }
+    }
+
+    /// Whether the task was revoked; when that cannot be read, not (the
+    /// retry goes ahead, as it would without the revoke).
+    async fn revoked(&self, celery_id: &str) -> bool {
+        match self.revocations.contains(celery_id).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(celery_id, error = %e, "cannot check whether a Celery task was revoked");
+                false
+            }
+        }
     }
 
     fn take(&self, lease: &Lease) -> Option<Origin> {
@@ -87,9 +101,16 @@ impl Broker for CeleryAwareBroker {
     }
 
     async fn complete(&self, lease: &Lease, outcome: Outcome, record: RunRecord) -> Result<bool, BrokerError> {
+        let celery_id = self.leased.lock().ok().and_then(|m| m.get(&lease.token).map(|o| o.celery_id.clone()));
+        // A Celery worker drops the retry of a revoked task: so does celer.
+        let outcome = match (outcome, &celery_id) {
+            (Outcome::Retry { error, .. }, Some(id)) if self.revoked(id).await => Outcome::Cancelled {
+                error: JobError::new(ErrorKind::Cancelled, format!("revoked; the last attempt failed: {}", error.message)),
+            },
+            (outcome, _) => outcome,
+        };
         if let Outcome::Succeeded { result } = &outcome {
-            let celery_id = self.leased.lock().ok().and_then(|m| m.get(&lease.token).map(|o| o.celery_id.clone()));
-            if let Some(id) = celery_id {
+            if let Some(id) = &celery_id {
                 // Sent before the outcome is recorded: if this fails, the
                 // outcome is not recorded either and the job runs again.
                 self.follow_ups

@@ -111,6 +111,7 @@ struct Ctx {
     registry: Arc<Registry>,
     results: ResultWriter,
     follow_ups: follow_ups::FollowUps,
+    revocations: revoke::Revocations,
     mover: ::redis::Script,
 }
 
@@ -130,6 +131,7 @@ pub async fn start(
     }
     let conn = target.connect(Some(Duration::from_secs(5))).await.map_err(|e| format!("Celery's Redis at {url}: {e}"))?;
     let results = ResultWriter::new(conn.clone(), config.celery.result_expires_s);
+    let revocations = revoke::Revocations::new(conn.clone(), config.broker.prefix.clone());
     let follow_ups = follow_ups::FollowUps::new(
         conn.clone(),
         config.broker.prefix.clone(),
@@ -146,6 +148,7 @@ pub async fn start(
         registry,
         results: results.clone(),
         follow_ups: follow_ups.clone(),
+        revocations: revocations.clone(),
         mover: ::redis::Script::new(MOVE),
     });
     // Register this host's in-flight lists before anything moves into them.
@@ -163,7 +166,7 @@ pub async fn start(
         tokio::spawn(consume(ctx.clone(), queue.clone(), stop.clone()));
     }
     tracing::info!(queues = ?ctx.celery.queues, "consuming Celery messages");
-    Ok(Arc::new(broker::CeleryAwareBroker::new(broker, results, follow_ups)))
+    Ok(Arc::new(broker::CeleryAwareBroker::new(broker, results, follow_ups, revocations)))
 }
 
 impl Ctx {
@@ -436,7 +439,7 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
         let e = Exception::new("TaskRevokedError", "celery.exceptions", "expired");
         return write_result(ctx, &msg, Status::Revoked, e, false).await;
     }
-    if ctx.is_revoked(&msg.id).await? {
+    if ctx.revocations.contains(&msg.id).await? {
         tracing::info!(task_id = %msg.id, task = %msg.task, "Celery task was revoked before it arrived: not run");
         return ctx.write_revoked(&msg.id, "revoked").await;
     }
@@ -461,7 +464,7 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
             // A revoke heard between the check above and now found no job
             // yet; it came before the job existed, so stop it even if a
             // worker took it meanwhile.
-            if ctx.is_revoked(&msg.id).await? {
+            if ctx.revocations.contains(&msg.id).await? {
                 ctx.revoke_job(&msg.id, &enqueued.id, true).await?;
             }
             if let Some(expires) = msg.expires {

@@ -25,6 +25,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::Ctx;
+use crate::broker::redis::conn::Conn;
 use super::result::{self, Exception, Status};
 use crate::broker::CancelOutcome;
 use crate::job::JobState;
@@ -97,21 +98,45 @@ pub fn parse(payload: &[u8]) -> Option<Revoke> {
     Some(Revoke { task_ids, terminate })
 }
 
-impl Ctx {
-    fn revoked(&self, celery_id: &str) -> String {
+/// The Celery task ids revoked lately (`<prefix>celery:revoked:<id>`), as
+/// the consumer and the result-writing broker both check them.
+#[derive(Clone)]
+pub struct Revocations {
+    conn: Conn,
+    prefix: String,
+}
+
+impl Revocations {
+    pub fn new(conn: Conn, prefix: String) -> Self {
+        Revocations { conn, prefix }
+    }
+
+    fn key(&self, celery_id: &str) -> String {
         format!("{}celery:revoked:{celery_id}", self.prefix)
     }
 
+    /// Whether a revoke for this Celery task id was heard lately.
+    pub async fn contains(&self, celery_id: &str) -> Result<bool, String> {
+        let mut c = self.conn.clone();
+        ::redis::cmd("EXISTS").arg(self.key(celery_id)).query_async(&mut c).await.map_err(|e| e.to_string())
+    }
+
+    async fn remember(&self, revoke: &Revoke) -> Result<(), String> {
+        let mut c = self.conn.clone();
+        let mut pipe = ::redis::pipe();
+        for id in &revoke.task_ids {
+            pipe.cmd("SET").arg(self.key(id)).arg(u8::from(revoke.terminate)).arg("EX").arg(REMEMBER.as_secs()).ignore();
+        }
+        pipe.query_async::<()>(&mut c).await.map_err(|e| e.to_string())
+    }
+}
+
+impl Ctx {
     /// celer's job id for a Celery task id, written when its message is taken.
     pub(super) fn job_of(&self, celery_id: &str) -> String {
         format!("{}celery:job:{celery_id}", self.prefix)
     }
 
-    /// Whether a revoke for this Celery task id was heard lately.
-    pub(super) async fn is_revoked(&self, celery_id: &str) -> Result<bool, String> {
-        let mut c = self.conn.clone();
-        ::redis::cmd("EXISTS").arg(self.revoked(celery_id)).query_async(&mut c).await.map_err(|e| e.to_string())
-    }
 
     /// Stores REVOKED as the task's result, as a Celery worker does.
     pub(super) async fn write_revoked(&self, celery_id: &str, why: &str) -> Result<(), String> {
@@ -148,12 +173,8 @@ impl Ctx {
     /// Remembers every id first (one failing id must not cost the others
     /// their revoke: broadcasts are not stored), then ends the jobs.
     async fn apply(&self, revoke: &Revoke) -> Result<(), String> {
+        self.revocations.remember(revoke).await?;
         let mut c = self.conn.clone();
-        let mut pipe = ::redis::pipe();
-        for id in &revoke.task_ids {
-            pipe.cmd("SET").arg(self.revoked(id)).arg(u8::from(revoke.terminate)).arg("EX").arg(REMEMBER.as_secs()).ignore();
-        }
-        pipe.query_async::<()>(&mut c).await.map_err(|e| e.to_string())?;
         for id in &revoke.task_ids {
             let job: Result<Option<String>, _> = ::redis::cmd("GET").arg(self.job_of(id)).query_async(&mut c).await;
             let done = match job {

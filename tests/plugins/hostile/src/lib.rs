@@ -29,6 +29,7 @@ celer_plugin::plugin! {
         "hostile.print_flood" => print_flood,
         "hostile.ok" => ok,
         "hostile.remember" => remember,
+        "hostile.sleep_then_retry" => sleep_then_retry,
     }
 }
 
@@ -93,6 +94,12 @@ fn sleep(_: &Context, Sleep { ms }: Sleep) -> Result<Value, TaskError> {
     // The guest's own clock readings: tests use them to see which runs
     // really overlapped, independent of when the host leased the jobs.
     Ok(json!({ "slept_ms": ms, "started_ms": started_ms, "ended_ms": unix_ms() }))
+}
+
+/// Busy for `ms`, then asks for a retry: a running attempt that fails.
+fn sleep_then_retry(ctx: &Context, args: Sleep) -> Result<Value, TaskError> {
+    sleep(ctx, args)?;
+    Err(TaskError::retry("not yet"))
 }
 
 /// Wall-clock milliseconds since the Unix epoch (WASI wall clock).
