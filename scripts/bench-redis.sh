@@ -76,6 +76,12 @@ for task, threads in [(t, n) for t in ["noop", "json_transform"] for n in [2, 1]
         continue
     print(f"{task} ({threads} runtime thread{'s' if threads > 1 else ''}): celer backlog {c['backlog_per_s']:.0f}/s, live {c['live_per_s']:.0f}/s "
           f"(32 producers {c['live_32_producers_per_s']:.0f}/s), start p50 {c['start_p50_ms']} ms p99 {c['start_p99_ms']} ms", file=sys.stderr)
+    # Where the time goes in the backlog phase (CPU per job on each side).
+    cmds = c.get("backlog_redis_commands", [])
+    scripts = sum(x["us_per_job"] for x in cmds if x["command"] in ("evalsha", "eval"))
+    top = ", ".join(f"{x['command']} {x['us_per_job']}" for x in cmds if x["command"] not in ("evalsha", "eval"))
+    print(f"  CPU per job: host {c.get('backlog_host_cpu_us_per_job')} µs, Redis {c.get('backlog_redis_cpu_us_per_job')} µs "
+          f"(scripts {scripts:.1f} µs; commands inside them, µs: {top})", file=sys.stderr)
     for label, peer in [("prefork x2 (as installed)", pick("celery", task, pool="prefork")),
                         ("2 solo workers (tuned)", pick("celery", task, pool="solo", workers=2))]:
         if not peer:
