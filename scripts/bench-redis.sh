@@ -81,7 +81,7 @@ for task, threads in [(t, n) for t in ["noop", "json_transform"] for n in [2, 1]
     scripts = sum(x["us_per_job"] for x in cmds if x["command"] in ("evalsha", "eval"))
     top = ", ".join(f"{x['command']} {x['us_per_job']}" for x in cmds if x["command"] not in ("evalsha", "eval"))
     print(f"  CPU per job: host {c.get('backlog_host_cpu_us_per_job')} µs, Redis {c.get('backlog_redis_cpu_us_per_job')} µs "
-          f"(scripts {scripts:.1f} µs; commands inside them, µs: {top})", file=sys.stderr)
+          f"(scripts {scripts:.1f} µs; per command, those the scripts run included, µs: {top})", file=sys.stderr)
     for label, peer in [("prefork x2 (as installed)", pick("celery", task, pool="prefork")),
                         ("2 solo workers (tuned)", pick("celery", task, pool="solo", workers=2))]:
         if not peer:
