@@ -34,11 +34,18 @@ postgres_up() {
     postgres_run "$CELER_TEST_PG_BIN/initdb" -D "$data" -U postgres -A trust --no-sync -E UTF8 --locale C >"$dir/initdb.log" 2>&1 \
       || { cat "$dir/initdb.log" >&2; return 1; }
   fi
-  if ! postgres_ready; then
+  # A server that was killed leaves its lock file and, for a few seconds,
+  # backends that still hold it: the start is refused until they are gone,
+  # so it is tried again a few times.
+  local attempt
+  for attempt in 1 2 3 4 5; do
+    postgres_ready && break
     postgres_run "$CELER_TEST_PG_BIN/pg_ctl" -D "$data" -l "$dir/postgres.log" -w -t 60 start \
-      -o "-h 127.0.0.1 -p $CELER_TEST_PG_PORT -k '' -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" >/dev/null \
-      || { tail -n 20 "$dir/postgres.log" >&2; return 1; }
-  fi
+      -o "-h 127.0.0.1 -p $CELER_TEST_PG_PORT -k '' -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" >/dev/null 2>&1 \
+      && break
+    if [ "$attempt" = 5 ]; then tail -n 20 "$dir/postgres.log" >&2; return 1; fi
+    sleep 2
+  done
   for _ in $(seq 1 100); do postgres_ready && break; sleep 0.1; done
   postgres_ready || { echo "services: postgres did not start; see $dir/postgres.log" >&2; return 1; }
   local psql=("$CELER_TEST_PG_BIN/psql" -h 127.0.0.1 -p "$CELER_TEST_PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qAt)
