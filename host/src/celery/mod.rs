@@ -83,6 +83,14 @@ impl ResultWriter {
             .query_async(&mut c)
             .await
     }
+
+    /// Stores REVOKED as the task's result, as a Celery worker does for a
+    /// revoked or expired task (`why`: "revoked", "expired").
+    pub async fn write_revoked(&self, task_id: &str, why: &str) -> Result<(), String> {
+        let e = Exception::new("TaskRevokedError", "celery.exceptions", why);
+        let doc = result::meta(task_id, Status::Revoked, &result::Outcome::Failure(e, None), Utc::now());
+        self.write(task_id, &doc).await.map_err(|e| e.to_string())
+    }
 }
 
 /// Moves up to ARGV[1] messages from the lists KEYS[1..n-1] (in order) to
@@ -262,11 +270,7 @@ async fn revoke_expired(ctx: &Ctx) -> Result<(), String> {
             Err(e) => return Err(e.to_string()),
         };
         match state {
-            Some(crate::job::JobState::Expired) => {
-                let e = Exception::new("TaskRevokedError", "celery.exceptions", "expired");
-                let doc = result::meta(celery_id, Status::Revoked, &result::Outcome::Failure(e, None), Utc::now());
-                ctx.results.write(celery_id, &doc).await.map_err(|e| e.to_string())?;
-            }
+            Some(crate::job::JobState::Expired) => ctx.results.write_revoked(celery_id, "expired").await?,
             // Still waiting or running: the broker expires it at its next look; check again.
             Some(s) if !s.is_terminal() => continue,
             _ => {}
@@ -432,16 +436,15 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
         dead_letter(ctx, queue, raw, &reason, Some(&msg.id), Some(&msg.task)).await?;
         // What a Celery worker stores for an unregistered task.
         let e = Exception::new("NotRegistered", "celery.exceptions", format!("'{}'", msg.task));
-        return write_result(ctx, &msg, Status::Failure, e, true).await;
+        return write_failure(ctx, &msg, e).await;
     }
     if msg.expires.is_some_and(|t| t <= Utc::now()) {
         tracing::info!(task_id = %msg.id, task = %msg.task, "Celery task expired before it could run: revoked");
-        let e = Exception::new("TaskRevokedError", "celery.exceptions", "expired");
-        return write_result(ctx, &msg, Status::Revoked, e, false).await;
+        return ctx.results.write_revoked(&msg.id, "expired").await;
     }
     if ctx.revocations.contains(&msg.id).await? {
         tracing::info!(task_id = %msg.id, task = %msg.task, "Celery task was revoked before it arrived: not run");
-        return ctx.write_revoked(&msg.id, "revoked").await;
+        return ctx.results.write_revoked(&msg.id, "revoked").await;
     }
     if !msg.workflow.unsupported.is_empty() {
         tracing::warn!(task_id = %msg.id, task = %msg.task, parts = ?msg.workflow.unsupported, "parts of this Celery canvas are not run by celer; the task and its links/chain are");
@@ -451,20 +454,25 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
     let job = to_job(&msg, queue);
     match ctx.broker.enqueue(job).await {
         Ok(enqueued) => {
-            // Remembered so that a revoke can find the job; lives as long as the result.
+            // The job is remembered so that a revoke can find it (as long
+            // as the result lives); in the same round trip, in this order,
+            // a revoke heard since the check above (it found no job) is
+            // looked for: it came before the job existed, so the job is
+            // stopped even if a worker took it meanwhile.
             let mut c = ctx.conn.clone();
-            ::redis::cmd("SET")
+            let (revoked,): (bool,) = ::redis::pipe()
+                .cmd("SET")
                 .arg(ctx.job_of(&msg.id))
                 .arg(&enqueued.id)
                 .arg("EX")
                 .arg(ctx.celery.result_expires_s.max(1))
-                .query_async::<()>(&mut c)
+                .ignore()
+                .cmd("EXISTS")
+                .arg(ctx.revocations.key(&msg.id))
+                .query_async(&mut c)
                 .await
                 .map_err(|e| e.to_string())?;
-            // A revoke heard between the check above and now found no job
-            // yet; it came before the job existed, so stop it even if a
-            // worker took it meanwhile.
-            if ctx.revocations.contains(&msg.id).await? {
+            if revoked {
                 ctx.revoke_job(&msg.id, &enqueued.id, true).await?;
             }
             if let Some(expires) = msg.expires {
@@ -500,9 +508,10 @@ pub fn to_job(msg: &TaskMessage, queue: &str) -> NewJob {
     job
 }
 
-async fn write_result(ctx: &Ctx, msg: &TaskMessage, status: Status, e: Exception, with_traceback: bool) -> Result<(), String> {
-    let tb = with_traceback.then(|| result::traceback(&e, "-", &msg.task, None));
-    let doc = result::meta(&msg.id, status, &result::Outcome::Failure(e, tb), Utc::now());
+/// Stores FAILURE with a traceback for a message that could not run.
+async fn write_failure(ctx: &Ctx, msg: &TaskMessage, e: Exception) -> Result<(), String> {
+    let tb = result::traceback(&e, "-", &msg.task, None);
+    let doc = result::meta(&msg.id, Status::Failure, &result::Outcome::Failure(e, Some(tb)), Utc::now());
     ctx.results.write(&msg.id, &doc).await.map_err(|e| e.to_string())
 }
 

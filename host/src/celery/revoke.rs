@@ -19,15 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use chrono::Utc;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::Ctx;
-use crate::broker::redis::conn::Conn;
-use super::result::{self, Exception, Status};
 use crate::broker::CancelOutcome;
+use crate::broker::redis::conn::Conn;
 use crate::job::JobState;
 
 /// How long a revoked id is remembered (Celery's default, 3 hours).
@@ -111,7 +109,7 @@ impl Revocations {
         Revocations { conn, prefix }
     }
 
-    fn key(&self, celery_id: &str) -> String {
+    pub(super) fn key(&self, celery_id: &str) -> String {
         format!("{}celery:revoked:{celery_id}", self.prefix)
     }
 
@@ -138,13 +136,6 @@ impl Ctx {
     }
 
 
-    /// Stores REVOKED as the task's result, as a Celery worker does.
-    pub(super) async fn write_revoked(&self, celery_id: &str, why: &str) -> Result<(), String> {
-        let e = Exception::new("TaskRevokedError", "celery.exceptions", why);
-        let doc = result::meta(celery_id, Status::Revoked, &result::Outcome::Failure(e, None), Utc::now());
-        self.results.write(celery_id, &doc).await.map_err(|e| e.to_string())
-    }
-
     /// Cancels the job of a revoked task if it has not started (or, with
     /// `terminate`, stops it); a job that already ended is left as it is.
     pub(super) async fn revoke_job(&self, celery_id: &str, job_id: &str, terminate: bool) -> Result<(), String> {
@@ -157,7 +148,7 @@ impl Ctx {
             Some(s) if !s.is_terminal() => match self.broker.cancel(job_id).await.map_err(|e| e.to_string())? {
                 CancelOutcome::Cancelled => {
                     tracing::info!(task_id = %celery_id, job_id, "Celery task revoked: its job is cancelled");
-                    self.write_revoked(celery_id, "revoked").await
+                    self.results.write_revoked(celery_id, "revoked").await
                 }
                 // Its worker stops it and writes REVOKED when it ends.
                 CancelOutcome::StopRequested => {
