@@ -30,29 +30,11 @@ use serde_json::{Value, json};
 const KEY: &str = "probe:bench";
 const ROUNDS: usize = 7;
 
-fn job(task: &str, kwargs: Value) -> Job {
-    Job {
-        id: "bench".into(),
-        task: task.into(),
-        args: json!([]),
-        kwargs,
-        queue: "default".into(),
-        priority: 0,
-        attempt: 0,
-        max_retries: 0,
-        eta: None,
-        expires_at: None,
-        timeout_ms: None,
-        idempotency_key: None,
-        parent_id: None,
-        root_id: None,
-        enqueued_at: chrono::Utc::now(),
-    }
-}
+mod common;
+use common::median;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+fn job(task: &str, kwargs: Value) -> Job {
+    common::job(task, kwargs, None)
 }
 
 /// Median over ROUNDS of the per-get cost, in µs: (guest, direct). The two

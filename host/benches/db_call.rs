@@ -24,29 +24,13 @@ use sqlx::{AssertSqlSafe, Connection, Executor};
 const PG_DEFAULT: &str = "postgres://celer:celer@127.0.0.1:5433/celer_test";
 const ROUNDS: usize = 7;
 
-fn job(n: usize, table: &str, placeholder: &str) -> Job {
-    Job {
-        id: "bench".into(),
-        task: "db_probe.query_loop".into(),
-        args: serde_json::json!([]),
-        kwargs: serde_json::json!({ "sql": format!("SELECT id, name FROM {table} WHERE id = {placeholder}"), "params": [1], "n": n }),
-        queue: "default".into(),
-        priority: 0,
-        attempt: 0,
-        max_retries: 0,
-        eta: None,
-        expires_at: None,
-        timeout_ms: Some(600_000),
-        idempotency_key: None,
-        parent_id: None,
-        root_id: None,
-        enqueued_at: chrono::Utc::now(),
-    }
-}
+mod common;
+use common::median;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// `n` one-row queries on `table` from one job.
+fn job(n: usize, table: &str, placeholder: &str) -> Job {
+    let sql = format!("SELECT id, name FROM {table} WHERE id = {placeholder}");
+    common::job("db_probe.query_loop", serde_json::json!({ "sql": sql, "params": [1], "n": n }), Some(600_000))
 }
 
 /// µs per query made from the guest.

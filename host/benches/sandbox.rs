@@ -12,11 +12,13 @@ use celer::broker::Broker;
 use celer::broker::embedded::EmbeddedBroker;
 use celer::capabilities::Capabilities;
 use celer::config::{SandboxConfig, WorkerConfig};
-use celer::job::{Job, NewJob};
+use celer::job::NewJob;
 use celer::runtime::Runtime;
 use celer::runtime::registry::Registry;
 use celer::runtime::sandbox::{JobControl, RunOutcome};
 use celer::worker::Worker;
+
+mod common;
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -41,23 +43,7 @@ async fn main() -> anyhow::Result<()> {
     let plugin = registry.lookup("hello.noop").ok_or_else(|| anyhow::anyhow!("hello.noop not loaded from {}", plugins.display()))?;
 
     // 1. Sandbox cost, one job at a time.
-    let job = Job {
-        id: "bench".into(),
-        task: "hello.noop".into(),
-        args: serde_json::json!([]),
-        kwargs: serde_json::json!({}),
-        queue: "default".into(),
-        priority: 0,
-        attempt: 0,
-        max_retries: 0,
-        eta: None,
-        expires_at: None,
-        timeout_ms: None,
-        idempotency_key: None,
-        parent_id: None,
-        root_id: None,
-        enqueued_at: chrono::Utc::now(),
-    };
+    let job = common::job("hello.noop", serde_json::json!({}), None);
     for _ in 0..500 {
         runtime.run_job(&plugin, &job, Arc::default()).await;
     }

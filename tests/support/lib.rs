@@ -309,3 +309,39 @@ pub fn stdout_json(out: &Output) -> Value {
         panic!("stdout is not JSON ({e}): {}\nstderr: {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     })
 }
+
+/// Which database a test runs against (the plugins' domain database).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// A name no other test uses, lower case (also valid as a PostgreSQL
+/// database, role or table name).
+pub fn unique_name(base: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{base}_{}_{nanos:08x}", std::process::id())
+}
+
+/// Where [`admin_sql`] runs its SQL.
+pub enum AdminDb<'a> {
+    /// The `sqlite3` shell on this file.
+    Sqlite(&'a Path),
+    /// `psql` on this URL.
+    Postgres(&'a str),
+}
+
+/// Runs SQL as the database's owner, as an operator would (the `sqlite3`
+/// shell, `psql`; `scripts/services.sh up` installs both); returns the
+/// output, rows as lines of `|`-separated columns. The shell waits for the
+/// write lock: the host may be writing the same file (its embedded queue).
+pub fn admin_sql(db: AdminDb<'_>, sql: &str) -> String {
+    let out = match db {
+        AdminDb::Sqlite(file) => Command::new("sqlite3").args(["-cmd", ".timeout 10000"]).arg(file).arg(sql).output(),
+        AdminDb::Postgres(url) => Command::new("psql").args([url, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql]).output(),
+    }
+    .expect("sqlite3 / psql (scripts/services.sh up installs them)");
+    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

@@ -16,17 +16,7 @@ use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Db {
-    Sqlite,
-    Postgres,
-}
-
-/// A name no other test uses (lower case, for both backends).
-fn unique(base: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("{base}_{}_{nanos:08x}", std::process::id())
-}
+use celer_integration::{AdminDb, Db, admin_sql, unique_name as unique};
 
 /// A test's installation: the env, its database, its table-name suffix.
 struct Case {
@@ -56,14 +46,10 @@ impl Case {
 
     /// Runs SQL as the database's owner (the sqlite3 shell, psql).
     fn admin(&self, sql: &str) -> String {
-        let out = match self.db {
-            // A busy timeout: the host may be writing the same file (its embedded queue).
-            Db::Sqlite => Command::new("sqlite3").args(["-cmd", ".timeout 10000"]).arg(self.env.data.join("celer.db")).arg(sql).output(),
-            Db::Postgres => Command::new("psql").args([services::DATABASE_URL, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql]).output(),
+        match self.db {
+            Db::Sqlite => admin_sql(AdminDb::Sqlite(&self.env.data.join("celer.db")), sql),
+            Db::Postgres => admin_sql(AdminDb::Postgres(services::DATABASE_URL), sql),
         }
-        .expect("sqlite3 / psql (scripts/services.sh up installs them)");
-        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// Installs db_probe with these grants and memory limit.

@@ -25,17 +25,7 @@ use serde_json::{Value, json};
 const T: Duration = Duration::from_secs(90);
 const PLUGINS: [&str; 6] = ["email", "export", "cleanup", "events", "audit", "permissions"];
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Db {
-    Sqlite,
-    Postgres,
-}
-
-/// A name no other test uses, lower case (a PostgreSQL database or role).
-fn unique(base: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("{base}_{}_{nanos:08x}", std::process::id())
-}
+use celer_integration::{AdminDb, Db, admin_sql, unique_name as unique};
 
 /// A database of its own on the test PostgreSQL, owned by the test role,
 /// in a time zone far from UTC; dropped (with the plugin roles the host
@@ -232,14 +222,10 @@ impl Seeds {
 
     /// Runs SQL as the database's owner: lines of `|`-separated columns.
     fn sql(&self, sql: &str) -> String {
-        let out = match &self.pg {
-            // A busy timeout: the host may be writing the same file (its embedded queue).
-            None => Command::new("sqlite3").args(["-cmd", ".timeout 10000"]).arg(self.env.data.join("celer.db")).arg(sql).output(),
-            Some(pg) => Command::new("psql").args([&pg.url, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql]).output(),
+        match &self.pg {
+            None => admin_sql(AdminDb::Sqlite(&self.env.data.join("celer.db")), sql),
+            Some(pg) => admin_sql(AdminDb::Postgres(&pg.url), sql),
         }
-        .expect("sqlite3 / psql");
-        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     fn ints(&self, sql: &str) -> Vec<i64> {
