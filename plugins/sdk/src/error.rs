@@ -69,17 +69,31 @@ impl fmt::Display for TaskError {
 
 impl std::error::Error for TaskError {}
 
+impl HostError {
+    /// The error's kind as the WIT contract names it (`denied`,
+    /// `unavailable`, `invalid`, `budget-exceeded`) and its message: for a
+    /// plugin that reports a host error as data instead of failing.
+    pub fn kind_and_message(&self) -> (&'static str, &str) {
+        match self {
+            HostError::Denied(m) => ("denied", m),
+            HostError::Unavailable(m) => ("unavailable", m),
+            HostError::Invalid(m) => ("invalid", m),
+            HostError::BudgetExceeded(m) => ("budget-exceeded", m),
+        }
+    }
+}
+
 /// `?` on a capability call: an unreachable backend is worth a retry; a
 /// denial, a wrong request or a spent budget will fail the same way next time.
 /// The message keeps the kind (`"denied: …"`) so that the job's status says
 /// what happened without the author writing it out.
 impl From<HostError> for TaskError {
     fn from(error: HostError) -> Self {
+        let (kind, message) = error.kind_and_message();
+        let text = format!("{kind}: {message}");
         match error {
-            HostError::Unavailable(m) => Self::retry(format!("unavailable: {m}")),
-            HostError::Denied(m) => Self::fail(format!("denied: {m}")),
-            HostError::Invalid(m) => Self::fail(format!("invalid: {m}")),
-            HostError::BudgetExceeded(m) => Self::fail(format!("budget-exceeded: {m}")),
+            HostError::Unavailable(_) => Self::retry(text),
+            _ => Self::fail(text),
         }
     }
 }

@@ -38,15 +38,6 @@ struct Run {
     propagate: Option<bool>,
 }
 
-fn kind(e: &HostError) -> (&'static str, &str) {
-    match e {
-        HostError::Denied(m) => ("denied", m),
-        HostError::Unavailable(m) => ("unavailable", m),
-        HostError::Invalid(m) => ("invalid", m),
-        HostError::BudgetExceeded(m) => ("budget-exceeded", m),
-    }
-}
-
 fn call(c: &Call) -> Result<Value, HostError> {
     match c.op.as_str() {
         "get" => cache::get(&c.key).map(|v| json!(v.map(|b| String::from_utf8_lossy(&b).into_owned()))),
@@ -64,7 +55,7 @@ fn run(_: &Context, Run { calls, propagate }: Run) -> Result<Value, TaskError> {
             Ok(v) => out.push(json!({ "ok": v })),
             Err(e) if propagate == Some(true) => return Err(e.into()),
             Err(e) => {
-                let (kind, message) = kind(&e);
+                let (kind, message) = e.kind_and_message();
                 out.push(json!({ "err": { "kind": kind, "message": message } }));
             }
         }

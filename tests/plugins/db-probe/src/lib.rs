@@ -74,15 +74,6 @@ fn value(v: &Db) -> Value {
     }
 }
 
-fn kind(e: &HostError) -> (&'static str, &str) {
-    match e {
-        HostError::Denied(m) => ("denied", m),
-        HostError::Unavailable(m) => ("unavailable", m),
-        HostError::Invalid(m) => ("invalid", m),
-        HostError::BudgetExceeded(m) => ("budget-exceeded", m),
-    }
-}
-
 #[derive(Deserialize)]
 struct Call {
     op: String,
@@ -128,7 +119,7 @@ fn run(_: &Context, Run { calls, propagate }: Run) -> Result<Value, TaskError> {
             Ok(v) => out.push(json!({ "ok": v })),
             Err(e) if propagate == Some(true) => return Err(e.into()),
             Err(e) => {
-                let (kind, message) = kind(&e);
+                let (kind, message) = e.kind_and_message();
                 out.push(json!({ "err": { "kind": kind, "message": message } }));
             }
         }

@@ -7,7 +7,7 @@
 //! the way a real plugin's `?` would (`unavailable` → retry, else fail).
 
 use celer_plugin::mail::{self, Address, Message};
-use celer_plugin::{Context, HostError, TaskError};
+use celer_plugin::{Context, TaskError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -73,12 +73,7 @@ fn send(_: &Context, Send { message: m, propagate }: Send) -> Result<Value, Task
         Ok(id) => Ok(json!({ "ok": id })),
         Err(e) if propagate == Some(true) => Err(e.into()),
         Err(e) => {
-            let (kind, message) = match &e {
-                HostError::Denied(m) => ("denied", m),
-                HostError::Unavailable(m) => ("unavailable", m),
-                HostError::Invalid(m) => ("invalid", m),
-                HostError::BudgetExceeded(m) => ("budget-exceeded", m),
-            };
+            let (kind, message) = e.kind_and_message();
             Ok(json!({ "err": { "kind": kind, "message": message } }))
         }
     }

@@ -47,17 +47,8 @@ struct Run {
     propagate: Option<bool>,
 }
 
-fn kind(e: &HostError) -> (&'static str, &str) {
-    match e {
-        HostError::Denied(m) => ("denied", m),
-        HostError::Unavailable(m) => ("unavailable", m),
-        HostError::Invalid(m) => ("invalid", m),
-        HostError::BudgetExceeded(m) => ("budget-exceeded", m),
-    }
-}
-
 fn err_json(e: &HostError) -> Value {
-    let (kind, message) = kind(e);
+    let (kind, message) = e.kind_and_message();
     json!({ "kind": kind, "message": message })
 }
 
