@@ -4,10 +4,11 @@
 //!
 //! | key | type | what |
 //! | --- | --- | --- |
-//! | `celer:{q}:s:<priority>` | stream, group `celer` | job ids waiting; one stream per priority in use |
+//! | `celer:{q}:s:<priority>` | stream, group `celer` | waiting jobs (id, envelope, task, expiry, attempt); one stream per priority in use; a running job's entry stays pending |
 //! | `celer:{q}:prios` | zset | the priorities that have a stream |
 //! | `celer:{q}:delayed` | zset id → run at (ms) | jobs waiting for their eta or retry backoff |
-//! | `celer:{q}:leases` | zset id → lease deadline (ms) | running jobs |
+//! | `celer:{q}:lease-ms` | hash host → ms | the lease length of each host holding entries |
+//! | `celer:{q}:reclaim`, `celer:{q}:cursor` | string (PX), hash | pacing and XAUTOCLAIM cursors of the scan for lapsed leases |
 //! | `celer:{q}:dead` | stream | dead letters (job ids) |
 //! | `celer:{q}:j:<id>` | hash | envelope, state, result, lease token…; expires `result_ttl` after the job finished (failed jobs stay until purged or retried) |
 //! | `celer:{q}:idem:<key>` | string | idempotency key → job id; expires with its job |
@@ -20,20 +21,22 @@
 //!
 //! # Leases
 //!
-//! A fetch runs one script per queue: it promotes due delayed jobs, takes
-//! over jobs whose lease deadline passed (a new attempt: XCLAIM of their
-//! pending entry to this consumer, or `failed`/`lost` when out of retries),
-//! then XREADGROUPs at most `max` new entries (no hoarding) and marks each
-//! job `running` with a fresh token and a deadline in `leases`. The entry
-//! stays pending (XPENDING shows who holds what) until `complete` acks and
-//! deletes it, in the same script that writes the outcome, checked against
-//! the token: a stale worker's `complete` changes nothing. `renew` moves
-//! the deadline, so a job is never taken over while its host renews it.
+//! A lease is a pending entry of the consumer group. A fetch runs one
+//! script per queue: it promotes due delayed jobs; at most every third of a
+//! lease (≤ 250 ms) it takes over, with XAUTOCLAIM, entries idle for longer
+//! than the leases of the hosts holding them (a new attempt, or
+//! `failed`/`lost` when out of retries); then it XREADGROUPs at most `max`
+//! new entries (no hoarding) and marks each job `running` with a fresh
+//! token. The entry carries the envelope, so leasing a new job writes its
+//! hash once and never reads it. The holder renews by claiming its own
+//! entries again (XCLAIM resets their idle time), so a job is never taken
+//! over while its host lives; `complete` acks and deletes the entry in the
+//! script that writes the outcome, checked against the token: a stale
+//! worker's `complete` changes nothing. `XPENDING` shows who holds what.
 //!
-//! Deadlines live in a sorted set rather than in the stream's idle times
-//! (XAUTOCLAIM), because each job carries its own lease length and because
-//! finding the expired ones is then one range read, however long the
-//! pending list.
+//! One idle threshold serves a queue: the longest lease of the hosts that
+//! hold its entries (`lease-ms`), so hosts with different `lease_ms` never
+//! cut each other's leases short.
 //!
 //! # Waiting for work
 //!
@@ -85,6 +88,9 @@ pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(86_400);
 /// How often a host refreshes its heartbeat key, and how long it lives.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
+/// The lease assumed for a holder that recorded none (the worker's default
+/// `lease_ms`); every fetch that leases jobs records its holder's lease.
+const DEFAULT_LEASE_MS: u64 = 30_000;
 
 /// How to reach Redis and lay out the keys.
 #[derive(Debug, Clone)]
@@ -358,7 +364,6 @@ impl RedisBroker {
             let mut inv = self.inner.scripts.fetch.prepare_invoke();
             inv.key(format!("{qp}prios"))
                 .key(format!("{qp}delayed"))
-                .key(format!("{qp}leases"))
                 .arg(&qp)
                 .arg(GROUP)
                 .arg(req.host)
@@ -554,7 +559,7 @@ async fn complete_batches(
             let qp = format!("{prefix}{{{queue}}}:");
             async move {
                 let mut inv = scripts.complete.prepare_invoke();
-                inv.key(format!("{qp}leases")).key(format!("{qp}delayed")).arg(&qp).arg(GROUP).arg(ttl_s);
+                inv.key(format!("{qp}delayed")).arg(&qp).arg(GROUP).arg(ttl_s);
                 for r in &reqs {
                     for a in &r.args {
                         inv.arg(a);
@@ -724,7 +729,6 @@ impl Broker for RedisBroker {
         let mut c = self.conn();
         let r: i64 = lease_call(&self.inner.scripts.renew, &qp, lease)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
-            .arg(&lease.job_id)
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
@@ -816,12 +820,12 @@ impl Broker for RedisBroker {
             .scripts
             .cancel
             .key(format!("{qp}j:{id}"))
-            .key(format!("{qp}leases"))
             .key(format!("{qp}delayed"))
             .arg(&qp)
             .arg(GROUP)
             .arg(id)
             .arg(self.inner.ttl_s)
+            .arg(DEFAULT_LEASE_MS)
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
@@ -955,7 +959,6 @@ impl Broker for RedisBroker {
                 .stats
                 .key(format!("{qp}prios"))
                 .key(format!("{qp}delayed"))
-                .key(format!("{qp}leases"))
                 .key(format!("{qp}dead"))
                 .arg(&qp)
                 .arg(GROUP)
@@ -973,11 +976,11 @@ impl Broker for RedisBroker {
 #[cfg(test)]
 mod tests;
 
-/// The start every lease-holding script shares: keys (job hash, lease
-/// deadlines), then queue prefix, consumer group and lease token; callers
-/// append their own arguments.
+/// The start every lease-holding script shares: the job hash as key, then
+/// queue prefix, consumer group and lease token; callers append their own
+/// arguments.
 fn lease_call<'a>(script: &'a ::redis::Script, qp: &str, lease: &Lease) -> ::redis::ScriptInvocation<'a> {
     let mut call = script.prepare_invoke();
-    call.key(format!("{qp}j:{}", lease.job_id)).key(format!("{qp}leases")).arg(qp).arg(GROUP).arg(&lease.token);
+    call.key(format!("{qp}j:{}", lease.job_id)).arg(qp).arg(GROUP).arg(&lease.token);
     call
 }

@@ -24,16 +24,30 @@ local NOW = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
 local NOW_US = T[1] .. string.format('%06d', tonumber(T[2]))
 local function jkey(id) return P .. 'j:' .. id end
 local function skey(prio) return P .. 's:' .. prio end
--- Appends a job id to the stream of its priority; creates stream and group
--- on first use (also after a Redis restart without persistence).
--- The consumer group is created by the first fetch (at id 0, so it sees
--- every entry added before). Priority 0 is always read; others are listed
--- in `prios`.
-local function push(prio, id)
+-- Appends a job to the stream of its priority. The entry carries what a
+-- fetch needs (id, envelope, task, expiry, enqueue time, attempt), so
+-- leasing a new job never reads its hash. The consumer group is created by
+-- the first fetch (at id 0, so it sees every entry added before), also
+-- after a Redis restart without persistence. Priority 0 is always read;
+-- others are listed in `prios`.
+local function push(prio, id, env, task, exp, enq, attempt)
   local sk = skey(prio)
   if prio ~= '0' then redis.call('ZADD', P .. 'prios', tonumber(prio), prio) end
-  local eid = redis.call('XADD', sk, '*', 'id', id)
+  local eid = redis.call('XADD', sk, '*', 'id', id, 'env', env, 'task', task, 'exp', exp or '', 'enq', enq, 'a', attempt)
   return sk, eid
+end
+-- Puts a job that waited (delay, release, dead letter) back on its stream.
+local function requeue(jk, id, attempt)
+  local f = redis.call('HMGET', jk, 'prio', 'env', 'task', 'exp', 'enq')
+  local sk, eid = push(f[1], id, f[2], f[3], f[4], f[5], attempt)
+  redis.call('HSET', jk, 'state', 'queued', 'attempt', attempt, 'sk', sk, 'eid', eid)
+end
+-- Leases live in the streams' pending lists: a running job's entry stays
+-- pending, its holder's renewals reset the entry's idle time (XCLAIM to
+-- itself), and an entry idle for longer than its holder's lease is taken
+-- over with XAUTOCLAIM. `lease-ms` keeps each holder's lease length.
+local function holder_lease(holder, default)
+  return tonumber(redis.call('HGET', P .. 'lease-ms', holder)) or default
 end
 -- The priorities to read, highest first, 0 included.
 local function priorities()
@@ -75,7 +89,7 @@ end
 -- Terminal states that are not the outcome of a run.
 local function finish(jk, id, state, kind, message, ttl)
   redis.call('HSET', jk, 'state', state, 'fin', NOW_US)
-  redis.call('HDEL', jk, 'tok', 'lu')
+  redis.call('HDEL', jk, 'tok')
   if kind then redis.call('HSET', jk, 'ek', kind, 'em', message) end
   if state == 'failed' then
     local did = redis.call('XADD', P .. 'dead', '*', 'id', id)
@@ -106,7 +120,7 @@ if run_at > NOW then
   table.insert(f, 'state'); table.insert(f, 'scheduled')
   redis.call('ZADD', KEYS[2], run_at, id)
 else
-  local sk, eid = push(ARGV[6], id)
+  local sk, eid = push(ARGV[6], id, ARGV[4], ARGV[5], ARGV[8], NOW_US, '0')
   table.insert(f, 'state'); table.insert(f, 'queued')
   table.insert(f, 'sk'); table.insert(f, sk); table.insert(f, 'eid'); table.insert(f, eid)
 end
@@ -114,36 +128,33 @@ redis.call('HSET', KEYS[1], unpack(f))
 return {1, id}
 "#;
 
-/// KEYS: prios, delayed, leases (all of one queue).
+/// KEYS: prios, delayed (of one queue).
 /// ARGV: 3 consumer (host), 4 max, 5 lease ms, 6 token prefix, 7 token
 /// suffix ('.' .. queue), 8 result ttl s, 9 wait info wanted ('1'),
 /// 10 number of excluded tasks, 11.. excluded tasks.
 ///
 /// 1. due delayed jobs go onto their stream (or turn `expired`);
-/// 2. running jobs whose lease ran out: `expired`, `cancelled` (stop was
-///    requested), `failed`/`lost` (no retry left), or taken over by this
-///    consumer as a new attempt (XCLAIM of their pending entry);
+/// 2. at most once per a third of the lease (≤ 250 ms) per queue, entries
+///    idle for longer than their holders' leases are taken with XAUTOCLAIM:
+///    their jobs turn `expired`, `cancelled` (stop was requested),
+///    `failed`/`lost` (no retry left), or run again here as a new attempt;
 /// 3. XREADGROUP takes at most `max - taken` new entries, highest priority
-///    stream first; stale entries (cancelled jobs) are dropped, entries of
-///    excluded tasks go back to the end of their stream.
+///    stream first; entries of excluded tasks go back to the end of their
+///    stream.
 /// Returns {deliveries, wait}: deliveries = flat {id, env, attempt, token,
 /// enq}; wait (only when nothing was delivered and it was asked for) =
-/// {ms until the next delayed job or lease deadline or -1, stream, last id, …}.
+/// {ms until the next delayed job or -1, stream, last id, …}.
 const FETCH: &str = r#"
 local C, max, lease, tokp, toks, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8])
 local excluded = {}
 for i = 11, 10 + tonumber(ARGV[10]) do excluded[ARGV[i]] = true end
 local out, n = {}, 0
-local LU = S(NOW + lease)
--- Deadlines of the jobs leased by this call, written with one ZADD at the end.
-local deadlines = {}
 local function lease_job(jk, id, attempt, env, enq)
   n = n + 1
   local tok = tokp .. n .. toks
-  redis.call('HSET', jk, 'state', 'running', 'tok', tok, 'lu', LU, 'host', C, 'st', NOW_US, 'attempt', attempt)
+  redis.call('HSET', jk, 'state', 'running', 'tok', tok, 'host', C, 'st', NOW_US, 'attempt', attempt)
   -- A fresh job has nothing of an earlier attempt to clear.
   if attempt ~= '0' then redis.call('HDEL', jk, 'fin', 'pd', 'pt') end
-  deadlines[#deadlines + 1] = LU; deadlines[#deadlines + 1] = id
   out[#out + 1] = id; out[#out + 1] = env; out[#out + 1] = attempt; out[#out + 1] = tok; out[#out + 1] = enq
 end
 
@@ -152,46 +163,81 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', NOW, 'LIMIT', 0, 1000)
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[2], id)
   local jk = jkey(id)
-  local f = redis.call('HMGET', jk, 'state', 'exp', 'prio')
+  local f = redis.call('HMGET', jk, 'state', 'exp', 'attempt')
   if f[1] == 'scheduled' or f[1] == 'retrying' then
     local exp = tonumber(f[2])
     if exp and exp < NOW then
       finish(jk, id, 'expired', nil, nil, ttl)
     else
-      local sk, eid = push(f[3], id)
-      redis.call('HSET', jk, 'state', 'queued', 'sk', sk, 'eid', eid)
+      requeue(jk, id, f[3] or '0')
     end
   end
 end
 
 -- 2. leases that ran out
-local lost = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', NOW, 'LIMIT', 0, 1000)
-for _, id in ipairs(lost) do
-  local jk = jkey(id)
-  local f = redis.call('HMGET', jk, 'state', 'lu', 'cancel', 'attempt', 'maxr', 'exp', 'task', 'env', 'enq', 'sk', 'eid')
-  if f[1] ~= 'running' then
-    redis.call('ZREM', KEYS[3], id)
-  elseif tonumber(f[2]) > NOW then
-    redis.call('ZADD', KEYS[3], tonumber(f[2]), id)
-  else
-    local exp = tonumber(f[6])
-    if exp and exp < NOW then
-      redis.call('ZREM', KEYS[3], id); drop_entry(jk); finish(jk, id, 'expired', nil, nil, ttl)
-    elseif f[3] == '1' then
-      redis.call('ZREM', KEYS[3], id); drop_entry(jk)
-      finish(jk, id, 'cancelled', 'cancelled', 'cancelled while its host was gone', ttl)
-    elseif tonumber(f[4]) + 1 > tonumber(f[5]) then
-      redis.call('ZREM', KEYS[3], id); drop_entry(jk)
-      finish(jk, id, 'failed', 'lost', 'lease expired on every attempt (host died?)', ttl)
-    elseif n < max and not excluded[f[7]] then
-      if f[10] and f[11] then pcall(redis.call, 'XCLAIM', f[10], G, C, 0, f[11], 'JUSTID') end
-      lease_job(jk, id, S(tonumber(f[4]) + 1), f[8], f[9])
+local prios = priorities()
+local LK = P .. 'lease-ms'
+if redis.call('SET', P .. 'reclaim', '1', 'PX', math.max(10, math.min(250, math.floor(lease / 3))), 'NX') then
+  -- Who holds entries; holders that hold none are forgotten.
+  local holders, pending = {}, 0
+  for _, p in ipairs(prios) do
+    local ok, summary = pcall(redis.call, 'XPENDING', skey(p), G)
+    if ok and type(summary[4]) == 'table' then
+      pending = pending + summary[1]
+      for _, c in ipairs(summary[4]) do holders[c[1]] = true end
+    end
+  end
+  local min_idle = 0
+  -- One threshold per queue: the longest lease of any holder (a shorter
+  -- one is never cut short; a job of a short-lease host that died is taken
+  -- over a little later). A holder with no recorded lease gets ours.
+  local known, has = redis.call('HGETALL', LK), {}
+  for i = 1, #known, 2 do
+    if holders[known[i]] then
+      has[known[i]] = true
+      min_idle = math.max(min_idle, tonumber(known[i + 1]))
+    else
+      redis.call('HDEL', LK, known[i])
+    end
+  end
+  for h in pairs(holders) do if not has[h] then min_idle = math.max(min_idle, lease) end end
+  for _, p in ipairs(prios) do
+    if pending == 0 or n >= max then break end
+    local sk = skey(p)
+    local cursor = redis.call('HGET', P .. 'cursor', p) or '0-0'
+    local ok, res = pcall(redis.call, 'XAUTOCLAIM', sk, G, C, min_idle, cursor, 'COUNT', math.max(1, max - n))
+    if ok then
+      redis.call('HSET', P .. 'cursor', p, res[1])
+      for _, e in ipairs(res[2]) do
+        if type(e) == 'table' and type(e[2]) == 'table' then
+          local eid, id = e[1], e[2][2]
+          local jk = jkey(id)
+          local f = redis.call('HMGET', jk, 'state', 'cancel', 'attempt', 'maxr', 'exp', 'task', 'env', 'enq', 'eid')
+          if f[1] ~= 'running' or f[9] ~= eid then
+            -- Nothing runs on this entry any more.
+            redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
+          else
+            local exp = tonumber(f[5])
+            if exp and exp < NOW then
+              drop_entry(jk); finish(jk, id, 'expired', nil, nil, ttl)
+            elseif f[2] == '1' then
+              drop_entry(jk); finish(jk, id, 'cancelled', 'cancelled', 'cancelled while its host was gone', ttl)
+            elseif tonumber(f[3]) + 1 > tonumber(f[4]) then
+              drop_entry(jk); finish(jk, id, 'failed', 'lost', 'lease expired on every attempt (host died?)', ttl)
+            elseif n < max and not excluded[f[6]] then
+              lease_job(jk, id, S(tonumber(f[3]) + 1), f[7], f[8])
+            else
+              -- Not for this host: left as lost for the next fetch.
+              redis.call('XCLAIM', sk, G, C, 0, eid, 'IDLE', min_idle, 'JUSTID')
+            end
+          end
+        end
+      end
     end
   end
 end
 
 -- 3. new entries, highest priority first
-local prios = priorities()
 local deferred = {}
 for _, p in ipairs(prios) do
   if n >= max then break end
@@ -204,48 +250,52 @@ for _, p in ipairs(prios) do
       pcall(redis.call, 'XGROUP', 'CREATE', sk, G, '0', 'MKSTREAM')
       ok, res = pcall(redis.call, 'XREADGROUP', 'GROUP', G, C, 'COUNT', want, 'STREAMS', sk, '>')
       if not ok then
-        -- Jobs already turned `running` by this call keep their deadlines,
-        -- so they are taken back if nobody runs them.
-        if #deadlines > 0 then bulk('ZADD', KEYS[3], deadlines) end
+        -- Jobs already turned `running` by this call stay pending under
+        -- this consumer, so they are taken back if nobody runs them.
+        if n > 0 then redis.call('HSET', LK, C, lease) end
         return redis.error_reply(tostring(res.err or res))
       end
     end
     if not res then break end
     local entries = res[1][2]
     for _, e in ipairs(entries) do
-      local eid, id = e[1], e[2][2]
+      -- ef = {'id', id, 'env', env, 'task', task, 'exp', exp, 'enq', enq, 'a', attempt}
+      local eid, ef = e[1], e[2]
+      local id = ef[2]
       local jk = jkey(id)
-      local f = redis.call('HMGET', jk, 'state', 'exp', 'task', 'env', 'enq', 'attempt', 'eid')
-      if f[1] ~= 'queued' or f[7] ~= eid then
+      local exp, task, env, enq, attempt = ef[8], ef[6], ef[4], ef[10], ef[12]
+      if ef[3] ~= 'env' then
+        -- An entry written before entries carried the envelope.
+        local f = redis.call('HMGET', jk, 'state', 'exp', 'task', 'env', 'enq', 'attempt', 'eid')
+        if f[1] ~= 'queued' or f[7] ~= eid then exp = 'stale' end
+        task, env, enq, attempt = f[3], f[4], f[5], f[6]
+        if exp ~= 'stale' then exp = f[2] end
+      end
+      if exp == 'stale' then
         redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
+      elseif tonumber(exp) and tonumber(exp) < NOW then
+        drop_entry(jk); finish(jk, id, 'expired', nil, nil, ttl)
+      elseif excluded[task] then
+        redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
+        deferred[#deferred + 1] = {sk, jk, ef}
       else
-        local exp = tonumber(f[2])
-        if exp and exp < NOW then
-          drop_entry(jk); finish(jk, id, 'expired', nil, nil, ttl)
-        elseif excluded[f[3]] then
-          redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
-          deferred[#deferred + 1] = {sk, id, jk}
-        else
-          lease_job(jk, id, f[6], f[4], f[5])
-        end
+        lease_job(jk, id, attempt, env, enq)
       end
     end
     if #entries < want then break end
   end
 end
 for _, d in ipairs(deferred) do
-  local eid = redis.call('XADD', d[1], '*', 'id', d[2])
-  redis.call('HSET', d[3], 'eid', eid)
+  local eid = redis.call('XADD', d[1], '*', unpack(d[3]))
+  redis.call('HSET', d[2], 'eid', eid)
 end
-if #deadlines > 0 then bulk('ZADD', KEYS[3], deadlines) end
+if n > 0 then redis.call('HSET', LK, C, lease) end
 
 local wait = {}
 if n == 0 and ARGV[9] == '1' then
   local next_ms = -1
   local d = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   if d[2] then next_ms = tonumber(d[2]) - NOW end
-  local l = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-  if l[2] and (next_ms < 0 or tonumber(l[2]) - NOW < next_ms) then next_ms = tonumber(l[2]) - NOW end
   wait[1] = S(next_ms)
   for _, p in ipairs(prios) do
     local ok, info = pcall(redis.call, 'XINFO', 'STREAM', skey(p))
@@ -259,14 +309,16 @@ end
 return {out, wait}
 "#;
 
-/// KEYS: job hash, leases. ARGV: 3 token, 4 ttl ms, 5 id.
-/// Returns -1 (lost), 0 (held) or 1 (held, stop requested).
+/// KEYS: job hash. ARGV: 3 token, 4 lease ms.
+/// Returns -1 (lost), 0 (held) or 1 (held, stop requested). Claiming the
+/// entry again to its holder resets its idle time: the lease starts over.
 const RENEW: &str = r#"
-local f = redis.call('HMGET', KEYS[1], 'state', 'tok', 'cancel')
+local f = redis.call('HMGET', KEYS[1], 'state', 'tok', 'cancel', 'sk', 'eid', 'host')
 if f[1] ~= 'running' or f[2] ~= ARGV[3] then return -1 end
-local lu = NOW + tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], 'lu', S(lu))
-redis.call('ZADD', KEYS[2], lu, ARGV[5])
+if f[4] and f[5] and f[6] then
+  redis.call('XCLAIM', f[4], G, f[6], 0, f[5], 'JUSTID')
+  redis.call('HSET', P .. 'lease-ms', f[6], ARGV[4])
+end
 if f[3] == '1' then return 1 end
 return 0
 "#;
@@ -280,7 +332,7 @@ return 1
 "#;
 
 /// Ends attempts, several per call (the broker batches concurrent
-/// completions of one queue). KEYS: leases, delayed. ARGV: 3 result ttl s,
+/// completions of one queue). KEYS: delayed. ARGV: 3 result ttl s,
 /// then per job 13 values: token, id, outcome (succeeded|retry|dead|
 /// cancelled), result JSON, error kind, error message, retry at ms, and
 /// the optional record fields as '' (absent) or '=' .. value: plugin,
@@ -290,9 +342,9 @@ const COMPLETE: &str = r#"
 local ttl = tonumber(ARGV[3])
 local names = {'plugin', 'pv', 'touched', 'log', 'pd', 'pt'}
 local out = {}
--- Stream entries to ack and delete (per stream) and leases to drop, each
--- written with one command for the whole batch.
-local acks, ended = {}, {}
+-- Stream entries to ack and delete (per stream), each written with one
+-- command for the whole batch.
+local acks = {}
 for base = 4, #ARGV - 12, 13 do
   local tok, id, kind, result, ek, em, at = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], ARGV[base + 5], ARGV[base + 6]
   local jk = jkey(id)
@@ -308,7 +360,6 @@ for base = 4, #ARGV - 12, 13 do
       if not list then list = {}; acks[f[5]] = list end
       list[#list + 1] = f[6]
     end
-    ended[#ended + 1] = id
     -- The lease fields stay (the state says they are void); `sk`/`eid`
     -- name an entry that no longer exists, which every reader tolerates.
     local set = {}
@@ -323,7 +374,7 @@ for base = 4, #ARGV - 12, 13 do
       if f[4] ~= '0' then redis.call('HDEL', jk, 'ek', 'em') end
     elseif kind == 'retry' then
       put('state', 'retrying'); put('attempt', S(tonumber(f[4]) + 1)); put('run_at', at); put('ek', ek); put('em', em)
-      redis.call('ZADD', KEYS[2], tonumber(at), id)
+      redis.call('ZADD', KEYS[1], tonumber(at), id)
     elseif kind == 'dead' then
       put('state', 'failed'); put('ek', ek); put('em', em); put('fin', NOW_US); put('dead', NOW_US)
       put('dk', redis.call('XADD', P .. 'dead', '*', 'id', id))
@@ -342,40 +393,44 @@ for sk, eids in pairs(acks) do
   bulk('XACK', sk, eids, {G})
   bulk('XDEL', sk, eids)
 end
-if #ended > 0 then bulk('ZREM', KEYS[1], ended) end
 return out
 "#;
 
-/// KEYS: job hash, leases. ARGV: 3 token, 4 id, 5 ttl.
+/// KEYS: job hash. ARGV: 3 token, 4 id, 5 ttl.
 const RELEASE: &str = r#"
 local jk, id = KEYS[1], ARGV[4]
-local f = redis.call('HMGET', jk, 'state', 'tok', 'cancel', 'prio')
+local f = redis.call('HMGET', jk, 'state', 'tok', 'cancel', 'attempt')
 if f[1] ~= 'running' or f[2] ~= ARGV[3] then return 0 end
-redis.call('ZREM', KEYS[2], id)
 drop_entry(jk)
-redis.call('HDEL', jk, 'tok', 'lu', 'host', 'st')
+redis.call('HDEL', jk, 'tok', 'host', 'st')
 if f[3] == '1' then
   finish(jk, id, 'cancelled', 'cancelled', 'cancelled before it started', tonumber(ARGV[5]))
 else
-  local sk, eid = push(f[4], id)
-  redis.call('HSET', jk, 'state', 'queued', 'sk', sk, 'eid', eid)
+  requeue(jk, id, f[4] or '0')
 end
 return 1
 "#;
 
-/// KEYS: job hash, leases, delayed. ARGV: 3 id, 4 ttl.
+/// KEYS: job hash, delayed. ARGV: 3 id, 4 ttl, 5 the canceller's lease ms
+/// (for a holder with none recorded).
 const CANCEL: &str = r#"
 local jk, id, ttl = KEYS[1], ARGV[3], tonumber(ARGV[4])
-local f = redis.call('HMGET', jk, 'state', 'lu')
+local f = redis.call('HMGET', jk, 'state', 'sk', 'eid')
 local state = f[1]
 if not state then return 'not-found' end
 if state == 'queued' or state == 'scheduled' or state == 'retrying' then
-  redis.call('ZREM', KEYS[3], id); drop_entry(jk)
+  redis.call('ZREM', KEYS[2], id); drop_entry(jk)
   finish(jk, id, 'cancelled', 'cancelled', 'cancelled before it started', ttl)
   return 'cancelled'
 elseif state == 'running' then
-  if tonumber(f[2]) < NOW then
-    redis.call('ZREM', KEYS[2], id); drop_entry(jk)
+  -- Its holder is gone when the entry sat idle past the holder's lease.
+  local gone = true
+  if f[2] and f[3] then
+    local ok, p = pcall(redis.call, 'XPENDING', f[2], G, f[3], f[3], 1)
+    if ok and p[1] then gone = tonumber(p[1][3]) >= holder_lease(p[1][2], tonumber(ARGV[5])) end
+  end
+  if gone then
+    drop_entry(jk)
     finish(jk, id, 'cancelled', 'cancelled', 'cancelled while its host was gone', ttl)
     return 'cancelled'
   end
@@ -400,9 +455,9 @@ for _, id in ipairs(ids) do
   local f = redis.call('HMGET', jk, 'state', 'dk', 'prio')
   if f[1] == 'failed' then
     if f[2] then redis.call('XDEL', KEYS[1], f[2]) end
-    redis.call('HDEL', jk, 'result', 'ek', 'em', 'dead', 'dk', 'fin', 'tok', 'lu', 'host', 'st', 'pd', 'pt', 'cancel')
-    local sk, eid = push(f[3], id)
-    redis.call('HSET', jk, 'state', 'queued', 'attempt', '0', 'run_at', S(NOW), 'sk', sk, 'eid', eid)
+    redis.call('HDEL', jk, 'result', 'ek', 'em', 'dead', 'dk', 'fin', 'tok', 'host', 'st', 'pd', 'pt', 'cancel')
+    redis.call('HSET', jk, 'run_at', S(NOW))
+    requeue(jk, id, '0')
     count = count + 1
   end
 end
@@ -425,17 +480,18 @@ redis.call('DEL', KEYS[1])
 return count
 "#;
 
-/// KEYS: prios, delayed, leases, dead. Returns {queued, delayed, running, dead}.
+/// KEYS: prios, delayed, dead. Returns {queued, delayed, running, dead}
+/// (running: the streams' pending entries).
 const STATS: &str = r#"
-local queued = redis.call('ZCOUNT', KEYS[2], '-inf', NOW)
+local queued, running = redis.call('ZCOUNT', KEYS[2], '-inf', NOW), 0
 for _, p in ipairs(priorities()) do
   local sk = skey(p)
   local len = redis.call('XLEN', sk)
   local ok, pending = pcall(redis.call, 'XPENDING', sk, G)
-  if ok and pending[1] then len = len - pending[1] end
+  if ok and pending[1] then len = len - pending[1]; running = running + pending[1] end
   queued = queued + len
 end
-return {queued, redis.call('ZCOUNT', KEYS[2], '(' .. NOW, '+inf'), redis.call('ZCARD', KEYS[3]), redis.call('XLEN', KEYS[4])}
+return {queued, redis.call('ZCOUNT', KEYS[2], '(' .. NOW, '+inf'), running, redis.call('XLEN', KEYS[3])}
 "#;
 
 /// All scripts, compiled once (their SHA1 computed once).

@@ -153,7 +153,9 @@ async fn consumption_resumes_when_the_group_and_streams_vanish() {
     let _: i64 = c.del(&keys).await.unwrap();
     let _: () = ::redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut c).await.unwrap();
     let second = enqueue(&b, job("t")).await;
-    assert_eq!(fetch_one(&b).await.job.id, second);
+    let d = fetch_one(&b).await;
+    assert_eq!(d.job.id, second);
+    assert!(b.complete(&d.lease, Outcome::Succeeded { result: json!(2) }, RunRecord::default()).await.unwrap());
     // Only the group gone (the stream kept): recreated on read.
     let third = enqueue(&b, job("t")).await;
     let stream = format!("{}s:0", b.queue_prefix("default"));
@@ -167,7 +169,14 @@ async fn an_unreadable_job_goes_to_the_dead_letters_and_a_bad_state_is_corrupt()
     let bad = enqueue(&b, job("t")).await;
     let good = enqueue(&b, job("t")).await;
     let mut c = b.conn();
-    let _: () = c.hset(b.job_key("default", &bad), "env", "not json").await.unwrap();
+    // The bad job's entry replaced by one as entries were written before
+    // they carried the envelope (the id only), and its stored envelope
+    // broken: read from the hash, it cannot be parsed.
+    let jk = b.job_key("default", &bad);
+    let (stream, eid): (String, String) = ::redis::cmd("HMGET").arg(&jk).arg("sk").arg("eid").query_async(&mut c).await.unwrap();
+    let _: i64 = c.xdel(&stream, &[&eid]).await.unwrap();
+    let eid: String = c.xadd(&stream, "*", &[("id", bad.as_str())]).await.unwrap();
+    let _: () = c.hset_multiple(&jk, &[("eid", eid.as_str()), ("env", "not json")]).await.unwrap();
     let got = fetch(&b, 10).await;
     assert_eq!(got.iter().map(|d| d.job.id.clone()).collect::<Vec<_>>(), vec![good.clone()]);
     let state: String = c.hget(b.job_key("default", &bad), "state").await.unwrap();
@@ -277,4 +286,45 @@ async fn a_fetching_host_is_listed_with_its_heartbeat() {
     assert!(age < chrono::TimeDelta::seconds(3), "beat {age} ago");
     assert!(b.complete(&d.lease, Outcome::Succeeded { result: json!(1) }, RunRecord::default()).await.unwrap());
     assert_eq!(b.hosts().await.unwrap().iter().find(|h| h.host == suite::HOST).map(|h| h.running), Some(0));
+}
+
+/// Leases are the pending entries' idle times, and hosts may run with
+/// different `lease_ms`: a host with a short lease never takes over a job
+/// whose holder has a longer one before that one ran out, and does once it
+/// has (XAUTOCLAIM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lease_host_waits_for_the_holders_longer_lease() {
+    let (_c, b) = fresh_redis().await;
+    let queues = vec!["default".to_string()];
+    let req = |host, lease_ms| FetchRequest {
+        host,
+        queues: &queues,
+        exclude_tasks: &[],
+        max: 4,
+        lease: Duration::from_millis(lease_ms),
+    };
+    let id = enqueue(&b, job("t")).await;
+    let held = b.fetch(req("slow-host", 800)).await.unwrap();
+    assert_eq!(held.len(), 1);
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Past the fast host's own 60 ms lease, well inside the holder's 800 ms.
+    while t.elapsed() < Duration::from_millis(650) {
+        assert!(b.fetch(req("fast-host", 60)).await.unwrap().is_empty(), "taken over after {:?}", t.elapsed());
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let again = loop {
+        let got = b.fetch(req("fast-host", 60)).await.unwrap();
+        if let Some(d) = got.into_iter().next() {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "never taken over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(t.elapsed() >= Duration::from_millis(800), "taken over after {:?}", t.elapsed());
+    assert_eq!((again.job.id.as_str(), again.job.attempt), (id.as_str(), 1));
+    assert_eq!(status(&b, &id).await.host.as_deref(), Some("fast-host"));
+    assert!(!b.complete(&held[0].lease, Outcome::Succeeded { result: json!(0) }, RunRecord::default()).await.unwrap());
+    assert!(b.complete(&again.lease, Outcome::Succeeded { result: json!(1) }, RunRecord::default()).await.unwrap());
 }
