@@ -56,6 +56,7 @@
 //! persistence setting (AOF `appendfsync always` for no loss at all).
 
 pub mod conn;
+mod held;
 pub mod scripts;
 
 use std::collections::HashMap;
@@ -71,6 +72,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use self::conn::{Conn, Target};
+use self::held::{HeldLease, HeldLeases};
 use self::scripts::Scripts;
 use super::{
     Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, HostInfo, Lease,
@@ -153,6 +155,8 @@ struct Inner {
     completer: tokio::sync::mpsc::UnboundedSender<CompleteReq>,
     /// When each queue was last added to the `queues` set by this process.
     registered: Mutex<HashMap<String, std::time::Instant>>,
+    /// Leases held by this host, for the unchecked outcome path.
+    held: HeldLeases,
     /// Connections for blocking reads, one per concurrent waiter.
     waiters: Mutex<Vec<Conn>>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -206,6 +210,7 @@ impl RedisBroker {
                 scripts,
                 completer,
                 registered: Mutex::new(HashMap::new()),
+                held: HeldLeases::default(),
                 waiters: Mutex::new(Vec::new()),
                 heartbeat: Mutex::new(None),
             }),
@@ -378,11 +383,23 @@ impl RedisBroker {
                 inv.arg(t);
             }
             let mut c = self.conn();
+            let sent = std::time::Instant::now();
             let (jobs, waits): (Vec<String>, Vec<String>) = inv.invoke_async(&mut c).await.map_err(unavailable)?;
-            for chunk in jobs.chunks_exact(5) {
-                let [id, env, attempt, token, enq] = chunk else { continue };
+            for chunk in jobs.chunks_exact(7) {
+                let [id, env, attempt, token, enq, stream, entry] = chunk else { continue };
                 match delivery(id, env, attempt, token, enq) {
-                    Ok(d) => out.push(d),
+                    Ok(d) => {
+                        let held = HeldLease {
+                            confirmed: sent,
+                            lease: req.lease,
+                            stream: stream.clone(),
+                            entry: entry.clone(),
+                            attempt: d.job.attempt,
+                            idempotency_key: d.job.idempotency_key.as_ref().map(|k| format!("{qp}idem:{k}")),
+                        };
+                        self.inner.held.insert(token.clone(), held);
+                        out.push(d)
+                    }
                     Err(e) => {
                         tracing::error!(job = %id, error = %e, "unreadable job moved to the dead letters");
                         let lease = Lease { job_id: id.clone(), token: token.clone() };
@@ -497,6 +514,14 @@ impl RedisBroker {
         })
     }
 
+    /// Hands an outcome to the batching task and waits for its answer.
+    async fn send_complete(&self, queue: &str, write: Write) -> Result<bool, BrokerError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || BrokerError::Unavailable("the broker is shutting down".into());
+        self.inner.completer.send(CompleteReq { queue: queue.to_string(), write, reply }).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
     /// Dead-letter job ids of one queue, newest first.
     async fn dead_ids(&self, queue: &str, limit: usize) -> Result<Vec<String>, BrokerError> {
         let mut c = self.conn();
@@ -524,15 +549,25 @@ struct Heartbeat {
 /// One `complete`, waiting for its batch.
 struct CompleteReq {
     queue: String,
-    /// The 13 per-job values of the COMPLETE script.
-    args: [String; 13],
+    write: Write,
     reply: tokio::sync::oneshot::Sender<Result<bool, BrokerError>>,
 }
 
+/// How an outcome is written.
+enum Write {
+    /// Through the COMPLETE script, checked against the lease token: its
+    /// 13 per-job values.
+    Checked(Box<[String; 13]>),
+    /// A success whose lease is certainly still held ([`HeldLease`]): the
+    /// hash fields, written in one MULTI with the ack of the entry.
+    Unchecked { job_id: String, held: HeldLease, fields: Vec<(&'static str, String)> },
+}
+
 /// Writes outcomes in batches: whatever completions are waiting when the
-/// previous batch returns go out together, one script call per queue. At
-/// low load a batch is one job (no added latency); under load one round
-/// trip and one script call record many jobs.
+/// previous batch returns go out together, per queue one script call for
+/// the checked ones and one MULTI for the unchecked ones. At low load a
+/// batch is one job (no added latency); under load one round trip records
+/// many jobs.
 async fn complete_batches(
     mut requests: tokio::sync::mpsc::UnboundedReceiver<CompleteReq>,
     conn: Conn,
@@ -549,24 +584,22 @@ async fn complete_batches(
                 Err(_) => break,
             }
         }
-        let mut by_queue: HashMap<String, Vec<CompleteReq>> = HashMap::new();
+        let mut by_queue: HashMap<(String, bool), Vec<CompleteReq>> = HashMap::new();
         for r in batch {
-            by_queue.entry(r.queue.clone()).or_default().push(r);
+            let checked = matches!(r.write, Write::Checked(_));
+            by_queue.entry((r.queue.clone(), checked)).or_default().push(r);
         }
-        let calls = by_queue.into_iter().map(|(queue, reqs)| {
-            let mut c = conn.clone();
+        let calls = by_queue.into_iter().map(|((queue, checked), reqs)| {
+            let c = conn.clone();
             let scripts = scripts.clone();
             let qp = format!("{prefix}{{{queue}}}:");
             async move {
-                let mut inv = scripts.complete.prepare_invoke();
-                inv.key(format!("{qp}delayed")).arg(&qp).arg(GROUP).arg(ttl_s);
-                for r in &reqs {
-                    for a in &r.args {
-                        inv.arg(a);
-                    }
-                }
-                let done: Result<Vec<i64>, _> = inv.invoke_async(&mut c).await;
-                match done {
+                let written = if checked {
+                    write_checked(c, &scripts, &qp, ttl_s, &reqs).await
+                } else {
+                    write_unchecked(c, &qp, ttl_s, &reqs).await.map(|()| vec![1; reqs.len()])
+                };
+                match written {
                     Ok(flags) => {
                         for (r, flag) in reqs.into_iter().zip(flags.into_iter().chain(std::iter::repeat(0))) {
                             let _ = r.reply.send(Ok(flag == 1));
@@ -582,6 +615,53 @@ async fn complete_batches(
         });
         join_all(calls).await;
     }
+}
+
+/// One COMPLETE script call for a batch of one queue; 1 per recorded job.
+async fn write_checked(
+    mut c: Conn,
+    scripts: &Scripts,
+    qp: &str,
+    ttl_s: u64,
+    reqs: &[CompleteReq],
+) -> Result<Vec<i64>, ::redis::RedisError> {
+    let mut inv = scripts.complete.prepare_invoke();
+    inv.key(format!("{qp}delayed")).arg(qp).arg(GROUP).arg(ttl_s);
+    for r in reqs {
+        if let Write::Checked(args) = &r.write {
+            for a in args.iter() {
+                inv.arg(a);
+            }
+        }
+    }
+    inv.invoke_async(&mut c).await
+}
+
+/// One MULTI for a batch of successes of one queue: each job's hash gets
+/// its outcome and its expiry, then the entries are acked and deleted with
+/// one XACK and one XDEL per stream (as the COMPLETE script does).
+async fn write_unchecked(mut c: Conn, qp: &str, ttl_s: u64, reqs: &[CompleteReq]) -> Result<(), ::redis::RedisError> {
+    let mut pipe = ::redis::pipe();
+    pipe.atomic();
+    let mut entries: HashMap<&str, Vec<&str>> = HashMap::new();
+    for r in reqs {
+        let Write::Unchecked { job_id, held, fields } = &r.write else { continue };
+        let jk = format!("{qp}j:{job_id}");
+        pipe.hset_multiple(&jk, fields).ignore();
+        if held.attempt > 0 {
+            pipe.hdel(&jk, &["ek", "em"]).ignore();
+        }
+        pipe.expire(&jk, ttl_s as i64).ignore();
+        if let Some(ik) = &held.idempotency_key {
+            pipe.expire(ik, ttl_s as i64).ignore();
+        }
+        entries.entry(held.stream.as_str()).or_default().push(held.entry.as_str());
+    }
+    for (stream, ids) in entries {
+        pipe.cmd("XACK").arg(stream).arg(GROUP).arg(&ids).ignore();
+        pipe.cmd("XDEL").arg(stream).arg(&ids).ignore();
+    }
+    pipe.query_async(&mut c).await
 }
 
 /// What a fetch that found nothing blocks on.
@@ -727,14 +807,21 @@ impl Broker for RedisBroker {
         let Some(queue) = Self::lease_queue(lease) else { return Ok(LeaseStatus::Lost) };
         let qp = self.queue_prefix(queue);
         let mut c = self.conn();
+        let sent = std::time::Instant::now();
         let r: i64 = lease_call(&self.inner.scripts.renew, &qp, lease)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
         Ok(match r {
-            -1 => LeaseStatus::Lost,
-            flag => LeaseStatus::Held { cancel_requested: flag == 1 },
+            -1 => {
+                self.inner.held.take(&lease.token);
+                LeaseStatus::Lost
+            }
+            flag => {
+                self.inner.held.confirm(&lease.token, sent, ttl);
+                LeaseStatus::Held { cancel_requested: flag == 1 }
+            }
         })
     }
 
@@ -760,6 +847,26 @@ impl Broker for RedisBroker {
 
     async fn complete(&self, lease: &Lease, outcome: Outcome, record: RunRecord) -> Result<bool, BrokerError> {
         let Some(queue) = Self::lease_queue(lease) else { return Ok(false) };
+        let held = self.inner.held.take(&lease.token).filter(HeldLease::certainly_held);
+        if let (Outcome::Succeeded { result }, Some(held)) = (&outcome, held) {
+            let mut fields = vec![
+                ("state", "succeeded".to_string()),
+                ("result", to_json(result)?),
+                ("fin", Utc::now().timestamp_micros().to_string()),
+            ];
+            let touched = record.touched.as_ref().map(to_json).transpose()?;
+            let optional = [
+                ("plugin", record.plugin),
+                ("pv", record.plugin_version),
+                ("touched", touched),
+                ("log", record.log),
+                ("pd", record.progress.map(|p| p.done.to_string())),
+                ("pt", record.progress.map(|p| p.total.to_string())),
+            ];
+            fields.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+            let write = Write::Unchecked { job_id: lease.job_id.clone(), held, fields };
+            return self.send_complete(queue, write).await;
+        }
         let kind_text = |k: ErrorKind| match serde_json::to_value(k) {
             Ok(Value::String(s)) => s,
             _ => "plugin".to_string(),
@@ -790,16 +897,12 @@ impl Broker for RedisBroker {
             opt_arg(record.progress.map(|p| p.done.to_string()).as_deref()),
             opt_arg(record.progress.map(|p| p.total.to_string()).as_deref()),
         ];
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.inner
-            .completer
-            .send(CompleteReq { queue: queue.to_string(), args, reply })
-            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
-        answer.await.map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?
+        self.send_complete(queue, Write::Checked(Box::new(args))).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
         let Some(queue) = Self::lease_queue(lease) else { return Ok(()) };
+        self.inner.held.take(&lease.token);
         let qp = self.queue_prefix(queue);
         let mut c = self.conn();
         let _: i64 = lease_call(&self.inner.scripts.release, &qp, lease)

@@ -142,20 +142,21 @@ return {1, id}
 ///    stream first; entries of excluded tasks go back to the end of their
 ///    stream.
 /// Returns {deliveries, wait}: deliveries = flat {id, env, attempt, token,
-/// enq}; wait (only when nothing was delivered and it was asked for) =
+/// enq, stream, entry id}; wait (only when nothing was delivered and it was asked for) =
 /// {ms until the next delayed job or -1, stream, last id, …}.
 const FETCH: &str = r#"
 local C, max, lease, tokp, toks, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8])
 local excluded = {}
 for i = 11, 10 + tonumber(ARGV[10]) do excluded[ARGV[i]] = true end
 local out, n = {}, 0
-local function lease_job(jk, id, attempt, env, enq)
+local function lease_job(jk, id, attempt, env, enq, sk, eid)
   n = n + 1
   local tok = tokp .. n .. toks
   redis.call('HSET', jk, 'state', 'running', 'tok', tok, 'host', C, 'st', NOW_US, 'attempt', attempt)
   -- A fresh job has nothing of an earlier attempt to clear.
   if attempt ~= '0' then redis.call('HDEL', jk, 'fin', 'pd', 'pt') end
   out[#out + 1] = id; out[#out + 1] = env; out[#out + 1] = attempt; out[#out + 1] = tok; out[#out + 1] = enq
+  out[#out + 1] = sk; out[#out + 1] = eid
 end
 
 -- 1. promote due delayed jobs
@@ -225,7 +226,7 @@ if redis.call('SET', P .. 'reclaim', '1', 'PX', math.max(10, math.min(250, math.
             elseif tonumber(f[3]) + 1 > tonumber(f[4]) then
               drop_entry(jk); finish(jk, id, 'failed', 'lost', 'lease expired on every attempt (host died?)', ttl)
             elseif n < max and not excluded[f[6]] then
-              lease_job(jk, id, S(tonumber(f[3]) + 1), f[7], f[8])
+              lease_job(jk, id, S(tonumber(f[3]) + 1), f[7], f[8], sk, eid)
             else
               -- Not for this host: left as lost for the next fetch.
               redis.call('XCLAIM', sk, G, C, 0, eid, 'IDLE', min_idle, 'JUSTID')
@@ -279,7 +280,7 @@ for _, p in ipairs(prios) do
         redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
         deferred[#deferred + 1] = {sk, jk, ef}
       else
-        lease_job(jk, id, attempt, env, enq)
+        lease_job(jk, id, attempt, env, enq, sk, eid)
       end
     end
     if #entries < want then break end

@@ -1,0 +1,91 @@
+//! The leases this host holds, and when Redis last confirmed each one.
+//!
+//! A lease can only be taken over once its entry sat idle for the holder's
+//! whole lease, and every fetch or renewal resets that idle time. So while
+//! less than half a lease has passed since the last confirmation was *sent*,
+//! no other host can hold the job, and the outcome of a successful run can
+//! be written with a plain pipeline instead of the token-checking script:
+//! the hot path's largest Redis cost (see `docs/redis.md`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One lease held by this host.
+#[derive(Debug, Clone)]
+pub struct HeldLease {
+    /// When the fetch or renewal that last confirmed it was sent.
+    pub confirmed: Instant,
+    pub lease: Duration,
+    /// The stream and entry id that hold it (acked and deleted at the end).
+    pub stream: String,
+    pub entry: String,
+    /// Attempt number (an attempt after the first may carry an old error).
+    pub attempt: u32,
+    /// The job's idempotency key, which expires with it.
+    pub idempotency_key: Option<String>,
+}
+
+impl HeldLease {
+    /// True while no other host can possibly have taken the job over.
+    pub fn certainly_held(&self) -> bool {
+        self.confirmed.elapsed() < self.lease / 2
+    }
+}
+
+/// Leases by token.
+#[derive(Debug, Default)]
+pub struct HeldLeases {
+    by_token: Mutex<HashMap<String, HeldLease>>,
+}
+
+impl HeldLeases {
+    pub fn insert(&self, token: String, lease: HeldLease) {
+        if let Ok(mut m) = self.by_token.lock() {
+            m.insert(token, lease);
+        }
+    }
+
+    /// A renewal sent at `at` found the lease still ours.
+    pub fn confirm(&self, token: &str, at: Instant, lease: Duration) {
+        if let Ok(mut m) = self.by_token.lock() {
+            if let Some(h) = m.get_mut(token) {
+                h.confirmed = at;
+                h.lease = lease;
+            }
+        }
+    }
+
+    /// Forgets a lease (its attempt ends, or it was lost).
+    pub fn take(&self, token: &str) -> Option<HeldLease> {
+        self.by_token.lock().ok().and_then(|mut m| m.remove(token))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(confirmed: Instant, lease_ms: u64) -> HeldLease {
+        HeldLease {
+            confirmed,
+            lease: Duration::from_millis(lease_ms),
+            stream: "s".into(),
+            entry: "1-0".into(),
+            attempt: 0,
+            idempotency_key: None,
+        }
+    }
+
+    #[test]
+    fn a_lease_is_certainly_held_for_half_its_length_after_a_confirmation() {
+        let leases = HeldLeases::default();
+        let long_ago = Instant::now() - Duration::from_millis(600);
+        leases.insert("t".into(), held(long_ago, 1_000));
+        leases.insert("u".into(), held(long_ago, 1_000));
+        leases.confirm("u", Instant::now(), Duration::from_millis(1_000));
+        assert!(!leases.take("t").expect("held").certainly_held(), "600 ms of a 1 s lease is past the margin");
+        assert!(leases.take("u").expect("held").certainly_held(), "just renewed");
+        assert!(leases.take("u").is_none(), "taken once");
+    }
+}
