@@ -187,6 +187,20 @@ cb.freeze()
 linked = add.apply_async((2, 2), link=cb)
 check(linked.get(timeout=T) == {"sum": 4}, "the linked task's own result")
 check(app.AsyncResult(cb.id).get(timeout=T) == {"message": "Hello, Lin!"}, "the link= callback ran")
+# link_error= errbacks run when the task fails for good, given its id (as
+# Celery sends an errback that takes the task id); a success sends none.
+eb = greet.s()
+eb.freeze()
+failing = app.send_task("proj.tasks.fail", kwargs={"message": "for the errback", "retry": False}, link_error=eb)
+failing.get(timeout=T, propagate=False)
+check(failing.state == "FAILURE", f"the failing task: FAILURE, got {failing.state}")
+check(app.AsyncResult(eb.id).get(timeout=T) == {"message": f"Hello, {failing.id}!"}, "the link_error errback ran with the failed task's id")
+unused = greet.si(name="never")
+unused.freeze()
+fine = add.apply_async((1, 1), link_error=unused)
+check(fine.get(timeout=T) == {"sum": 2}, "a task with an errback succeeds")
+time.sleep(0.5)
+check(store.get(f"celery-task-meta-{unused.id}") is None, "no errback after a success")
 
 # 6. Malformed messages go to celer's dead letters; the host keeps consuming.
 good = json.loads(json.dumps({

@@ -109,15 +109,15 @@ impl Broker for CeleryAwareBroker {
             },
             (outcome, _) => outcome,
         };
-        if let Outcome::Succeeded { result } = &outcome {
-            if let Some(id) = &celery_id {
-                // Sent before the outcome is recorded: if this fails, the
-                // outcome is not recorded either and the job runs again.
-                self.follow_ups
-                    .send(&id, result)
-                    .await
-                    .map_err(|e| BrokerError::Unavailable(format!("cannot send the Celery follow-ups of {id}: {e}")))?;
-            }
+        if let Some(id) = &celery_id {
+            // Sent before the outcome is recorded: if this fails, the
+            // outcome is not recorded either and the job runs again.
+            let sent = match &outcome {
+                Outcome::Succeeded { result } => self.follow_ups.on_success(id, result).await,
+                Outcome::Dead { .. } => self.follow_ups.on_failure(id).await,
+                Outcome::Retry { .. } | Outcome::Cancelled { .. } => Ok(()),
+            };
+            sent.map_err(|e| BrokerError::Unavailable(format!("cannot send the Celery follow-ups of {id}: {e}")))?;
         }
         let recorded = self.inner.complete(lease, outcome.clone(), record.clone()).await?;
         let Some(origin) = self.take(lease) else { return Ok(recorded) };

@@ -1,12 +1,17 @@
-//! Celery's canvas after a task succeeds: `link=` callbacks and the next
-//! task of a `chain(…)`. When a message carrying either is taken, its
-//! workflow is kept beside the job (`<prefix>celery:workflow:<task id>`, as
-//! long as the result); when the job succeeds, each follow-up is sent as a
-//! protocol v2 message onto its queue's kombu list, as a Celery worker
-//! sends it: the result first in its args unless the signature is
-//! immutable, the rest of the chain in its embed, root and parent ids
-//! carried on. Whatever consumes that queue, a celer host or a Celery
-//! worker, runs it.
+//! Celery's canvas after a task ends: `link=` callbacks and the next task
+//! of a `chain(…)` when it succeeds, `link_error=` errbacks when it fails
+//! for good. When a message carrying any is taken, its workflow is kept
+//! beside the job (`<prefix>celery:workflow:<task id>`, as long as the
+//! result); when the job ends, each follow-up is sent as a protocol v2
+//! message onto its queue's kombu list, as a Celery worker sends it: the
+//! result (the failed task's id, for an errback) first in its args unless
+//! the signature is immutable, the rest of the chain in its embed, root and
+//! parent ids carried on. Whatever consumes that queue, a celer host or a
+//! Celery worker, runs it.
+//!
+//! Errbacks are sent the way Celery sends an errback it cannot call in
+//! process (one that takes only the task id); a Python errback taking
+//! `(request, exc, traceback)` only runs inside a Celery worker.
 //!
 //! Follow-ups are sent before the outcome is recorded, so a host that dies
 //! in between sends them again when the job runs again; each keeps the
@@ -38,6 +43,9 @@ pub struct FollowUps {
 struct Kept {
     callbacks: Vec<Value>,
     chain: Vec<Value>,
+    /// Absent in workflows kept before errbacks were sent.
+    #[serde(default)]
+    errbacks: Vec<Value>,
     /// The queue the task came from: follow-ups without one go there.
     queue: String,
     root_id: String,
@@ -60,6 +68,7 @@ impl FollowUps {
         let kept = Kept {
             callbacks: msg.workflow.callbacks.clone(),
             chain: msg.workflow.chain.clone(),
+            errbacks: msg.workflow.errbacks.clone(),
             queue: queue.to_string(),
             root_id: msg.root_id.clone().unwrap_or_else(|| msg.id.clone()),
         };
@@ -78,11 +87,8 @@ impl FollowUps {
     }
 
     /// Sends the follow-ups of `celery_id`, which succeeded with `result`.
-    pub async fn send(&self, celery_id: &str, result: &Value) -> Result<(), String> {
-        let mut c = self.conn.clone();
-        let kept: Option<String> = ::redis::cmd("GET").arg(self.key(celery_id)).query_async(&mut c).await.map_err(|e| e.to_string())?;
-        let Some(kept) = kept else { return Ok(()) };
-        let kept: Kept = serde_json::from_str(&kept).map_err(|e| format!("unreadable workflow of {celery_id}: {e}"))?;
+    pub async fn on_success(&self, celery_id: &str, result: &Value) -> Result<(), String> {
+        let Some(kept) = self.kept(celery_id).await? else { return Ok(()) };
         let mut messages = Vec::new();
         for (i, sig) in kept.callbacks.iter().enumerate() {
             messages.push(self.message(sig, Vec::new(), result, celery_id, &kept, &format!("link-{i}")));
@@ -90,6 +96,31 @@ impl FollowUps {
         if let Some((next, rest)) = kept.chain.split_last() {
             messages.push(self.message(next, rest.to_vec(), result, celery_id, &kept, "chain"));
         }
+        self.send(celery_id, messages).await
+    }
+
+    /// Sends the errbacks of `celery_id`, which failed for good.
+    pub async fn on_failure(&self, celery_id: &str) -> Result<(), String> {
+        let Some(kept) = self.kept(celery_id).await? else { return Ok(()) };
+        let failed = Value::String(celery_id.to_string());
+        let messages = kept
+            .errbacks
+            .iter()
+            .enumerate()
+            .map(|(i, sig)| self.message(sig, Vec::new(), &failed, celery_id, &kept, &format!("errback-{i}")))
+            .collect();
+        self.send(celery_id, messages).await
+    }
+
+    async fn kept(&self, celery_id: &str) -> Result<Option<Kept>, String> {
+        let mut c = self.conn.clone();
+        let kept: Option<String> = ::redis::cmd("GET").arg(self.key(celery_id)).query_async(&mut c).await.map_err(|e| e.to_string())?;
+        kept.map(|k| serde_json::from_str(&k).map_err(|e| format!("unreadable workflow of {celery_id}: {e}"))).transpose()
+    }
+
+    /// Sends `messages` and forgets the workflow.
+    async fn send(&self, celery_id: &str, messages: Vec<(String, String)>) -> Result<(), String> {
+        let mut c = self.conn.clone();
         // All or nothing: a dropped connection must not leave some sent and
         // the workflow still there to send them again.
         let mut pipe = ::redis::pipe();
@@ -103,13 +134,14 @@ impl FollowUps {
         Ok(())
     }
 
-    /// The queue and message for one signature.
-    fn message(&self, sig: &Value, chain: Vec<Value>, result: &Value, parent: &str, kept: &Kept, role: &str) -> (String, String) {
+    /// The queue and message for one signature; `first` (the result, or
+    /// the failed task's id) leads its args unless it is immutable.
+    fn message(&self, sig: &Value, chain: Vec<Value>, first: &Value, parent: &str, kept: &Kept, role: &str) -> (String, String) {
         let options = sig.get("options").cloned().unwrap_or(json!({}));
         let immutable = sig.get("immutable").and_then(Value::as_bool).unwrap_or(false);
         let mut args: Vec<Value> = sig.get("args").and_then(Value::as_array).cloned().unwrap_or_default();
         if !immutable {
-            args.insert(0, result.clone());
+            args.insert(0, first.clone());
         }
         let kwargs = sig.get("kwargs").filter(|k| k.is_object()).cloned().unwrap_or(json!({}));
         let id = options.get("task_id").and_then(Value::as_str).map(String::from).unwrap_or_else(|| derived_id(parent, role));

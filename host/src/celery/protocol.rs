@@ -46,14 +46,16 @@ pub struct Workflow {
     pub callbacks: Vec<Value>,
     /// The rest of a `chain(…)`; the last element runs next, with the result.
     pub chain: Vec<Value>,
-    /// Attached parts celer does not run (`errbacks`, `chord`).
+    /// `link_error=`: each is sent with the task's id when it fails for good.
+    pub errbacks: Vec<Value>,
+    /// Attached parts celer does not run (`chord`).
     pub unsupported: Vec<&'static str>,
 }
 
 impl Workflow {
-    /// Anything to send on when the task succeeds.
+    /// Anything to send on when the task succeeds or fails.
     pub fn has_follow_ups(&self) -> bool {
-        !self.callbacks.is_empty() || !self.chain.is_empty()
+        !self.callbacks.is_empty() || !self.chain.is_empty() || !self.errbacks.is_empty()
     }
 }
 
@@ -136,19 +138,17 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
     let mut workflow = Workflow {
         callbacks: signatures("callbacks")?,
         chain: signatures("chain")?,
-        unsupported: [("errbacks", "link_error (errbacks)"), ("chord", "chord")]
-            .into_iter()
-            .filter(|(k, _)| attached(k))
-            .map(|(_, what)| what)
-            .collect(),
+        errbacks: signatures("errbacks")?,
+        unsupported: if attached("chord") { vec!["chord"] } else { Vec::new() },
     };
     // A group or chord inside a chain or link (`subtask_type` set) is not a
     // task message celer can send: none of the follow-ups run then, rather
     // than a part of them.
     let canvas = |s: &Value| s.get("subtask_type").is_some_and(|t| !t.is_null());
-    if workflow.chain.iter().chain(&workflow.callbacks).any(canvas) {
+    if workflow.chain.iter().chain(&workflow.callbacks).chain(&workflow.errbacks).any(canvas) {
         workflow.chain.clear();
         workflow.callbacks.clear();
+        workflow.errbacks.clear();
         workflow.unsupported.push("a group or chord in a chain or link");
     }
     let time = |k: &str| -> Result<Option<DateTime<Utc>>, Rejected> {
@@ -290,7 +290,10 @@ mod tests {
         let chained = decode(&message("application/json", &b64(json!([[], {}, {"chain": [{"task": "t"}], "errbacks": [{"task": "e"}]}])))).unwrap();
         assert_eq!(chained.workflow.chain, vec![json!({"task": "t"})]);
         assert!(chained.workflow.has_follow_ups());
-        assert_eq!(chained.workflow.unsupported, vec!["link_error (errbacks)"]);
+        assert_eq!(chained.workflow.errbacks, vec![json!({"task": "e"})]);
+        assert!(chained.workflow.unsupported.is_empty());
+        let chord = decode(&message("application/json", &b64(json!([[], {}, {"chord": {"task": "c"}}])))).unwrap();
+        assert_eq!(chord.workflow.unsupported, vec!["chord"]);
         let grouped = decode(&message("application/json", &b64(json!([[], {}, {"chain": [{"task": "celery.chord", "subtask_type": "chord"}]}])))).unwrap();
         assert!(!grouped.workflow.has_follow_ups());
         assert_eq!(grouped.workflow.unsupported, vec!["a group or chord in a chain or link"]);
