@@ -56,6 +56,7 @@
 //! persistence setting (AOF `appendfsync always` for no loss at all).
 
 pub mod conn;
+mod fetch;
 mod held;
 pub mod scripts;
 
@@ -157,6 +158,8 @@ struct Inner {
     registered: Mutex<HashMap<String, std::time::Instant>>,
     /// Leases held by this host, for the unchecked outcome path.
     held: HeldLeases,
+    /// When each queue's maintenance script last ran (see [`fetch`]).
+    pacing: Mutex<HashMap<String, fetch::Pacing>>,
     /// Connections for blocking reads, one per concurrent waiter.
     waiters: Mutex<Vec<Conn>>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -211,6 +214,7 @@ impl RedisBroker {
                 completer,
                 registered: Mutex::new(HashMap::new()),
                 held: HeldLeases::default(),
+                pacing: Mutex::new(HashMap::new()),
                 waiters: Mutex::new(Vec::new()),
                 heartbeat: Mutex::new(None),
             }),
@@ -346,80 +350,6 @@ impl RedisBroker {
                 tokio::time::sleep(HEARTBEAT_EVERY).await;
             }
         }));
-    }
-
-    /// One pass of the fetch script over the queues; also returns what to
-    /// block on when nothing was delivered.
-    async fn fetch_once(
-        &self,
-        req: &FetchRequest<'_>,
-        want_wait: bool,
-    ) -> Result<(Vec<Delivery>, Wait), BrokerError> {
-        let mut out = Vec::new();
-        let mut wait = Wait::default();
-        let token_prefix = format!("{:016x}-", rand::random::<u64>());
-        for (i, queue) in req.queues.iter().enumerate() {
-            let left = req.max - out.len();
-            if left == 0 {
-                break;
-            }
-            let qp = self.queue_prefix(queue);
-            // On a cluster, one blocking read can only name keys of one slot.
-            let wait_here = want_wait && (i == 0 || !self.inner.target.is_cluster());
-            let mut inv = self.inner.scripts.fetch.prepare_invoke();
-            inv.key(format!("{qp}prios"))
-                .key(format!("{qp}delayed"))
-                .arg(&qp)
-                .arg(GROUP)
-                .arg(req.host)
-                .arg(left)
-                .arg(u64::try_from(req.lease.as_millis()).unwrap_or(u64::MAX))
-                .arg(&token_prefix)
-                .arg(format!(".{queue}"))
-                .arg(self.inner.ttl_s)
-                .arg(if wait_here { "1" } else { "0" })
-                .arg(req.exclude_tasks.len());
-            for t in req.exclude_tasks {
-                inv.arg(t);
-            }
-            let mut c = self.conn();
-            let sent = std::time::Instant::now();
-            let (jobs, waits): (Vec<String>, Vec<String>) = inv.invoke_async(&mut c).await.map_err(unavailable)?;
-            for chunk in jobs.chunks_exact(7) {
-                let [id, env, attempt, token, enq, stream, entry] = chunk else { continue };
-                match delivery(id, env, attempt, token, enq) {
-                    Ok(d) => {
-                        let held = HeldLease {
-                            confirmed: sent,
-                            lease: req.lease,
-                            stream: stream.clone(),
-                            entry: entry.clone(),
-                            attempt: d.job.attempt,
-                            idempotency_key: d.job.idempotency_key.as_ref().map(|k| format!("{qp}idem:{k}")),
-                        };
-                        self.inner.held.insert(token.clone(), held);
-                        out.push(d)
-                    }
-                    Err(e) => {
-                        tracing::error!(job = %id, error = %e, "unreadable job moved to the dead letters");
-                        let lease = Lease { job_id: id.clone(), token: token.clone() };
-                        let error = JobError::new(ErrorKind::InvalidArgs, format!("stored job is unreadable: {e}"));
-                        self.complete(&lease, Outcome::Dead { error }, RunRecord::default()).await?;
-                    }
-                }
-            }
-            if let Some((next, streams)) = waits.split_first() {
-                if let Ok(next) = next.parse::<i64>() {
-                    if next >= 0 {
-                        wait.next_ms = Some(wait.next_ms.map_or(next, |w: i64| w.min(next)));
-                    }
-                }
-                for pair in streams.chunks_exact(2) {
-                    wait.streams.push((pair[0].clone(), pair[1].clone()));
-                }
-            }
-        }
-        Ok((out, wait))
     }
 
     /// Blocks until one of the streams gets a new entry, or the wait ends.

@@ -128,6 +128,12 @@ redis.call('HSET', KEYS[1], unpack(f))
 return {1, id}
 "#;
 
+/// The part of taking jobs that needs a script, run by a host at most every
+/// few tens of ms per queue, when a delayed job comes due, and before it
+/// waits for work (the new entries themselves are read with a plain
+/// XREADGROUP and marked running with plain HSETs: reading stream entries
+/// inside Lua costs several times what the read itself does).
+///
 /// KEYS: prios, delayed (of one queue).
 /// ARGV: 3 consumer (host), 4 max, 5 lease ms, 6 token prefix, 7 token
 /// suffix ('.' .. queue), 8 result ttl s, 9 wait info wanted ('1'),
@@ -137,14 +143,13 @@ return {1, id}
 /// 2. at most once per a third of the lease (≤ 250 ms) per queue, entries
 ///    idle for longer than their holders' leases are taken with XAUTOCLAIM:
 ///    their jobs turn `expired`, `cancelled` (stop was requested),
-///    `failed`/`lost` (no retry left), or run again here as a new attempt;
-/// 3. XREADGROUP takes at most `max - taken` new entries, highest priority
-///    stream first; entries of excluded tasks go back to the end of their
-///    stream.
-/// Returns {deliveries, wait}: deliveries = flat {id, env, attempt, token,
-/// enq, stream, entry id}; wait (only when nothing was delivered and it was asked for) =
-/// {ms until the next delayed job or -1, stream, last id, …}.
-const FETCH: &str = r#"
+///    `failed`/`lost` (no retry left), or run again here (a new attempt; an
+///    entry read but never marked running keeps its attempt).
+/// Returns {deliveries, priorities (highest first), wait}: deliveries =
+/// flat {id, env, attempt, token, enq, stream, entry id}; wait = {ms until
+/// the next delayed job or -1, then (only when asked) per stream its key
+/// and the id the group last delivered}.
+const MAINTAIN: &str = r#"
 local C, max, lease, tokp, toks, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8])
 local excluded = {}
 for i = 11, 10 + tonumber(ARGV[10]) do excluded[ARGV[i]] = true end
@@ -210,11 +215,15 @@ if redis.call('SET', P .. 'reclaim', '1', 'PX', math.max(10, math.min(250, math.
     if ok then
       redis.call('HSET', P .. 'cursor', p, res[1])
       for _, e in ipairs(res[2]) do
-        if type(e) == 'table' and type(e[2]) == 'table' then
+        if type(e) == 'table' and type(e[2]) == 'table' and e[2][2] then
           local eid, id = e[1], e[2][2]
           local jk = jkey(id)
           local f = redis.call('HMGET', jk, 'state', 'cancel', 'attempt', 'maxr', 'exp', 'task', 'env', 'enq', 'eid')
-          if f[1] ~= 'running' or f[9] ~= eid then
+          -- Read by a host that died before marking it running: it never
+          -- ran, so it keeps its attempt.
+          local unstarted = f[1] == 'queued' and f[9] == eid
+          if unstarted then f[3] = S(tonumber(f[3]) - 1) end
+          if (f[1] ~= 'running' and not unstarted) or f[9] ~= eid then
             -- Nothing runs on this entry any more.
             redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
           else
@@ -223,7 +232,7 @@ if redis.call('SET', P .. 'reclaim', '1', 'PX', math.max(10, math.min(250, math.
               drop_entry(jk); finish(jk, id, 'expired', nil, nil, ttl)
             elseif f[2] == '1' then
               drop_entry(jk); finish(jk, id, 'cancelled', 'cancelled', 'cancelled while its host was gone', ttl)
-            elseif tonumber(f[3]) + 1 > tonumber(f[4]) then
+            elseif not unstarted and tonumber(f[3]) + 1 > tonumber(f[4]) then
               drop_entry(jk); finish(jk, id, 'failed', 'lost', 'lease expired on every attempt (host died?)', ttl)
             elseif n < max and not excluded[f[6]] then
               lease_job(jk, id, S(tonumber(f[3]) + 1), f[7], f[8], sk, eid)
@@ -238,76 +247,51 @@ if redis.call('SET', P .. 'reclaim', '1', 'PX', math.max(10, math.min(250, math.
   end
 end
 
--- 3. new entries, highest priority first
-local deferred = {}
-for _, p in ipairs(prios) do
-  if n >= max then break end
-  local sk = skey(p)
-  while n < max do
-    local want = max - n
-    local ok, res = pcall(redis.call, 'XREADGROUP', 'GROUP', G, C, 'COUNT', want, 'STREAMS', sk, '>')
-    if not ok then
-      -- NOGROUP: the group is gone (flushed, or a restart): create it again.
-      pcall(redis.call, 'XGROUP', 'CREATE', sk, G, '0', 'MKSTREAM')
-      ok, res = pcall(redis.call, 'XREADGROUP', 'GROUP', G, C, 'COUNT', want, 'STREAMS', sk, '>')
-      if not ok then
-        -- Jobs already turned `running` by this call stay pending under
-        -- this consumer, so they are taken back if nobody runs them.
-        if n > 0 then redis.call('HSET', LK, C, lease) end
-        return redis.error_reply(tostring(res.err or res))
-      end
-    end
-    if not res then break end
-    local entries = res[1][2]
-    for _, e in ipairs(entries) do
-      -- ef = {'id', id, 'env', env, 'task', task, 'exp', exp, 'enq', enq, 'a', attempt}
-      local eid, ef = e[1], e[2]
-      local id = ef[2]
-      local jk = jkey(id)
-      local exp, task, env, enq, attempt = ef[8], ef[6], ef[4], ef[10], ef[12]
-      if ef[3] ~= 'env' then
-        -- An entry written before entries carried the envelope.
-        local f = redis.call('HMGET', jk, 'state', 'exp', 'task', 'env', 'enq', 'attempt', 'eid')
-        if f[1] ~= 'queued' or f[7] ~= eid then exp = 'stale' end
-        task, env, enq, attempt = f[3], f[4], f[5], f[6]
-        if exp ~= 'stale' then exp = f[2] end
-      end
-      if exp == 'stale' then
-        redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
-      elseif tonumber(exp) and tonumber(exp) < NOW then
-        drop_entry(jk); finish(jk, id, 'expired', nil, nil, ttl)
-      elseif excluded[task] then
-        redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
-        deferred[#deferred + 1] = {sk, jk, ef}
-      else
-        lease_job(jk, id, attempt, env, enq, sk, eid)
-      end
-    end
-    if #entries < want then break end
-  end
-end
-for _, d in ipairs(deferred) do
-  local eid = redis.call('XADD', d[1], '*', unpack(d[3]))
-  redis.call('HSET', d[2], 'eid', eid)
-end
 if n > 0 then redis.call('HSET', LK, C, lease) end
 
 local wait = {}
-if n == 0 and ARGV[9] == '1' then
-  local next_ms = -1
-  local d = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  if d[2] then next_ms = tonumber(d[2]) - NOW end
-  wait[1] = S(next_ms)
+local d = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+wait[1] = d[2] and S(tonumber(d[2]) - NOW) or '-1'
+if ARGV[9] == '1' then
   for _, p in ipairs(prios) do
-    local ok, info = pcall(redis.call, 'XINFO', 'STREAM', skey(p))
+    local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', skey(p))
     local last = '0-0'
     if ok then
-      for i = 1, #info, 2 do if info[i] == 'last-generated-id' then last = info[i + 1] end end
+      for _, g in ipairs(groups) do
+        local name, delivered
+        for i = 1, #g, 2 do
+          if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then delivered = g[i + 1] end
+        end
+        if name == G and delivered then last = delivered end
+      end
     end
     wait[#wait + 1] = skey(p); wait[#wait + 1] = last
   end
 end
-return {out, wait}
+return {out, prios, wait}
+"#;
+
+/// Entries a host read but does not run. KEYS: delayed. ARGV: 3 result
+/// ttl s, then per entry: action ('expire': its job is past `expires_at`;
+/// 'requeue': back to the end of its stream, for a task whose plugin is
+/// saturated or an entry written before entries carried the envelope),
+/// stream, entry id, job id. An entry whose job is no longer queued on it
+/// is only acked and deleted.
+const UNREAD: &str = r#"
+local ttl = tonumber(ARGV[3])
+for base = 4, #ARGV - 3, 4 do
+  local action, sk, eid, id = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local jk = jkey(id)
+  local f = redis.call('HMGET', jk, 'state', 'eid', 'attempt')
+  if f[1] ~= 'queued' or f[2] ~= eid then
+    redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
+  elseif action == 'expire' then
+    drop_entry(jk); finish(jk, id, 'expired', nil, nil, ttl)
+  else
+    drop_entry(jk); requeue(jk, id, f[3] or '0')
+  end
+end
+return 1
 "#;
 
 /// KEYS: job hash. ARGV: 3 token, 4 lease ms.
@@ -419,7 +403,17 @@ local jk, id, ttl = KEYS[1], ARGV[3], tonumber(ARGV[4])
 local f = redis.call('HMGET', jk, 'state', 'sk', 'eid')
 local state = f[1]
 if not state then return 'not-found' end
-if state == 'queued' or state == 'scheduled' or state == 'retrying' then
+-- A queued job whose entry is pending was just read by a host that is
+-- marking it running: that host is asked to stop it.
+local read = false
+if state == 'queued' and f[2] and f[3] then
+  local ok, p = pcall(redis.call, 'XPENDING', f[2], G, f[3], f[3], 1)
+  read = ok and p[1] ~= nil
+end
+if read then
+  redis.call('HSET', jk, 'cancel', '1')
+  return 'stop-requested'
+elseif state == 'queued' or state == 'scheduled' or state == 'retrying' then
   redis.call('ZREM', KEYS[2], id); drop_entry(jk)
   finish(jk, id, 'cancelled', 'cancelled', 'cancelled before it started', ttl)
   return 'cancelled'
@@ -498,7 +492,8 @@ return {queued, redis.call('ZCOUNT', KEYS[2], '(' .. NOW, '+inf'), running, redi
 /// All scripts, compiled once (their SHA1 computed once).
 pub struct Scripts {
     pub enqueue: ::redis::Script,
-    pub fetch: ::redis::Script,
+    pub maintain: ::redis::Script,
+    pub unread: ::redis::Script,
     pub renew: ::redis::Script,
     pub progress: ::redis::Script,
     pub complete: ::redis::Script,
@@ -514,7 +509,8 @@ impl Scripts {
         let s = |body: &str| ::redis::Script::new(&format!("{PRELUDE}\n{body}"));
         Scripts {
             enqueue: s(ENQUEUE),
-            fetch: s(FETCH),
+            maintain: s(MAINTAIN),
+            unread: s(UNREAD),
             renew: s(RENEW),
             progress: s(PROGRESS),
             complete: s(COMPLETE),

@@ -169,14 +169,13 @@ async fn an_unreadable_job_goes_to_the_dead_letters_and_a_bad_state_is_corrupt()
     let bad = enqueue(&b, job("t")).await;
     let good = enqueue(&b, job("t")).await;
     let mut c = b.conn();
-    // The bad job's entry replaced by one as entries were written before
-    // they carried the envelope (the id only), and its stored envelope
-    // broken: read from the hash, it cannot be parsed.
+    // The bad job's entry replaced by one whose envelope cannot be parsed.
     let jk = b.job_key("default", &bad);
     let (stream, eid): (String, String) = ::redis::cmd("HMGET").arg(&jk).arg("sk").arg("eid").query_async(&mut c).await.unwrap();
     let _: i64 = c.xdel(&stream, &[&eid]).await.unwrap();
-    let eid: String = c.xadd(&stream, "*", &[("id", bad.as_str())]).await.unwrap();
-    let _: () = c.hset_multiple(&jk, &[("eid", eid.as_str()), ("env", "not json")]).await.unwrap();
+    let fields = [("id", bad.as_str()), ("env", "not json"), ("task", "t"), ("exp", ""), ("enq", "1764000000000000"), ("a", "0")];
+    let eid: String = c.xadd(&stream, "*", &fields).await.unwrap();
+    let _: () = c.hset(&jk, "eid", eid.as_str()).await.unwrap();
     let got = fetch(&b, 10).await;
     assert_eq!(got.iter().map(|d| d.job.id.clone()).collect::<Vec<_>>(), vec![good.clone()]);
     let state: String = c.hget(b.job_key("default", &bad), "state").await.unwrap();
@@ -327,4 +326,51 @@ async fn a_short_lease_host_waits_for_the_holders_longer_lease() {
     assert_eq!(status(&b, &id).await.host.as_deref(), Some("fast-host"));
     assert!(!b.complete(&held[0].lease, Outcome::Succeeded { result: json!(0) }, RunRecord::default()).await.unwrap());
     assert!(b.complete(&again.lease, Outcome::Succeeded { result: json!(1) }, RunRecord::default()).await.unwrap());
+}
+
+/// Entries written before they carried the envelope (the job id only) are
+/// put back on the stream in the current shape and run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_of_the_old_shape_still_runs() {
+    let (_c, b) = fresh_redis().await;
+    let id = enqueue(&b, job("t")).await;
+    let mut c = b.conn();
+    let jk = b.job_key("default", &id);
+    let (stream, eid): (String, String) = ::redis::cmd("HMGET").arg(&jk).arg("sk").arg("eid").query_async(&mut c).await.unwrap();
+    let _: i64 = c.xdel(&stream, &[&eid]).await.unwrap();
+    let eid: String = c.xadd(&stream, "*", &[("id", id.as_str())]).await.unwrap();
+    let _: () = c.hset(&jk, "eid", eid.as_str()).await.unwrap();
+    let mut got = fetch(&b, 10).await;
+    if got.is_empty() {
+        got = fetch(&b, 10).await;
+    }
+    assert_eq!(got.iter().map(|d| (d.job.id.clone(), d.job.attempt)).collect::<Vec<_>>(), vec![(id.clone(), 0)]);
+    assert!(b.complete(&got[0].lease, Outcome::Succeeded { result: json!(1) }, RunRecord::default()).await.unwrap());
+    assert_eq!(status(&b, &id).await.state, JobState::Succeeded);
+}
+
+/// A host that died between reading an entry and marking its job running
+/// leaves it pending and `queued`: it is taken over once the lease runs
+/// out, with its attempt unchanged (it never ran), and a cancel in that
+/// window asks for a stop instead of cancelling a job a host holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_read_but_never_marked_running_is_taken_over_as_the_same_attempt() {
+    let (_c, b) = fresh_redis().await;
+    let id = enqueue(&b, job("t")).await;
+    let other = enqueue(&b, job("t")).await;
+    let mut c = b.conn();
+    let stream = format!("{}s:0", b.queue_prefix("default"));
+    let _: () = ::redis::cmd("XGROUP").arg("CREATE").arg(&stream).arg(super::GROUP).arg("0").arg("MKSTREAM").query_async(&mut c).await.unwrap();
+    // What the dead host did: read both, record its lease, mark nothing.
+    let _: ::redis::Value = ::redis::cmd("XREADGROUP").arg("GROUP").arg(super::GROUP).arg("dead-host").arg("COUNT").arg(2).arg("STREAMS").arg(&stream).arg(">").query_async(&mut c).await.unwrap();
+    let _: () = c.hset(format!("{}lease-ms", b.queue_prefix("default")), "dead-host", 100).await.unwrap();
+    assert_eq!(status(&b, &id).await.state, JobState::Queued);
+    assert_eq!(b.cancel(&other).await.unwrap(), crate::broker::CancelOutcome::StopRequested);
+    assert!(fetch(&b, 10).await.is_empty(), "held by the dead host until its lease runs out");
+    // Past its lease and the pace of the scan for lapsed leases (250 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = fetch(&b, 10).await;
+    assert_eq!(got.iter().map(|d| (d.job.id.clone(), d.job.attempt)).collect::<Vec<_>>(), vec![(id.clone(), 0)]);
+    assert_eq!(status(&b, &other).await.state, JobState::Cancelled, "the stop requested while its host was gone ends it");
+    assert!(b.complete(&got[0].lease, Outcome::Succeeded { result: json!(1) }, RunRecord::default()).await.unwrap());
 }

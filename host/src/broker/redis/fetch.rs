@@ -1,0 +1,366 @@
+//! How a host takes jobs: the hot path of the Redis broker.
+//!
+//! New jobs are read with a plain `XREADGROUP … COUNT <free slots>` (the
+//! entry carries the envelope) and marked running with one pipeline of
+//! plain `HSET`s; neither goes through Lua, because converting a stream
+//! reply into Lua values costs several times what the read itself does
+//! (measured: 15 entries read in 52 µs plainly, 144 µs inside a script).
+//! What needs a script, the maintenance of a queue (due delayed jobs onto
+//! their stream, lapsed leases taken over with XAUTOCLAIM, the list of
+//! priorities, and what to block on), runs at most every
+//! [`MAINTAIN_EVERY`] per queue, when a delayed job comes due, and before
+//! the host waits for work.
+//!
+//! Between the read and the mark a job is pending under this host but still
+//! `queued` in its hash. If the host dies right there, the entry is taken
+//! over like any lapsed lease (keeping its attempt: it never ran); a cancel
+//! that comes in between asks the host to stop it (`CANCEL` sees the
+//! entry pending).
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+
+use super::held::HeldLease;
+use super::{GROUP, RedisBroker, Wait, delivery, unavailable};
+use crate::broker::{Broker, BrokerError, Delivery, FetchRequest, Lease, Outcome, RunRecord};
+use crate::job::{ErrorKind, JobError};
+
+/// How often a busy host runs a queue's maintenance script at most (a
+/// delayed job that comes due is promoted at most this late under load).
+const MAINTAIN_EVERY: Duration = Duration::from_millis(50);
+
+/// What a host remembers of a queue between fetches.
+#[derive(Debug, Clone)]
+pub struct Pacing {
+    maintained: Instant,
+    /// When the earliest delayed job comes due, as of the last maintenance.
+    next_delayed: Option<Instant>,
+    /// Its priority streams, highest first.
+    priorities: Vec<String>,
+}
+
+/// A stream entry as read: its id and the job it carries.
+struct Entry {
+    stream: String,
+    id: String,
+    job_id: String,
+    env: Option<String>,
+    task: String,
+    expires_ms: Option<i64>,
+    enqueued: String,
+    attempt: String,
+}
+
+impl RedisBroker {
+    /// One pass over the queues; also returns what to block on when
+    /// nothing was delivered and `want_wait`.
+    pub(super) async fn fetch_once(
+        &self,
+        req: &FetchRequest<'_>,
+        want_wait: bool,
+    ) -> Result<(Vec<Delivery>, Wait), BrokerError> {
+        let mut out = Vec::new();
+        let token_prefix = format!("{:016x}", rand::random::<u64>());
+        for queue in req.queues {
+            let left = req.max - out.len();
+            if left == 0 {
+                break;
+            }
+            let priorities = match self.pacing(queue) {
+                Some(p) => p,
+                None => {
+                    let (reclaimed, priorities, _) = self.maintain(req, queue, left, &token_prefix, false).await?;
+                    out.extend(reclaimed);
+                    priorities
+                }
+            };
+            let left = req.max - out.len();
+            if left > 0 {
+                out.extend(self.read_new(req, queue, &priorities, left, &token_prefix).await?);
+            }
+        }
+        let mut wait = Wait::default();
+        if out.is_empty() && want_wait {
+            for (i, queue) in req.queues.iter().enumerate() {
+                // On a cluster, one blocking read can only name keys of one slot.
+                let wait_here = i == 0 || !self.inner.target.is_cluster();
+                let left = req.max - out.len();
+                let (reclaimed, _, queue_wait) = self.maintain(req, queue, left, &token_prefix, wait_here).await?;
+                out.extend(reclaimed);
+                if let Some(next) = queue_wait.next_ms {
+                    wait.next_ms = Some(wait.next_ms.map_or(next, |w: i64| w.min(next)));
+                }
+                wait.streams.extend(queue_wait.streams);
+            }
+        }
+        Ok((out, wait))
+    }
+
+    /// The queue's priorities when its maintenance is not due.
+    fn pacing(&self, queue: &str) -> Option<Vec<String>> {
+        let pacing = self.inner.pacing.lock().ok()?;
+        let p = pacing.get(queue)?;
+        let now = Instant::now();
+        let due = now.duration_since(p.maintained) >= MAINTAIN_EVERY || p.next_delayed.is_some_and(|t| t <= now);
+        (!due).then(|| p.priorities.clone())
+    }
+
+    /// Runs the MAINTAIN script of one queue: returns the jobs it took over,
+    /// the queue's priorities, and (when asked) what to block on.
+    async fn maintain(
+        &self,
+        req: &FetchRequest<'_>,
+        queue: &str,
+        max: usize,
+        token_prefix: &str,
+        want_wait: bool,
+    ) -> Result<(Vec<Delivery>, Vec<String>, Wait), BrokerError> {
+        let qp = self.queue_prefix(queue);
+        let mut inv = self.inner.scripts.maintain.prepare_invoke();
+        inv.key(format!("{qp}prios"))
+            .key(format!("{qp}delayed"))
+            .arg(&qp)
+            .arg(GROUP)
+            .arg(req.host)
+            .arg(max)
+            .arg(lease_ms(req.lease))
+            .arg(format!("{token_prefix}-m"))
+            .arg(format!(".{queue}"))
+            .arg(self.inner.ttl_s)
+            .arg(if want_wait { "1" } else { "0" })
+            .arg(req.exclude_tasks.len());
+        for t in req.exclude_tasks {
+            inv.arg(t);
+        }
+        let mut c = self.conn();
+        let sent = Instant::now();
+        let (jobs, priorities, waits): (Vec<String>, Vec<String>, Vec<String>) =
+            inv.invoke_async(&mut c).await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        for chunk in jobs.chunks_exact(7) {
+            let [id, env, attempt, token, enq, stream, entry] = chunk else { continue };
+            if let Some(d) = self.delivered(req, &qp, sent, id, env, attempt, token, enq, stream, entry).await? {
+                out.push(d);
+            }
+        }
+        let mut wait = Wait::default();
+        if let Some((next, streams)) = waits.split_first() {
+            wait.next_ms = next.parse::<i64>().ok().filter(|n| *n >= 0);
+            for pair in streams.chunks_exact(2) {
+                wait.streams.push((pair[0].clone(), pair[1].clone()));
+            }
+        }
+        let next_delayed = wait.next_ms.map(|ms| sent + Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+        if let Ok(mut pacing) = self.inner.pacing.lock() {
+            pacing.insert(queue.to_string(), Pacing { maintained: sent, next_delayed, priorities: priorities.clone() });
+        }
+        Ok((out, priorities, wait))
+    }
+
+    /// Reads up to `max` new entries, highest priority first, and leases
+    /// their jobs.
+    async fn read_new(
+        &self,
+        req: &FetchRequest<'_>,
+        queue: &str,
+        priorities: &[String],
+        max: usize,
+        token_prefix: &str,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let qp = self.queue_prefix(queue);
+        let sent = Instant::now();
+        let now_ms = Utc::now().timestamp_millis();
+        let mut entries = Vec::new();
+        // Indexes into `entries`: to lease, and what goes back (action).
+        let mut leasable: Vec<usize> = Vec::new();
+        let mut unread: Vec<(&'static str, usize)> = Vec::new();
+        for p in priorities {
+            let left = max - leasable.len();
+            if left == 0 {
+                break;
+            }
+            let got = self.read_stream(&format!("{qp}s:{p}"), req.host, left).await?;
+            let short = got.len() < left;
+            for e in got {
+                let i = entries.len();
+                // No envelope: written before entries carried it, or not
+                // ours (no job id: only acked and deleted).
+                if e.env.is_none() || e.job_id.is_empty() || req.exclude_tasks.iter().any(|t| *t == e.task) {
+                    unread.push(("requeue", i));
+                } else if e.expires_ms.is_some_and(|x| x < now_ms) {
+                    unread.push(("expire", i));
+                } else {
+                    leasable.push(i);
+                }
+                entries.push(e);
+            }
+            if !short {
+                break;
+            }
+        }
+        if !unread.is_empty() {
+            let mut inv = self.inner.scripts.unread.prepare_invoke();
+            inv.key(format!("{qp}delayed")).arg(&qp).arg(GROUP).arg(self.inner.ttl_s);
+            for (action, i) in &unread {
+                let e = &entries[*i];
+                inv.arg(*action).arg(&e.stream).arg(&e.id).arg(&e.job_id);
+            }
+            let mut c = self.conn();
+            let _: i64 = inv.invoke_async(&mut c).await.map_err(unavailable)?;
+        }
+        let leased: Vec<(&Entry, String)> = leasable
+            .iter()
+            .enumerate()
+            .map(|(n, i)| (&entries[*i], format!("{token_prefix}-{}.{queue}", n + 1)))
+            .collect();
+        if leased.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Utc::now().timestamp_micros().to_string();
+        let mut pipe = ::redis::pipe();
+        for (e, token) in &leased {
+            let jk = format!("{qp}j:{}", e.job_id);
+            let fields = [
+                ("state", "running"),
+                ("tok", token.as_str()),
+                ("host", req.host),
+                ("st", started.as_str()),
+                ("attempt", e.attempt.as_str()),
+            ];
+            pipe.hset_multiple(&jk, &fields).ignore();
+            // A fresh job has nothing of an earlier attempt to clear.
+            if e.attempt != "0" {
+                pipe.hdel(&jk, &["fin", "pd", "pt"]).ignore();
+            }
+        }
+        pipe.hset(format!("{qp}lease-ms"), req.host, lease_ms(req.lease)).ignore();
+        let mut c = self.conn();
+        // Failing here leaves the entries pending and unmarked: they are
+        // taken over once the lease runs out, without losing an attempt.
+        pipe.query_async::<()>(&mut c).await.map_err(unavailable)?;
+        let mut out = Vec::with_capacity(leased.len());
+        for (e, token) in &leased {
+            let env = e.env.as_deref().unwrap_or_default();
+            if let Some(d) =
+                self.delivered(req, &qp, sent, &e.job_id, env, &e.attempt, token, &e.enqueued, &e.stream, &e.id).await?
+            {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `XREADGROUP` of one stream; creates the group (and stream) when
+    /// missing, as after a Redis restart without persistence.
+    async fn read_stream(&self, stream: &str, host: &str, count: usize) -> Result<Vec<Entry>, BrokerError> {
+        let read = || {
+            let mut cmd = ::redis::cmd("XREADGROUP");
+            cmd.arg("GROUP").arg(GROUP).arg(host).arg("COUNT").arg(count).arg("STREAMS").arg(stream).arg(">");
+            cmd
+        };
+        let mut c = self.conn();
+        let reply: ::redis::Value = match read().query_async(&mut c).await {
+            Ok(v) => v,
+            Err(e) if e.code() == Some("NOGROUP") => {
+                let created: Result<(), _> =
+                    ::redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("0").arg("MKSTREAM").query_async(&mut c).await;
+                if let Err(e) = created {
+                    if e.code() != Some("BUSYGROUP") {
+                        return Err(unavailable(e));
+                    }
+                }
+                read().query_async(&mut c).await.map_err(unavailable)?
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        Ok(entries_of(stream, reply))
+    }
+
+    /// A job the scripts or the pipeline leased, as a delivery; an
+    /// unreadable one goes to the dead letters instead.
+    #[allow(clippy::too_many_arguments)]
+    async fn delivered(
+        &self,
+        req: &FetchRequest<'_>,
+        qp: &str,
+        sent: Instant,
+        id: &str,
+        env: &str,
+        attempt: &str,
+        token: &str,
+        enq: &str,
+        stream: &str,
+        entry: &str,
+    ) -> Result<Option<Delivery>, BrokerError> {
+        match delivery(id, env, attempt, token, enq) {
+            Ok(d) => {
+                let held = HeldLease {
+                    confirmed: sent,
+                    lease: req.lease,
+                    stream: stream.to_string(),
+                    entry: entry.to_string(),
+                    attempt: d.job.attempt,
+                    idempotency_key: d.job.idempotency_key.as_ref().map(|k| format!("{qp}idem:{k}")),
+                };
+                self.inner.held.insert(token.to_string(), held);
+                Ok(Some(d))
+            }
+            Err(e) => {
+                tracing::error!(job = %id, error = %e, "unreadable job moved to the dead letters");
+                let lease = Lease { job_id: id.to_string(), token: token.to_string() };
+                let error = JobError::new(ErrorKind::InvalidArgs, format!("stored job is unreadable: {e}"));
+                self.complete(&lease, Outcome::Dead { error }, RunRecord::default()).await?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn lease_ms(lease: Duration) -> u64 {
+    u64::try_from(lease.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The entries of an `XREADGROUP` reply of one stream (nil: none).
+fn entries_of(stream: &str, reply: ::redis::Value) -> Vec<Entry> {
+    use ::redis::Value;
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let Value::Array(streams) = reply else { return Vec::new() };
+    let mut out = Vec::new();
+    for s in streams {
+        let Value::Array(parts) = s else { continue };
+        let Some(Value::Array(items)) = parts.get(1) else { continue };
+        for item in items {
+            let Value::Array(pair) = item else { continue };
+            let (Some(id), Some(Value::Array(fields))) = (pair.first().and_then(text), pair.get(1)) else { continue };
+            let mut e = Entry {
+                stream: stream.to_string(),
+                id,
+                job_id: String::new(),
+                env: None,
+                task: String::new(),
+                expires_ms: None,
+                enqueued: String::new(),
+                attempt: "0".into(),
+            };
+            for kv in fields.chunks_exact(2) {
+                let (Some(k), Some(v)) = (text(&kv[0]), text(&kv[1])) else { continue };
+                match k.as_str() {
+                    "id" => e.job_id = v,
+                    "env" => e.env = Some(v),
+                    "task" => e.task = v,
+                    "exp" => e.expires_ms = v.parse().ok(),
+                    "enq" => e.enqueued = v,
+                    "a" => e.attempt = v,
+                    _ => {}
+                }
+            }
+            out.push(e);
+        }
+    }
+    out
+}
