@@ -21,18 +21,20 @@
 //!
 //! # Leases
 //!
-//! A lease is a pending entry of the consumer group. A fetch runs one
-//! script per queue: it promotes due delayed jobs; at most every third of a
-//! lease (≤ 250 ms) it takes over, with XAUTOCLAIM, entries idle for longer
-//! than the leases of the hosts holding them (a new attempt, or
-//! `failed`/`lost` when out of retries); then it XREADGROUPs at most `max`
-//! new entries (no hoarding) and marks each job `running` with a fresh
-//! token. The entry carries the envelope, so leasing a new job writes its
-//! hash once and never reads it. The holder renews by claiming its own
-//! entries again (XCLAIM resets their idle time), so a job is never taken
-//! over while its host lives; `complete` acks and deletes the entry in the
-//! script that writes the outcome, checked against the token: a stale
-//! worker's `complete` changes nothing. `XPENDING` shows who holds what.
+//! A lease is a pending entry of the consumer group. A fetch ([`fetch`])
+//! reads at most `max` new entries (no hoarding) with a plain XREADGROUP
+//! and marks each job `running` with a fresh token in one pipeline; the
+//! entry carries the envelope, so leasing never reads the job's hash. A
+//! maintenance script, run every few tens of ms per queue, promotes due
+//! delayed jobs and, at most every third of a lease (≤ 250 ms), takes over
+//! with XAUTOCLAIM the entries idle for longer than the leases of the hosts
+//! holding them (a new attempt, or `failed`/`lost` when out of retries).
+//! The holder renews by claiming its own entries again (XCLAIM resets their
+//! idle time), so a job is never taken over while its host lives.
+//! `complete` acks and deletes the entry with the outcome: in the COMPLETE
+//! script, checked against the token (a stale worker's `complete` changes
+//! nothing), or, for a success whose lease was confirmed less than half a
+//! lease ago ([`held`]), in one MULTI. `XPENDING` shows who holds what.
 //!
 //! One idle threshold serves a queue: the longest lease of the hosts that
 //! hold its entries (`lease-ms`), so hosts with different `lease_ms` never
@@ -41,8 +43,8 @@
 //! # Waiting for work
 //!
 //! When nothing is due, fetch waits (up to `block`, the worker's poll
-//! interval) with `XREAD BLOCK` on the queue's streams from their
-//! last-generated ids, on a connection of its own, so a new job starts
+//! interval) with `XREAD BLOCK` on the queue's streams from the ids last
+//! delivered to the group, on a connection of its own, so a new job starts
 //! within a round trip instead of a poll interval. It never reads through
 //! the group while blocking, so nothing can be delivered to a host that
 //! does not record the lease.
@@ -51,7 +53,7 @@
 //!
 //! Connections reconnect by themselves ([`conn`]); scripts are loaded again
 //! on NOSCRIPT; streams and the consumer group are created again when
-//! missing (MKSTREAM, NOGROUP handled in the scripts), so consumption
+//! missing (MKSTREAM; NOGROUP handled by the fetch and the scripts), so consumption
 //! resumes by itself. Whether jobs survive a restart is Redis's
 //! persistence setting (AOF `appendfsync always` for no loss at all).
 
