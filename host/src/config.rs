@@ -200,6 +200,10 @@ pub struct CeleryConfig {
     pub key_prefix: String,
     /// Celery's `result_expires`: TTL of `celery-task-meta-<id>`.
     pub result_expires_s: u64,
+    /// Celery's `task_track_started`: a task reads `STARTED` while it runs
+    /// (a worker setting, so it is set here; off by default, as in Celery).
+    /// `CELER_CELERY_TRACK_STARTED`.
+    pub track_started: bool,
 }
 
 impl Default for CeleryConfig {
@@ -210,6 +214,7 @@ impl Default for CeleryConfig {
             queues: vec!["celery".into()],
             key_prefix: String::new(),
             result_expires_s: 86_400,
+            track_started: false,
         }
     }
 }
@@ -381,6 +386,9 @@ impl Config {
         }
         if let Some(v) = get("CELER_CELERY_ENABLED") {
             self.celery.enabled = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+        }
+        if let Some(v) = get("CELER_CELERY_TRACK_STARTED") {
+            self.celery.track_started = matches!(v.as_str(), "1" | "true" | "yes" | "on");
         }
         if let Some(v) = get("CELER_CONCURRENCY") {
             self.worker.concurrency = v.parse().map_err(|_| ConfigError::Env {

@@ -9,7 +9,7 @@ manifest maps:
     proj.tasks.add   -> hello.add     {"sum": a + b}
     proj.tasks.greet -> hello.greet   {"message": "Hello, <name>!"}
     proj.tasks.fail  -> hello.fail    fails (permanently with retry=False)
-    proj.tasks.slow  -> hostile.sleep busy for `ms`, then {"slept_ms": ms, …}
+    proj.tasks.slow  -> hostile.sleep busy for `ms` (progress at `steps`), then {"slept_ms": ms, …}
     proj.tasks.slow_retry -> hostile.sleep_then_retry  busy, then asks for a retry
 
 Environment: CELERY_URL (broker and result backend), CELERY_QUEUE (the
@@ -166,6 +166,26 @@ again = slow_retry.apply_async(kwargs={"ms": 700})
 wait_running(again)
 again.revoke()
 expect_revoked(again, "a revoked task whose running attempt asked for a retry")
+
+# 5b'. While it runs: STARTED (celer runs with [celery] track_started =
+# true, Celery's task_track_started) naming the host, then PROGRESS with
+# what the plugin reported (the custom state Django progress bars read).
+p = app.send_task("proj.tasks.slow", kwargs={"ms": 1500, "steps": 3})
+states, started_info, progress_info = set(), None, None
+deadline = time.time() + T
+while not p.ready() and time.time() < deadline:
+    state, info = p.state, p.info
+    states.add(state)
+    if state == "STARTED":
+        started_info = info
+    elif state == "PROGRESS":
+        progress_info = info
+    time.sleep(0.02)
+check(p.get(timeout=T)["slept_ms"] == 1500, "the reporting task's result")
+check(started_info is not None and started_info["hostname"].startswith("celer@") and isinstance(started_info["pid"], int), f"STARTED with pid and hostname, saw {states} {started_info}")
+check(progress_info is not None and progress_info["total"] == 3 and 1 <= progress_info["current"] <= 3, f"PROGRESS with current/total, saw {states} {progress_info}")
+check(p.state == "SUCCESS", "a late progress report does not hide SUCCESS")
+facts["running_states"] = sorted(states)
 
 # 5c. Canvas: a chain runs its tasks in order, each given the previous
 # result unless immutable; link= callbacks run after success.

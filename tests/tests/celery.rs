@@ -68,7 +68,7 @@ fn a_django_app_gets_its_results_from_celer() {
     let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
     let queue = format!("celery-test-{id}");
     let prefix = format!("celer-celery-test-{id}:");
-    let config = format!("{TEST_CONFIG}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\n");
+    let config = format!("{TEST_CONFIG}\n[celery]\nenabled = true\ntrack_started = true\nqueues = [\"{queue}\"]\n");
     let env = Env::with_config(&config)
         .var("CELER_BROKER_URL", services::REDIS_URL)
         .var("CELER_BROKER_PREFIX", &prefix);

@@ -3,6 +3,10 @@
 //! came from Celery ends (recorded under a held lease), it also writes the
 //! job's `celery-task-meta-<id>`. The worker does not know Celery exists.
 //!
+//! While such a job runs, its result reads `STARTED` (with
+//! `track_started`, Celery's `task_track_started`) and, once its plugin
+//! reports progress, `PROGRESS` with `{"current", "total", "percent"}`.
+//!
 //! A job came from Celery when its idempotency key is `celery:<task id>`
 //! (the consumer enqueues it so, which also makes a message taken twice
 //! one job). The key travels with the job, so whichever host runs it
@@ -46,11 +50,33 @@ pub struct CeleryAwareBroker {
     /// Leased Celery jobs of this host, by lease token (one job id can be
     /// leased twice when a lease lapsed and this host took the job back).
     leased: Mutex<HashMap<String, Origin>>,
+    /// With `track_started`: the worker hostname a STARTED result names.
+    started_by: Option<String>,
 }
 
 impl CeleryAwareBroker {
-    pub fn new(inner: Arc<dyn Broker>, results: ResultWriter, follow_ups: FollowUps, revocations: Revocations) -> Self {
-        CeleryAwareBroker { inner, results, follow_ups, revocations, leased: Mutex::new(HashMap::new()) }
+    pub fn new(
+        inner: Arc<dyn Broker>,
+        results: ResultWriter,
+        follow_ups: FollowUps,
+        revocations: Revocations,
+        started_by: Option<String>,
+    ) -> Self {
+        CeleryAwareBroker { inner, results, follow_ups, revocations, leased: Mutex::new(HashMap::new()), started_by }
+    }
+
+    /// Writes STARTED for the Celery jobs just leased (one round trip).
+    async fn write_started(&self, got: &[Delivery]) {
+        let Some(hostname) = &self.started_by else { return };
+        let info = serde_json::json!({"pid": std::process::id(), "hostname": hostname});
+        let docs: Vec<(String, String)> = got
+            .iter()
+            .filter_map(|d| celery_id(d.job.idempotency_key.as_deref()))
+            .map(|id| (id.to_string(), result::meta(id, Status::Started, &result::Outcome::Success(info.clone()), Utc::now())))
+            .collect();
+        if let Err(e) = self.results.write_running(&docs).await {
+            tracing::warn!(error = %e, tasks = docs.len(), "cannot write the STARTED state of Celery tasks");
+        }
     }
 
     /// Whether the task was revoked; when that cannot be read, not (the
@@ -85,6 +111,7 @@ impl Broker for CeleryAwareBroker {
                 }
             }
         }
+        self.write_started(&got).await;
         Ok(got)
     }
 
@@ -97,7 +124,17 @@ impl Broker for CeleryAwareBroker {
     }
 
     async fn progress(&self, lease: &Lease, done: u64, total: u64) -> Result<(), BrokerError> {
-        self.inner.progress(lease, done, total).await
+        self.inner.progress(lease, done, total).await?;
+        let celery_id = self.leased.lock().ok().and_then(|m| m.get(&lease.token).map(|o| o.celery_id.clone()));
+        if let Some(id) = celery_id {
+            let percent = if total == 0 { 0.0 } else { ((done as f64 / total as f64) * 10_000.0).round() / 100.0 };
+            let info = serde_json::json!({"current": done, "total": total, "percent": percent});
+            let doc = result::meta(&id, Status::Progress, &result::Outcome::Success(info), Utc::now());
+            if let Err(e) = self.results.write_running(&[(id.clone(), doc)]).await {
+                tracing::debug!(celery_id = %id, error = %e, "cannot write the PROGRESS state of a Celery task");
+            }
+        }
+        Ok(())
     }
 
     async fn complete(&self, lease: &Lease, outcome: Outcome, record: RunRecord) -> Result<bool, BrokerError> {

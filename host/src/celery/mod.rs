@@ -59,11 +59,27 @@ const RECOVER_EVERY: Duration = Duration::from_secs(2);
 pub struct ResultWriter {
     conn: Conn,
     expires_s: u64,
+    running: ::redis::Script,
 }
+
+/// KEYS: result keys; ARGV: 1 ttl s, then one document per key. Writes
+/// (SETEX + PUBLISH) each document unless its key holds a final state.
+const WRITE_RUNNING: &str = r#"
+for i, key in ipairs(KEYS) do
+  local cur = redis.call('GET', key)
+  local final = cur and (string.find(cur, '"status": "SUCCESS"', 1, true) or string.find(cur, '"status": "FAILURE"', 1, true)
+    or string.find(cur, '"status": "REVOKED"', 1, true))
+  if not final then
+    redis.call('SETEX', key, ARGV[1], ARGV[i + 1])
+    redis.call('PUBLISH', key, ARGV[i + 1])
+  end
+end
+return 1
+"#;
 
 impl ResultWriter {
     pub fn new(conn: Conn, expires_s: u64) -> Self {
-        ResultWriter { conn, expires_s: expires_s.max(1) }
+        ResultWriter { conn, expires_s: expires_s.max(1), running: ::redis::Script::new(WRITE_RUNNING) }
     }
 
     pub async fn write(&self, task_id: &str, doc: &str) -> Result<(), ::redis::RedisError> {
@@ -82,6 +98,22 @@ impl ResultWriter {
             .ignore()
             .query_async(&mut c)
             .await
+    }
+
+    /// Stores the states of running tasks (STARTED, PROGRESS), one round
+    /// trip for all; a task whose result is already final keeps it (a late
+    /// progress report never hides a SUCCESS).
+    pub async fn write_running(&self, docs: &[(String, String)]) -> Result<(), ::redis::RedisError> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.running.prepare_invoke();
+        inv.arg(self.expires_s);
+        for (task_id, doc) in docs {
+            inv.key(format!("celery-task-meta-{task_id}")).arg(doc);
+        }
+        let mut c = self.conn.clone();
+        inv.invoke_async(&mut c).await
     }
 
     /// Stores REVOKED as the task's result, as a Celery worker does for a
@@ -174,7 +206,8 @@ pub async fn start(
         tokio::spawn(consume(ctx.clone(), queue.clone(), stop.clone()));
     }
     tracing::info!(queues = ?ctx.celery.queues, "consuming Celery messages");
-    Ok(Arc::new(broker::CeleryAwareBroker::new(broker, results, follow_ups, revocations)))
+    let running = config.celery.track_started.then(|| format!("celer@{}", ctx.host));
+    Ok(Arc::new(broker::CeleryAwareBroker::new(broker, results, follow_ups, revocations, running)))
 }
 
 impl Ctx {

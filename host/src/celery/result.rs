@@ -26,6 +26,12 @@ pub enum Status {
     Failure,
     Retry,
     Revoked,
+    /// Running (`task_track_started`); the result is `{"pid", "hostname"}`.
+    Started,
+    /// Running, with the progress the plugin reported: `{"current",
+    /// "total", "percent"}`, the custom state Django progress bars read
+    /// (what `self.update_state(state="PROGRESS", meta=…)` writes).
+    Progress,
 }
 
 impl Status {
@@ -35,7 +41,14 @@ impl Status {
             Status::Failure => "FAILURE",
             Status::Retry => "RETRY",
             Status::Revoked => "REVOKED",
+            Status::Started => "STARTED",
+            Status::Progress => "PROGRESS",
         }
+    }
+
+    /// Celery's READY_STATES: only these carry a `date_done`.
+    fn is_ready(self) -> bool {
+        matches!(self, Status::Success | Status::Failure | Status::Revoked)
     }
 }
 
@@ -105,7 +118,11 @@ pub fn meta(task_id: &str, status: Status, outcome: &Outcome, date_done: DateTim
         _ => s.push_str("null"),
     }
     s.push_str(", \"children\": [], \"date_done\": ");
-    py_str(&mut s, &iso(date_done));
+    if status.is_ready() {
+        py_str(&mut s, &iso(date_done));
+    } else {
+        s.push_str("null");
+    }
     s.push_str(", \"task_id\": ");
     py_str(&mut s, task_id);
     s.push('}');
@@ -252,6 +269,22 @@ mod tests {
             time("2026-11-22T17:37:46.556013+00:00"),
         );
         assert_eq!(ours, expected);
+    }
+
+    /// Celery stores `date_done` only for ready states (SUCCESS, FAILURE,
+    /// REVOKED); STARTED, PROGRESS and RETRY carry `null`.
+    #[test]
+    fn only_ready_states_carry_a_date_done() {
+        let t = DateTime::from_timestamp(1_795_369_062, 0).unwrap();
+        let started = meta("id", Status::Started, &Outcome::Success(json!({"pid": 7, "hostname": "celer@h"})), t);
+        assert_eq!(
+            started,
+            r#"{"status": "STARTED", "result": {"hostname": "celer@h", "pid": 7}, "traceback": null, "children": [], "date_done": null, "task_id": "id"}"#
+        );
+        let retry = meta("id", Status::Retry, &Outcome::Failure(Exception::new("E", "m", "x"), None), t);
+        assert!(retry.contains(r#""date_done": null"#), "{retry}");
+        let done = meta("id", Status::Success, &Outcome::Success(json!(1)), t);
+        assert!(done.contains(r#""date_done": "2026-11-22T17:37:42+00:00""#), "{done}");
     }
 
     #[test]

@@ -80,15 +80,27 @@ fn denied(_: &Context, (): ()) -> Result<Value, TaskError> {
 #[derive(Deserialize)]
 struct Sleep {
     ms: u64,
+    /// When set, reports progress `done/steps` at each step (host calls).
+    #[serde(default)]
+    steps: u64,
 }
 
 /// Busy-waits `ms` milliseconds on the monotonic clock, without any host call
-/// the host could use to stop it: for SIGKILL mid-job and shutdown tests.
-fn sleep(_: &Context, Sleep { ms }: Sleep) -> Result<Value, TaskError> {
+/// the host could use to stop it (unless `steps` asks for progress reports):
+/// for SIGKILL mid-job and shutdown tests.
+fn sleep(ctx: &Context, Sleep { ms, steps }: Sleep) -> Result<Value, TaskError> {
     let until = Duration::from_millis(ms);
     let started_ms = unix_ms();
     let start = Instant::now();
+    let mut reported = 0;
     while start.elapsed() < until {
+        if steps > 0 {
+            let done = (start.elapsed().as_millis() as u64 * steps / ms.max(1)).min(steps);
+            if done > reported {
+                reported = done;
+                ctx.progress(done, steps);
+            }
+        }
         black_box(());
     }
     // The guest's own clock readings: tests use them to see which runs
