@@ -146,20 +146,26 @@ impl Broker for CeleryAwareBroker {
             },
             (outcome, _) => outcome,
         };
-        if let Some(id) = &celery_id {
+        if let (Some(id), Outcome::Succeeded { result }) = (&celery_id, &outcome) {
             // Sent before the outcome is recorded: if this fails, the
             // outcome is not recorded either and the job runs again.
-            let sent = match &outcome {
-                Outcome::Succeeded { result } => self.follow_ups.on_success(id, result).await,
-                Outcome::Dead { .. } => self.follow_ups.on_failure(id).await,
-                Outcome::Retry { .. } | Outcome::Cancelled { .. } => Ok(()),
-            };
-            sent.map_err(|e| BrokerError::Unavailable(format!("cannot send the Celery follow-ups of {id}: {e}")))?;
+            self.follow_ups
+                .on_success(id, result)
+                .await
+                .map_err(|e| BrokerError::Unavailable(format!("cannot send the Celery follow-ups of {id}: {e}")))?;
         }
         let recorded = self.inner.complete(lease, outcome.clone(), record.clone()).await?;
         let Some(origin) = self.take(lease) else { return Ok(recorded) };
         if !recorded {
             return Ok(false);
+        }
+        if matches!(outcome, Outcome::Dead { .. }) {
+            // Errbacks only once the failure is recorded (as a Celery worker
+            // calls them after storing it): a stale run that failed must not
+            // send them, nor drop the workflow the run that took over needs.
+            if let Err(e) = self.follow_ups.on_failure(&origin.celery_id).await {
+                tracing::error!(job_id = %lease.job_id, celery_id = %origin.celery_id, error = %e, "cannot send the Celery errbacks");
+            }
         }
         let plugin = record.plugin.as_deref().zip(record.plugin_version.as_deref());
         let (status, stored) = match &outcome {

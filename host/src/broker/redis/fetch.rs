@@ -62,6 +62,18 @@ impl RedisBroker {
     ) -> Result<(Vec<Delivery>, Wait), BrokerError> {
         let mut out = Vec::new();
         let token_prefix = format!("{:016x}", rand::random::<u64>());
+        let mut sent_back = false;
+        // Jobs leased by an earlier step are handed out even when a later
+        // step fails: dropping them would leave them running nowhere.
+        let keep = |out: Vec<Delivery>,
+                    e: BrokerError|
+         -> Result<(Vec<Delivery>, Wait), BrokerError> {
+            if out.is_empty() {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, leased = out.len(), "a fetch step failed; the jobs already leased run");
+            Ok((out, Wait::default()))
+        };
         for queue in req.queues {
             let left = req.max - out.len();
             if left == 0 {
@@ -69,15 +81,26 @@ impl RedisBroker {
             }
             let priorities = match self.pacing(queue) {
                 Some(p) => p,
-                None => {
-                    let (reclaimed, priorities, _) = self.maintain(req, queue, left, &token_prefix, false).await?;
-                    out.extend(reclaimed);
-                    priorities
-                }
+                None => match self.maintain(req, queue, left, &token_prefix, '0').await {
+                    Ok((reclaimed, priorities, _)) => {
+                        out.extend(reclaimed);
+                        priorities
+                    }
+                    Err(e) => return keep(out, e),
+                },
             };
             let left = req.max - out.len();
             if left > 0 {
-                out.extend(self.read_new(req, queue, &priorities, left, &token_prefix).await?);
+                match self
+                    .read_new(req, queue, &priorities, left, &token_prefix)
+                    .await
+                {
+                    Ok((leased, back)) => {
+                        out.extend(leased);
+                        sent_back |= back;
+                    }
+                    Err(e) => return keep(out, e),
+                }
             }
         }
         let mut wait = Wait::default();
@@ -85,13 +108,22 @@ impl RedisBroker {
             for (i, queue) in req.queues.iter().enumerate() {
                 // On a cluster, one blocking read can only name keys of one slot.
                 let wait_here = i == 0 || !self.inner.target.is_cluster();
+                let mode = match (wait_here, sent_back) {
+                    (false, _) => '0',
+                    (true, false) => '1',
+                    (true, true) => '2',
+                };
                 let left = req.max - out.len();
-                let (reclaimed, _, queue_wait) = self.maintain(req, queue, left, &token_prefix, wait_here).await?;
-                out.extend(reclaimed);
-                if let Some(next) = queue_wait.next_ms {
-                    wait.next_ms = Some(wait.next_ms.map_or(next, |w: i64| w.min(next)));
+                match self.maintain(req, queue, left, &token_prefix, mode).await {
+                    Ok((reclaimed, _, queue_wait)) => {
+                        out.extend(reclaimed);
+                        if let Some(next) = queue_wait.next_ms {
+                            wait.next_ms = Some(wait.next_ms.map_or(next, |w: i64| w.min(next)));
+                        }
+                        wait.streams.extend(queue_wait.streams);
+                    }
+                    Err(e) => return keep(out, e),
                 }
-                wait.streams.extend(queue_wait.streams);
             }
         }
         Ok((out, wait))
@@ -102,19 +134,21 @@ impl RedisBroker {
         let pacing = self.inner.pacing.lock().ok()?;
         let p = pacing.get(queue)?;
         let now = Instant::now();
-        let due = now.duration_since(p.maintained) >= MAINTAIN_EVERY || p.next_delayed.is_some_and(|t| t <= now);
+        let due = now.duration_since(p.maintained) >= MAINTAIN_EVERY
+            || p.next_delayed.is_some_and(|t| t <= now);
         (!due).then(|| p.priorities.clone())
     }
 
     /// Runs the MAINTAIN script of one queue: returns the jobs it took over,
-    /// the queue's priorities, and (when asked) what to block on.
+    /// the queue's priorities, and what to block on (`wait`: '0' nothing,
+    /// '1' from the ids last delivered, '2' from the streams' last ids).
     async fn maintain(
         &self,
         req: &FetchRequest<'_>,
         queue: &str,
         max: usize,
         token_prefix: &str,
-        want_wait: bool,
+        wait: char,
     ) -> Result<(Vec<Delivery>, Vec<String>, Wait), BrokerError> {
         let qp = self.queue_prefix(queue);
         let mut inv = self.inner.scripts.maintain.prepare_invoke();
@@ -128,7 +162,7 @@ impl RedisBroker {
             .arg(format!("{token_prefix}-m"))
             .arg(format!(".{queue}"))
             .arg(self.inner.ttl_s)
-            .arg(if want_wait { "1" } else { "0" })
+            .arg(wait.to_string())
             .arg(req.exclude_tasks.len());
         for t in req.exclude_tasks {
             inv.arg(t);
@@ -139,8 +173,13 @@ impl RedisBroker {
             inv.invoke_async(&mut c).await.map_err(unavailable)?;
         let mut out = Vec::new();
         for chunk in jobs.chunks_exact(7) {
-            let [id, env, attempt, token, enq, stream, entry] = chunk else { continue };
-            if let Some(d) = self.delivered(req, &qp, sent, id, env, attempt, token, enq, stream, entry).await? {
+            let [id, env, attempt, token, enq, stream, entry] = chunk else {
+                continue;
+            };
+            if let Some(d) = self
+                .delivered(req, &qp, sent, id, env, attempt, token, enq, stream, entry)
+                .await?
+            {
                 out.push(d);
             }
         }
@@ -151,15 +190,25 @@ impl RedisBroker {
                 wait.streams.push((pair[0].clone(), pair[1].clone()));
             }
         }
-        let next_delayed = wait.next_ms.map(|ms| sent + Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+        let next_delayed = wait
+            .next_ms
+            .map(|ms| sent + Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
         if let Ok(mut pacing) = self.inner.pacing.lock() {
-            pacing.insert(queue.to_string(), Pacing { maintained: sent, next_delayed, priorities: priorities.clone() });
+            pacing.insert(
+                queue.to_string(),
+                Pacing {
+                    maintained: sent,
+                    next_delayed,
+                    priorities: priorities.clone(),
+                },
+            );
         }
         Ok((out, priorities, wait))
     }
 
-    /// Reads up to `max` new entries, highest priority first, and leases
-    /// their jobs.
+    /// Reads new entries, highest priority first, until `max` jobs are
+    /// leased or the streams are read to their end, and leases those jobs;
+    /// also says whether entries were sent back (saturated plugins).
     async fn read_new(
         &self,
         req: &FetchRequest<'_>,
@@ -167,7 +216,7 @@ impl RedisBroker {
         priorities: &[String],
         max: usize,
         token_prefix: &str,
-    ) -> Result<Vec<Delivery>, BrokerError> {
+    ) -> Result<(Vec<Delivery>, bool), BrokerError> {
         let qp = self.queue_prefix(queue);
         let sent = Instant::now();
         let now_ms = Utc::now().timestamp_millis();
@@ -175,33 +224,43 @@ impl RedisBroker {
         // Indexes into `entries`: to lease, and what goes back (action).
         let mut leasable: Vec<usize> = Vec::new();
         let mut unread: Vec<(&'static str, usize)> = Vec::new();
-        for p in priorities {
-            let left = max - leasable.len();
-            if left == 0 {
-                break;
-            }
-            let got = self.read_stream(&format!("{qp}s:{p}"), req.host, left).await?;
-            let short = got.len() < left;
-            for e in got {
-                let i = entries.len();
-                // No envelope: written before entries carried it, or not
-                // ours (no job id: only acked and deleted).
-                if e.env.is_none() || e.job_id.is_empty() || req.exclude_tasks.iter().any(|t| *t == e.task) {
-                    unread.push(("requeue", i));
-                } else if e.expires_ms.is_some_and(|x| x < now_ms) {
-                    unread.push(("expire", i));
-                } else {
-                    leasable.push(i);
+        'streams: for p in priorities {
+            let stream = format!("{qp}s:{p}");
+            loop {
+                let left = max - leasable.len();
+                if left == 0 {
+                    break 'streams;
                 }
-                entries.push(e);
-            }
-            if !short {
-                break;
+                let got = self.read_stream(&stream, req.host, left).await?;
+                let short = got.len() < left;
+                for e in got {
+                    let i = entries.len();
+                    // No envelope: written before entries carried it, or not
+                    // ours (no job id: only acked and deleted).
+                    if e.env.is_none()
+                        || e.job_id.is_empty()
+                        || req.exclude_tasks.iter().any(|t| *t == e.task)
+                    {
+                        unread.push(("requeue", i));
+                    } else if e.expires_ms.is_some_and(|x| x < now_ms) {
+                        unread.push(("expire", i));
+                    } else {
+                        leasable.push(i);
+                    }
+                    entries.push(e);
+                }
+                if short {
+                    break;
+                }
             }
         }
+        let sent_back = unread.iter().any(|(action, _)| *action == "requeue");
         if !unread.is_empty() {
             let mut inv = self.inner.scripts.unread.prepare_invoke();
-            inv.key(format!("{qp}delayed")).arg(&qp).arg(GROUP).arg(self.inner.ttl_s);
+            inv.key(format!("{qp}delayed"))
+                .arg(&qp)
+                .arg(GROUP)
+                .arg(self.inner.ttl_s);
             for (action, i) in &unread {
                 let e = &entries[*i];
                 inv.arg(*action).arg(&e.stream).arg(&e.id).arg(&e.job_id);
@@ -215,7 +274,19 @@ impl RedisBroker {
             .map(|(n, i)| (&entries[*i], format!("{token_prefix}-{}.{queue}", n + 1)))
             .collect();
         if leased.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), sent_back));
+        }
+        // Stalled for half a lease since the read: another host may take
+        // these entries over any moment; marking them now could run a job
+        // twice. Left pending and unmarked, they are taken over (keeping
+        // their attempt) once the lease runs out.
+        if sent.elapsed() >= req.lease / 2 {
+            tracing::warn!(
+                queue,
+                jobs = leased.len(),
+                "a fetch stalled for half a lease; its jobs are left to be taken over"
+            );
+            return Ok((Vec::new(), sent_back));
         }
         let started = Utc::now().timestamp_micros().to_string();
         let mut pipe = ::redis::pipe();
@@ -234,37 +305,70 @@ impl RedisBroker {
                 pipe.hdel(&jk, &["fin", "pd", "pt"]).ignore();
             }
         }
-        pipe.hset(format!("{qp}lease-ms"), req.host, lease_ms(req.lease)).ignore();
+        pipe.hset(format!("{qp}lease-ms"), req.host, lease_ms(req.lease))
+            .ignore();
         let mut c = self.conn();
-        // Failing here leaves the entries pending and unmarked: they are
-        // taken over once the lease runs out, without losing an attempt.
+        // Failing here leaves the entries pending: they are taken over once
+        // the lease runs out, keeping their attempt if the marks did not
+        // land (an attempt is counted if they did and only the reply was
+        // lost).
         pipe.query_async::<()>(&mut c).await.map_err(unavailable)?;
         let mut out = Vec::with_capacity(leased.len());
         for (e, token) in &leased {
             let env = e.env.as_deref().unwrap_or_default();
-            if let Some(d) =
-                self.delivered(req, &qp, sent, &e.job_id, env, &e.attempt, token, &e.enqueued, &e.stream, &e.id).await?
+            if let Some(d) = self
+                .delivered(
+                    req,
+                    &qp,
+                    sent,
+                    &e.job_id,
+                    env,
+                    &e.attempt,
+                    token,
+                    &e.enqueued,
+                    &e.stream,
+                    &e.id,
+                )
+                .await?
             {
                 out.push(d);
             }
         }
-        Ok(out)
+        Ok((out, sent_back))
     }
 
     /// `XREADGROUP` of one stream; creates the group (and stream) when
     /// missing, as after a Redis restart without persistence.
-    async fn read_stream(&self, stream: &str, host: &str, count: usize) -> Result<Vec<Entry>, BrokerError> {
+    async fn read_stream(
+        &self,
+        stream: &str,
+        host: &str,
+        count: usize,
+    ) -> Result<Vec<Entry>, BrokerError> {
         let read = || {
             let mut cmd = ::redis::cmd("XREADGROUP");
-            cmd.arg("GROUP").arg(GROUP).arg(host).arg("COUNT").arg(count).arg("STREAMS").arg(stream).arg(">");
+            cmd.arg("GROUP")
+                .arg(GROUP)
+                .arg(host)
+                .arg("COUNT")
+                .arg(count)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(">");
             cmd
         };
         let mut c = self.conn();
         let reply: ::redis::Value = match read().query_async(&mut c).await {
             Ok(v) => v,
             Err(e) if e.code() == Some("NOGROUP") => {
-                let created: Result<(), _> =
-                    ::redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("0").arg("MKSTREAM").query_async(&mut c).await;
+                let created: Result<(), _> = ::redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(stream)
+                    .arg(GROUP)
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async(&mut c)
+                    .await;
                 if let Err(e) = created {
                     if e.code() != Some("BUSYGROUP") {
                         return Err(unavailable(e));
@@ -301,16 +405,27 @@ impl RedisBroker {
                     stream: stream.to_string(),
                     entry: entry.to_string(),
                     attempt: d.job.attempt,
-                    idempotency_key: d.job.idempotency_key.as_ref().map(|k| format!("{qp}idem:{k}")),
+                    idempotency_key: d
+                        .job
+                        .idempotency_key
+                        .as_ref()
+                        .map(|k| format!("{qp}idem:{k}")),
                 };
                 self.inner.held.insert(token.to_string(), held);
                 Ok(Some(d))
             }
             Err(e) => {
                 tracing::error!(job = %id, error = %e, "unreadable job moved to the dead letters");
-                let lease = Lease { job_id: id.to_string(), token: token.to_string() };
-                let error = JobError::new(ErrorKind::InvalidArgs, format!("stored job is unreadable: {e}"));
-                self.complete(&lease, Outcome::Dead { error }, RunRecord::default()).await?;
+                let lease = Lease {
+                    job_id: id.to_string(),
+                    token: token.to_string(),
+                };
+                let error = JobError::new(
+                    ErrorKind::InvalidArgs,
+                    format!("stored job is unreadable: {e}"),
+                );
+                self.complete(&lease, Outcome::Dead { error }, RunRecord::default())
+                    .await?;
                 Ok(None)
             }
         }
@@ -329,14 +444,21 @@ fn entries_of(stream: &str, reply: ::redis::Value) -> Vec<Entry> {
         Value::SimpleString(s) => Some(s.clone()),
         _ => None,
     };
-    let Value::Array(streams) = reply else { return Vec::new() };
+    let Value::Array(streams) = reply else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for s in streams {
         let Value::Array(parts) = s else { continue };
-        let Some(Value::Array(items)) = parts.get(1) else { continue };
+        let Some(Value::Array(items)) = parts.get(1) else {
+            continue;
+        };
         for item in items {
             let Value::Array(pair) = item else { continue };
-            let (Some(id), Some(Value::Array(fields))) = (pair.first().and_then(text), pair.get(1)) else { continue };
+            let (Some(id), Some(Value::Array(fields))) = (pair.first().and_then(text), pair.get(1))
+            else {
+                continue;
+            };
             let mut e = Entry {
                 stream: stream.to_string(),
                 id,
@@ -348,7 +470,9 @@ fn entries_of(stream: &str, reply: ::redis::Value) -> Vec<Entry> {
                 attempt: "0".into(),
             };
             for kv in fields.chunks_exact(2) {
-                let (Some(k), Some(v)) = (text(&kv[0]), text(&kv[1])) else { continue };
+                let (Some(k), Some(v)) = (text(&kv[0]), text(&kv[1])) else {
+                    continue;
+                };
                 match k.as_str() {
                     "id" => e.job_id = v,
                     "env" => e.env = Some(v),

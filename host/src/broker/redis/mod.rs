@@ -93,6 +93,8 @@ pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(86_400);
 /// How often a host refreshes its heartbeat key, and how long it lives.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
+/// How long a request on the shared connection may wait for its answer.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The lease assumed for a holder that recorded none (the worker's default
 /// `lease_ms`); every fetch that leases jobs records its holder's lease.
 const DEFAULT_LEASE_MS: u64 = 30_000;
@@ -200,7 +202,7 @@ impl RedisBroker {
             )));
         }
         let target = Target::parse(&options.url).map_err(BrokerError::Invalid)?;
-        let conn = target.connect(Some(Duration::from_secs(5))).await.map_err(unavailable)?;
+        let conn = target.connect(Some(RESPONSE_TIMEOUT)).await.map_err(unavailable)?;
         let scripts = Arc::new(Scripts::new());
         let ttl_s = options.result_ttl.as_secs().max(1);
         let (completer, requests) = tokio::sync::mpsc::unbounded_channel();
@@ -491,8 +493,10 @@ enum Write {
     /// 13 per-job values.
     Checked(Box<[String; 13]>),
     /// A success whose lease is certainly still held ([`HeldLease`]): the
-    /// hash fields, written in one MULTI with the ack of the entry.
-    Unchecked { job_id: String, held: HeldLease, fields: Vec<(&'static str, String)> },
+    /// hash fields, written in one MULTI with the ack of the entry; or, if
+    /// the lease is no longer certain by the time the batch is sent, the
+    /// script's values.
+    Unchecked { job_id: String, held: HeldLease, fields: Vec<(&'static str, String)>, checked: Box<[String; 13]> },
 }
 
 /// Writes outcomes in batches: whatever completions are waiting when the
@@ -518,7 +522,10 @@ async fn complete_batches(
         }
         let mut by_queue: HashMap<(String, bool), Vec<CompleteReq>> = HashMap::new();
         for r in batch {
-            let checked = matches!(r.write, Write::Checked(_));
+            let checked = match &r.write {
+                Write::Checked(_) => true,
+                Write::Unchecked { held, .. } => !held.certainly_held(),
+            };
             by_queue.entry((r.queue.clone(), checked)).or_default().push(r);
         }
         let calls = by_queue.into_iter().map(|((queue, checked), reqs)| {
@@ -560,10 +567,9 @@ async fn write_checked(
     let mut inv = scripts.complete.prepare_invoke();
     inv.key(format!("{qp}delayed")).arg(qp).arg(GROUP).arg(ttl_s);
     for r in reqs {
-        if let Write::Checked(args) = &r.write {
-            for a in args.iter() {
-                inv.arg(a);
-            }
+        let (Write::Checked(args) | Write::Unchecked { checked: args, .. }) = &r.write;
+        for a in args.iter() {
+            inv.arg(a);
         }
     }
     inv.invoke_async(&mut c).await
@@ -577,7 +583,7 @@ async fn write_unchecked(mut c: Conn, qp: &str, ttl_s: u64, reqs: &[CompleteReq]
     pipe.atomic();
     let mut entries: HashMap<&str, Vec<&str>> = HashMap::new();
     for r in reqs {
-        let Write::Unchecked { job_id, held, fields } = &r.write else { continue };
+        let Write::Unchecked { job_id, held, fields, .. } = &r.write else { continue };
         let jk = format!("{qp}j:{job_id}");
         pipe.hset_multiple(&jk, fields).ignore();
         if held.attempt > 0 {
@@ -599,7 +605,7 @@ async fn write_unchecked(mut c: Conn, qp: &str, ttl_s: u64, reqs: &[CompleteReq]
 /// What a fetch that found nothing blocks on.
 #[derive(Debug, Default)]
 struct Wait {
-    /// ms until the next delayed job or lease deadline, when any.
+    /// ms until the next delayed job, when any.
     next_ms: Option<i64>,
     /// (stream key, last id seen).
     streams: Vec<(String, String)>,
@@ -779,26 +785,6 @@ impl Broker for RedisBroker {
 
     async fn complete(&self, lease: &Lease, outcome: Outcome, record: RunRecord) -> Result<bool, BrokerError> {
         let Some(queue) = Self::lease_queue(lease) else { return Ok(false) };
-        let held = self.inner.held.take(&lease.token).filter(HeldLease::certainly_held);
-        if let (Outcome::Succeeded { result }, Some(held)) = (&outcome, held) {
-            let mut fields = vec![
-                ("state", "succeeded".to_string()),
-                ("result", to_json(result)?),
-                ("fin", Utc::now().timestamp_micros().to_string()),
-            ];
-            let touched = record.touched.as_ref().map(to_json).transpose()?;
-            let optional = [
-                ("plugin", record.plugin),
-                ("pv", record.plugin_version),
-                ("touched", touched),
-                ("log", record.log),
-                ("pd", record.progress.map(|p| p.done.to_string())),
-                ("pt", record.progress.map(|p| p.total.to_string())),
-            ];
-            fields.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
-            let write = Write::Unchecked { job_id: lease.job_id.clone(), held, fields };
-            return self.send_complete(queue, write).await;
-        }
         let kind_text = |k: ErrorKind| match serde_json::to_value(k) {
             Ok(Value::String(s)) => s,
             _ => "plugin".to_string(),
@@ -814,11 +800,12 @@ impl Broker for RedisBroker {
             }
         };
         let touched = record.touched.as_ref().map(to_json).transpose()?;
-        let args = [
+        let progress = record.progress.map(|p| (p.done.to_string(), p.total.to_string()));
+        let args = Box::new([
             lease.token.clone(),
             lease.job_id.clone(),
             kind.to_string(),
-            result,
+            result.clone(),
             ek,
             em,
             at.to_string(),
@@ -826,10 +813,28 @@ impl Broker for RedisBroker {
             opt_arg(record.plugin_version.as_deref()),
             opt_arg(touched.as_deref()),
             opt_arg(record.log.as_deref()),
-            opt_arg(record.progress.map(|p| p.done.to_string()).as_deref()),
-            opt_arg(record.progress.map(|p| p.total.to_string()).as_deref()),
-        ];
-        self.send_complete(queue, Write::Checked(Box::new(args))).await
+            opt_arg(progress.as_ref().map(|p| p.0.as_str())),
+            opt_arg(progress.as_ref().map(|p| p.1.as_str())),
+        ]);
+        let held = self.inner.held.take(&lease.token).filter(HeldLease::certainly_held);
+        let write = match (kind, held) {
+            ("succeeded", Some(held)) => {
+                let mut fields =
+                    vec![("state", "succeeded".to_string()), ("result", result), ("fin", Utc::now().timestamp_micros().to_string())];
+                let optional = [
+                    ("plugin", record.plugin),
+                    ("pv", record.plugin_version),
+                    ("touched", touched),
+                    ("log", record.log),
+                    ("pd", progress.as_ref().map(|p| p.0.clone())),
+                    ("pt", progress.map(|p| p.1)),
+                ];
+                fields.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+                Write::Unchecked { job_id: lease.job_id.clone(), held, fields, checked: args }
+            }
+            _ => Write::Checked(args),
+        };
+        self.send_complete(queue, write).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {

@@ -8,7 +8,9 @@
 //! as BullMQ does: their names are only known once a stream entry is read.
 //!
 //! Times: `now` is the Redis server's clock (`TIME`), so that hosts with
-//! skewed clocks agree on lease deadlines. Deadlines and run times are in
+//! skewed clocks agree on run times and expiries (the plain fetch path in
+//! `fetch.rs` checks `expires_at` and stamps the start on the host's clock;
+//! leases are idle times Redis measures itself). Deadlines and run times are in
 //! ms; started/finished/enqueued stamps in µs (the benchmark measures
 //! sub-millisecond latencies from them). Numbers are written with
 //! `string.format('%d')`: Lua would print big ones as `1.7e+15`.
@@ -136,7 +138,8 @@ return {1, id}
 ///
 /// KEYS: prios, delayed (of one queue).
 /// ARGV: 3 consumer (host), 4 max, 5 lease ms, 6 token prefix, 7 token
-/// suffix ('.' .. queue), 8 result ttl s, 9 wait info wanted ('1'),
+/// suffix ('.' .. queue), 8 result ttl s, 9 wait info wanted ('0' no,
+/// '1' yes, '2' yes, after sending entries back),
 /// 10 number of excluded tasks, 11.. excluded tasks.
 ///
 /// 1. due delayed jobs go onto their stream (or turn `expired`);
@@ -222,8 +225,11 @@ if redis.call('SET', P .. 'reclaim', '1', 'PX', math.max(10, math.min(250, math.
           -- Read by a host that died before marking it running: it never
           -- ran, so it keeps its attempt.
           local unstarted = f[1] == 'queued' and f[9] == eid
-          if unstarted then f[3] = S(tonumber(f[3]) - 1) end
-          if (f[1] ~= 'running' and not unstarted) or f[9] ~= eid then
+          -- A hash missing what a run needs (partly written, or expired)
+          -- has nothing to run.
+          local whole = tonumber(f[3]) and tonumber(f[4]) and f[7] and f[8]
+          if unstarted and whole then f[3] = S(tonumber(f[3]) - 1) end
+          if not whole or (f[1] ~= 'running' and not unstarted) or f[9] ~= eid then
             -- Nothing runs on this entry any more.
             redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
           else
@@ -249,20 +255,27 @@ end
 
 if n > 0 then redis.call('HSET', LK, C, lease) end
 
+-- What to block on: the ids last delivered to the group ('1'), so an entry
+-- added since the host's read wakes it at once; or, when that read sent
+-- entries back to the stream ('2'), the stream's last ids, so that those
+-- entries do not wake it.
 local wait = {}
 local d = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 wait[1] = d[2] and S(tonumber(d[2]) - NOW) or '-1'
-if ARGV[9] == '1' then
+if ARGV[9] ~= '0' then
+  local want = ARGV[9] == '1' and 'last-delivered-id' or 'last-generated-id'
   for _, p in ipairs(prios) do
-    local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', skey(p))
+    local ok, reply = pcall(redis.call, 'XINFO', ARGV[9] == '1' and 'GROUPS' or 'STREAM', skey(p))
     local last = '0-0'
     if ok then
-      for _, g in ipairs(groups) do
-        local name, delivered
+      -- XINFO GROUPS: one flat list per group; XINFO STREAM: one flat list.
+      local lists = ARGV[9] == '1' and reply or {reply}
+      for _, g in ipairs(lists) do
+        local name, id
         for i = 1, #g, 2 do
-          if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then delivered = g[i + 1] end
+          if g[i] == 'name' then name = g[i + 1] elseif g[i] == want then id = g[i + 1] end
         end
-        if name == G and delivered then last = delivered end
+        if id and (ARGV[9] ~= '1' or name == G) then last = id end
       end
     end
     wait[#wait + 1] = skey(p); wait[#wait + 1] = last
@@ -282,9 +295,12 @@ local ttl = tonumber(ARGV[3])
 for base = 4, #ARGV - 3, 4 do
   local action, sk, eid, id = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   local jk = jkey(id)
-  local f = redis.call('HMGET', jk, 'state', 'eid', 'attempt')
+  local f = redis.call('HMGET', jk, 'state', 'eid', 'attempt', 'cancel')
   if f[1] ~= 'queued' or f[2] ~= eid then
     redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
+  elseif f[4] == '1' then
+    -- Cancelled while this host held the entry: it never started.
+    drop_entry(jk); finish(jk, id, 'cancelled', 'cancelled', 'cancelled before it started', ttl)
   elseif action == 'expire' then
     drop_entry(jk); finish(jk, id, 'expired', nil, nil, ttl)
   else
@@ -301,7 +317,9 @@ const RENEW: &str = r#"
 local f = redis.call('HMGET', KEYS[1], 'state', 'tok', 'cancel', 'sk', 'eid', 'host')
 if f[1] ~= 'running' or f[2] ~= ARGV[3] then return -1 end
 if f[4] and f[5] and f[6] then
-  redis.call('XCLAIM', f[4], G, f[6], 0, f[5], 'JUSTID')
+  -- No pending entry: nothing protects the job from being taken over.
+  local ok, claimed = pcall(redis.call, 'XCLAIM', f[4], G, f[6], 0, f[5], 'JUSTID')
+  if not ok or #claimed == 0 then return -1 end
   redis.call('HSET', P .. 'lease-ms', f[6], ARGV[4])
 end
 if f[3] == '1' then return 1 end

@@ -374,3 +374,32 @@ async fn an_entry_read_but_never_marked_running_is_taken_over_as_the_same_attemp
     assert_eq!(status(&b, &other).await.state, JobState::Cancelled, "the stop requested while its host was gone ends it");
     assert!(b.complete(&got[0].lease, Outcome::Succeeded { result: json!(1) }, RunRecord::default()).await.unwrap());
 }
+
+/// A saturated plugin's jobs at the top priority never starve the others:
+/// a fetch reads past them (and sends them back) until its free slots are
+/// leased or the streams are read to their end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_a_saturated_plugin_at_the_top_do_not_starve_lower_priorities() {
+    let (_c, b) = fresh_redis().await;
+    for _ in 0..3 {
+        enqueue(&b, crate::job::NewJob { priority: 10, ..job("busy") }).await;
+    }
+    let low = enqueue(&b, job("low")).await;
+    let got = suite::fetch_with(&b, 2, &["busy".to_string()], Duration::from_secs(30)).await;
+    assert_eq!(got.iter().map(|d| d.job.id.clone()).collect::<Vec<_>>(), vec![low]);
+    assert_eq!(fetch(&b, 10).await.len(), 3, "the busy jobs are all still there");
+}
+
+/// A renewal finds the lease lost when the job's pending entry is gone
+/// (nothing would keep another host from taking it over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_without_a_pending_entry_is_lost() {
+    let (_c, b) = fresh_redis().await;
+    let id = enqueue(&b, job("t")).await;
+    let d = fetch_one(&b).await;
+    let mut c = b.conn();
+    let (stream, eid): (String, String) =
+        ::redis::cmd("HMGET").arg(b.job_key("default", &id)).arg("sk").arg("eid").query_async(&mut c).await.unwrap();
+    let _: i64 = ::redis::cmd("XACK").arg(&stream).arg(super::GROUP).arg(&eid).query_async(&mut c).await.unwrap();
+    assert_eq!(b.renew(&d.lease, Duration::from_secs(30)).await.unwrap(), crate::broker::LeaseStatus::Lost);
+}
