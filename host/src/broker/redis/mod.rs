@@ -575,12 +575,15 @@ async fn write_checked(
     inv.invoke_async(&mut c).await
 }
 
-/// One MULTI for a batch of successes of one queue: each job's hash gets
-/// its outcome and its expiry, then the entries are acked and deleted with
-/// one XACK and one XDEL per stream (as the COMPLETE script does).
+/// One pipeline for a batch of successes of one queue: each job's hash
+/// gets its outcome and its expiry, then the entries are acked and deleted
+/// with one XACK and one XDEL per stream (as the COMPLETE script does). No
+/// MULTI is needed: Redis runs one connection's commands in order, so if
+/// the connection drops part way, every entry not yet acked still belongs
+/// to a job that runs again (at least once), and one whose outcome landed
+/// is only acked by the takeover scan.
 async fn write_unchecked(mut c: Conn, qp: &str, ttl_s: u64, reqs: &[CompleteReq]) -> Result<(), ::redis::RedisError> {
     let mut pipe = ::redis::pipe();
-    pipe.atomic();
     let mut entries: HashMap<&str, Vec<&str>> = HashMap::new();
     for r in reqs {
         let Write::Unchecked { job_id, held, fields, .. } = &r.write else { continue };
