@@ -312,7 +312,7 @@ async fn run(threads: usize) -> anyhow::Result<()> {
         json!({
             "system": "celer", "version": env!("CARGO_PKG_VERSION"), "task": task, "broker": "redis",
             "concurrency": a.concurrency, "runtime_threads": threads, "n": a.n, "m": a.m, "rate": a.rate,
-            "completion": "complete script: one Redis call per job writes the outcome (state, result, ack)",
+            "completion": "outcome per batch: one pipeline (HSET + EXPIRE per job, one XACK + XDEL per stream) for successes under a fresh lease, else the complete script",
             "enqueue_per_s": r1(a.n as f64 / enqueue_s),
             "backlog_per_s": r1(a.n as f64 / backlog_s),
             "live_per_s": r1(a.n as f64 / live_s),

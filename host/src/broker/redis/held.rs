@@ -4,7 +4,7 @@
 //! whole lease, and every fetch or renewal resets that idle time. So while
 //! less than half a lease has passed since the last confirmation was *sent*,
 //! no other host can hold the job, and the outcome of a successful run can
-//! be written with a plain MULTI instead of the token-checking script (the
+//! be written with a plain pipeline instead of the token-checking script (the
 //! hot path's largest Redis cost, see `docs/redis.md`), provided the write
 //! lands in that window too: [`WRITE_MARGIN`] is kept free for it, and the
 //! check is made again when the write is sent.

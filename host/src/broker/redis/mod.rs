@@ -34,7 +34,7 @@
 //! `complete` acks and deletes the entry with the outcome: in the COMPLETE
 //! script, checked against the token (a stale worker's `complete` changes
 //! nothing), or, for a success whose lease was confirmed less than half a
-//! lease ago ([`held`]), in one MULTI. `XPENDING` shows who holds what.
+//! lease ago ([`held`]), in one plain pipeline. `XPENDING` shows who holds what.
 //!
 //! One idle threshold serves a queue: the longest lease of the hosts that
 //! hold its entries (`lease-ms`), so hosts with different `lease_ms` never
@@ -493,7 +493,7 @@ enum Write {
     /// 13 per-job values.
     Checked(Box<[String; 13]>),
     /// A success whose lease is certainly still held ([`HeldLease`]): the
-    /// hash fields, written in one MULTI with the ack of the entry; or, if
+    /// hash fields, written in one pipeline with the ack of the entry; or, if
     /// the lease is no longer certain by the time the batch is sent, the
     /// script's values.
     Unchecked { job_id: String, held: HeldLease, fields: Vec<(&'static str, String)>, checked: Box<[String; 13]> },
@@ -501,7 +501,7 @@ enum Write {
 
 /// Writes outcomes in batches: whatever completions are waiting when the
 /// previous batch returns go out together, per queue one script call for
-/// the checked ones and one MULTI for the unchecked ones. At low load a
+/// the checked ones and one pipeline for the unchecked ones. At low load a
 /// batch is one job (no added latency); under load one round trip records
 /// many jobs.
 async fn complete_batches(
