@@ -239,4 +239,25 @@ u = app.AsyncResult("unknown-task")
 check(u.get(timeout=T, propagate=False) is not None and u.state == "FAILURE", f"unknown task: FAILURE, got {u.state}")
 check(json.loads(store.get("celery-task-meta-unknown-task"))["result"]["exc_type"] == "NotRegistered", "NotRegistered")
 
+# 7. celer announces itself as a Celery worker on the events exchange:
+# Celery's own event receiver (what `celery events` and Flower use) hears
+# its heartbeats.
+import socket
+beats = []
+class Heard(Exception):
+    pass
+def on_event(event):
+    if event.get("type") == "worker-heartbeat" and event.get("hostname", "").startswith("celer@"):
+        beats.append(event)
+        raise Heard()  # ends the capture
+with app.connection_for_read() as conn:
+    recv = app.events.Receiver(conn, handlers={"*": on_event})
+    try:
+        recv.capture(limit=None, timeout=6, wakeup=False)
+    except (Heard, socket.timeout):
+        pass
+check(bool(beats), "a celer host's worker-heartbeat reaches Celery's event receiver")
+check(isinstance(beats[0]["active"], int) and isinstance(beats[0]["processed"], int) and beats[0]["freq"] == 2.0, f"heartbeat fields: {beats[0]}")
+facts["heartbeat_from"] = beats[0]["hostname"]
+
 print(json.dumps(facts))

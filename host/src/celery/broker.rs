@@ -13,6 +13,7 @@
 //! writes the result.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use super::ResultWriter;
+use super::events::WorkerCounts;
 use super::follow_ups::FollowUps;
 use super::revoke::Revocations;
 use super::result::{self, Exception, Status};
@@ -52,6 +54,8 @@ pub struct CeleryAwareBroker {
     leased: Mutex<HashMap<String, Origin>>,
     /// With `track_started`: the worker hostname a STARTED result names.
     started_by: Option<String>,
+    /// Running and finished Celery tasks, for the worker heartbeats.
+    counts: Arc<WorkerCounts>,
 }
 
 impl CeleryAwareBroker {
@@ -61,8 +65,9 @@ impl CeleryAwareBroker {
         follow_ups: FollowUps,
         revocations: Revocations,
         started_by: Option<String>,
+        counts: Arc<WorkerCounts>,
     ) -> Self {
-        CeleryAwareBroker { inner, results, follow_ups, revocations, leased: Mutex::new(HashMap::new()), started_by }
+        CeleryAwareBroker { inner, results, follow_ups, revocations, leased: Mutex::new(HashMap::new()), started_by, counts }
     }
 
     /// Writes STARTED for the Celery jobs just leased (one round trip).
@@ -92,7 +97,11 @@ impl CeleryAwareBroker {
     }
 
     fn take(&self, lease: &Lease) -> Option<Origin> {
-        self.leased.lock().ok().and_then(|mut m| m.remove(&lease.token))
+        let origin = self.leased.lock().ok().and_then(|mut m| m.remove(&lease.token));
+        if origin.is_some() {
+            self.counts.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        origin
     }
 }
 
@@ -108,6 +117,7 @@ impl Broker for CeleryAwareBroker {
             for d in &got {
                 if let Some(id) = celery_id(d.job.idempotency_key.as_deref()) {
                     m.insert(d.lease.token.clone(), Origin { celery_id: id.to_string(), task: d.job.task.clone() });
+                    self.counts.active.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -159,6 +169,7 @@ impl Broker for CeleryAwareBroker {
         if !recorded {
             return Ok(false);
         }
+        self.counts.processed.fetch_add(1, Ordering::Relaxed);
         if matches!(outcome, Outcome::Dead { .. }) {
             // Errbacks only once the failure is recorded (as a Celery worker
             // calls them after storing it): a stale run that failed must not

@@ -15,9 +15,12 @@
 //! - [`broker::CeleryAwareBroker`] writes `celery-task-meta-<id>` when a
 //!   job from Celery ends, in Celery's format ([`result`]).
 //! - [`follow_ups`] sends `link=` callbacks and the next task of a chain
-//!   when a task succeeds, as a Celery worker does.
+//!   when a task succeeds, and `link_error=` errbacks when it fails for
+//!   good, as a Celery worker does.
 //! - [`revoke`] hears `AsyncResult.revoke()` broadcasts and cancels the
 //!   task's job (or keeps its message from running).
+//! - [`events`] announces the host as a Celery worker (online, heartbeats,
+//!   offline), so `celery events` and Flower see it.
 //!
 //! Messages that cannot be run (not JSON, bad base64, pickle or another
 //! content type, unknown task) go to the stream `<prefix>celery:dead` with
@@ -26,6 +29,7 @@
 //! passed gets `REVOKED`, as a Celery worker would write them.
 
 pub mod broker;
+pub mod events;
 pub mod follow_ups;
 pub mod protocol;
 pub mod result;
@@ -206,8 +210,12 @@ pub async fn start(
         tokio::spawn(consume(ctx.clone(), queue.clone(), stop.clone()));
     }
     tracing::info!(queues = ?ctx.celery.queues, "consuming Celery messages");
-    let running = config.celery.track_started.then(|| format!("celer@{}", ctx.host));
-    Ok(Arc::new(broker::CeleryAwareBroker::new(broker, results, follow_ups, revocations, running)))
+    let hostname = format!("celer@{}", ctx.host);
+    let counts = Arc::new(events::WorkerCounts::default());
+    let events_channel = revoke::fanout_channel(&url, &ctx.celery.key_prefix, "celeryev", "");
+    tokio::spawn(events::announce(ctx.conn.clone(), events_channel, hostname.clone(), counts.clone(), stop.clone()));
+    let started_by = config.celery.track_started.then_some(hostname);
+    Ok(Arc::new(broker::CeleryAwareBroker::new(broker, results, follow_ups, revocations, started_by, counts)))
 }
 
 impl Ctx {

@@ -40,11 +40,22 @@ pub struct Revoke {
 
 /// The pub/sub channel of `celery.pidbox` for a Redis URL's database.
 pub fn channel(url: &str, key_prefix: &str) -> String {
+    fanout_channel(url, key_prefix, "celery.pidbox", "")
+}
+
+/// The pub/sub channel kombu's Redis transport publishes a fanout
+/// exchange's messages on: `<key prefix>/<db>.<exchange>`, plus
+/// `/<routing key>` when there is one (kombu's `fanout_patterns`).
+pub fn fanout_channel(url: &str, key_prefix: &str, exchange: &str, routing_key: &str) -> String {
     let db = url::Url::parse(url)
         .ok()
         .and_then(|u| u.path().trim_start_matches('/').parse::<u32>().ok())
         .unwrap_or(0);
-    format!("{key_prefix}/{db}.celery.pidbox")
+    if routing_key.is_empty() {
+        format!("{key_prefix}/{db}.{exchange}")
+    } else {
+        format!("{key_prefix}/{db}.{exchange}/{routing_key}")
+    }
 }
 
 #[derive(Deserialize)]
