@@ -126,10 +126,7 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Value {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/celery-protocol")
-            .join(name);
-        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json")
+        serde_json::from_slice(&crate::celery::fixture(name)).expect("a JSON fixture")
     }
 
     fn keys(v: &Value) -> Vec<String> {

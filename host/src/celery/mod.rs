@@ -582,6 +582,14 @@ async fn dead_letter(ctx: &Ctx, queue: &str, raw: &[u8], reason: &str, task_id: 
         .map_err(|e| e.to_string())
 }
 
+/// A file captured from a real Celery 5.7 client or worker
+/// (`shared/fixtures/celery-protocol/`), for the byte-level tests.
+#[cfg(test)]
+pub(crate) fn fixture(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/celery-protocol").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -224,10 +224,7 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> String {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/celery-protocol")
-            .join(name);
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        String::from_utf8(crate::celery::fixture(name)).expect("a UTF-8 fixture")
     }
 
     fn time(s: &str) -> DateTime<Utc> {

@@ -257,8 +257,7 @@ mod tests {
         let many = broadcast(serde_json::json!({"method": "revoke", "arguments": {"task_id": ["a", "b"], "terminate": true}}));
         assert_eq!(parse(&many), Some(Revoke { task_ids: vec!["a".into(), "b".into()], terminate: true }));
         // The captured mingle `hello`, a request for named workers, and junk: ignored.
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/celery-protocol/pidbox-broadcast-hello.json");
-        let hello = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let hello = crate::celery::fixture("pidbox-broadcast-hello.json");
         assert_eq!(parse(&hello), None);
         let targeted = broadcast(serde_json::json!({"method": "revoke", "arguments": {"task_id": "a"}, "destination": ["w1@host"]}));
         assert_eq!(parse(&targeted), None);
