@@ -30,6 +30,11 @@ use crate::job::{ErrorKind, JobError};
 /// delayed job that comes due is promoted at most this late under load).
 const MAINTAIN_EVERY: Duration = Duration::from_millis(50);
 
+/// How many entries one fetch reads at most, counting those it sends back
+/// (saturated plugins): bounds the work of a fetch on a queue full of jobs
+/// it cannot run now.
+const READ_AT_MOST: usize = 1024;
+
 /// What a host remembers of a queue between fetches.
 #[derive(Debug, Clone)]
 pub struct Pacing {
@@ -228,7 +233,7 @@ impl RedisBroker {
             let stream = format!("{qp}s:{p}");
             loop {
                 let left = max - leasable.len();
-                if left == 0 {
+                if left == 0 || entries.len() >= READ_AT_MOST {
                     break 'streams;
                 }
                 let got = self.read_stream(&stream, req.host, left).await?;
