@@ -45,6 +45,18 @@ pub struct Pacing {
     priorities: Vec<String>,
 }
 
+/// A job just leased, as the script or the read gave it.
+struct Leased<'a> {
+    job_id: &'a str,
+    env: &'a str,
+    attempt: &'a str,
+    token: &'a str,
+    /// Enqueue time, µs.
+    enqueued: &'a str,
+    stream: &'a str,
+    entry: &'a str,
+}
+
 /// A stream entry as read: its id and the job it carries.
 struct Entry {
     stream: String,
@@ -181,10 +193,16 @@ impl RedisBroker {
             let [id, env, attempt, token, enq, stream, entry] = chunk else {
                 continue;
             };
-            if let Some(d) = self
-                .delivered(req, &qp, sent, id, env, attempt, token, enq, stream, entry)
-                .await?
-            {
+            let leased = Leased {
+                job_id: id,
+                env,
+                attempt,
+                token,
+                enqueued: enq,
+                stream,
+                entry,
+            };
+            if let Some(d) = self.delivered(req, &qp, sent, leased).await? {
                 out.push(d);
             }
         }
@@ -244,7 +262,7 @@ impl RedisBroker {
                     // ours (no job id: only acked and deleted).
                     if e.env.is_none()
                         || e.job_id.is_empty()
-                        || req.exclude_tasks.iter().any(|t| *t == e.task)
+                        || req.exclude_tasks.contains(&e.task)
                     {
                         unread.push(("requeue", i));
                     } else if e.expires_ms.is_some_and(|x| x < now_ms) {
@@ -321,21 +339,16 @@ impl RedisBroker {
         let mut out = Vec::with_capacity(leased.len());
         for (e, token) in &leased {
             let env = e.env.as_deref().unwrap_or_default();
-            if let Some(d) = self
-                .delivered(
-                    req,
-                    &qp,
-                    sent,
-                    &e.job_id,
-                    env,
-                    &e.attempt,
-                    token,
-                    &e.enqueued,
-                    &e.stream,
-                    &e.id,
-                )
-                .await?
-            {
+            let leased = Leased {
+                job_id: &e.job_id,
+                env,
+                attempt: &e.attempt,
+                token,
+                enqueued: &e.enqueued,
+                stream: &e.stream,
+                entry: &e.id,
+            };
+            if let Some(d) = self.delivered(req, &qp, sent, leased).await? {
                 out.push(d);
             }
         }
@@ -374,10 +387,10 @@ impl RedisBroker {
                     .arg("MKSTREAM")
                     .query_async(&mut c)
                     .await;
-                if let Err(e) = created {
-                    if e.code() != Some("BUSYGROUP") {
-                        return Err(unavailable(e));
-                    }
+                if let Err(e) = created
+                    && e.code() != Some("BUSYGROUP")
+                {
+                    return Err(unavailable(e));
                 }
                 read().query_async(&mut c).await.map_err(unavailable)?
             }
@@ -386,23 +399,26 @@ impl RedisBroker {
         Ok(entries_of(stream, reply))
     }
 
-    /// A job the scripts or the pipeline leased, as a delivery; an
-    /// unreadable one goes to the dead letters instead.
-    #[allow(clippy::too_many_arguments)]
+    /// A job the scripts or the pipeline leased, as a delivery, its lease
+    /// remembered as confirmed at `sent`; an unreadable one goes to the dead
+    /// letters instead.
     async fn delivered(
         &self,
         req: &FetchRequest<'_>,
         qp: &str,
         sent: Instant,
-        id: &str,
-        env: &str,
-        attempt: &str,
-        token: &str,
-        enq: &str,
-        stream: &str,
-        entry: &str,
+        leased: Leased<'_>,
     ) -> Result<Option<Delivery>, BrokerError> {
-        match delivery(id, env, attempt, token, enq) {
+        let Leased {
+            job_id: id,
+            env,
+            attempt,
+            token,
+            enqueued,
+            stream,
+            entry,
+        } = leased;
+        match delivery(id, env, attempt, token, enqueued) {
             Ok(d) => {
                 let held = HeldLease {
                     confirmed: sent,

@@ -55,11 +55,11 @@ impl HeldLeases {
 
     /// A renewal sent at `at` found the lease still ours.
     pub fn confirm(&self, token: &str, at: Instant, lease: Duration) {
-        if let Ok(mut m) = self.by_token.lock() {
-            if let Some(h) = m.get_mut(token) {
-                h.confirmed = at;
-                h.lease = lease;
-            }
+        if let Ok(mut m) = self.by_token.lock()
+            && let Some(h) = m.get_mut(token)
+        {
+            h.confirmed = at;
+            h.lease = lease;
         }
     }
 
