@@ -620,4 +620,34 @@ mod tests {
         let first = to_job(&message("a", Some("a"), None), "celery");
         assert_eq!((first.root_id, first.parent_id), (None, None));
     }
+
+    /// A progress report that arrives after the task ended (its keeper
+    /// raced the final write) never replaces SUCCESS; on a running task it
+    /// replaces STARTED. Against the test Redis.
+    #[tokio::test]
+    async fn a_running_state_never_replaces_a_final_one() {
+        use result::{Outcome, Status, meta};
+        let url = std::env::var("CELER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into());
+        let conn = Target::parse(&url).expect("url").connect(None).await.expect("the test Redis (scripts/services.sh up redis)");
+        let writer = ResultWriter::new(conn.clone(), 60);
+        let id = format!("celer-test-{}", uuid::Uuid::now_v7());
+        let key = format!("celery-task-meta-{id}");
+        let doc = |status| meta(&id, status, &Outcome::Success(serde_json::json!({"current": 1, "total": 2})), chrono::Utc::now());
+        let status_now = || {
+            let mut c = conn.clone();
+            let key = key.clone();
+            async move {
+                let text: String = ::redis::cmd("GET").arg(&key).query_async(&mut c).await.expect("get");
+                serde_json::from_str::<serde_json::Value>(&text).expect("json")["status"].as_str().unwrap_or_default().to_string()
+            }
+        };
+        writer.write_running(&[(id.clone(), doc(Status::Started))]).await.expect("started");
+        writer.write_running(&[(id.clone(), doc(Status::Progress))]).await.expect("progress");
+        assert_eq!(status_now().await, "PROGRESS");
+        writer.write(&id, &doc(Status::Success)).await.expect("success");
+        writer.write_running(&[(id.clone(), doc(Status::Progress))]).await.expect("late progress");
+        assert_eq!(status_now().await, "SUCCESS");
+        let mut c = conn.clone();
+        let _: i64 = ::redis::cmd("DEL").arg(&key).query_async(&mut c).await.expect("del");
+    }
 }
