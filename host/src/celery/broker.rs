@@ -56,6 +56,8 @@ pub struct CeleryAwareBroker {
     started_by: Option<String>,
     /// Running and finished Celery tasks, for the worker heartbeats.
     counts: Arc<WorkerCounts>,
+    /// The worker's lease, renewed once before follow-ups are sent.
+    lease: Duration,
 }
 
 impl CeleryAwareBroker {
@@ -66,8 +68,18 @@ impl CeleryAwareBroker {
         revocations: Revocations,
         started_by: Option<String>,
         counts: Arc<WorkerCounts>,
+        lease: Duration,
     ) -> Self {
-        CeleryAwareBroker { inner, results, follow_ups, revocations, leased: Mutex::new(HashMap::new()), started_by, counts }
+        CeleryAwareBroker {
+            inner,
+            results,
+            follow_ups,
+            revocations,
+            leased: Mutex::new(HashMap::new()),
+            started_by,
+            counts,
+            lease,
+        }
     }
 
     /// Writes STARTED for the Celery jobs just leased (one round trip).
@@ -159,8 +171,14 @@ impl Broker for CeleryAwareBroker {
         if let (Some(id), Outcome::Succeeded { result }) = (&celery_id, &outcome) {
             // Sent before the outcome is recorded: if this fails, the
             // outcome is not recorded either and the job runs again.
+            let still_held = async {
+                match self.inner.renew(lease, self.lease).await {
+                    Ok(status) => Ok(status != LeaseStatus::Lost),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
             self.follow_ups
-                .on_success(id, result)
+                .on_success(id, result, still_held)
                 .await
                 .map_err(|e| BrokerError::Unavailable(format!("cannot send the Celery follow-ups of {id}: {e}")))?;
         }

@@ -13,11 +13,12 @@
 //! process (one that takes only the task id); a Python errback taking
 //! `(request, exc, traceback)` only runs inside a Celery worker.
 //!
-//! Follow-ups are sent before the outcome is recorded, so a host that dies
-//! in between sends them again when the job runs again; each keeps the
-//! task id Celery froze into its signature (or one derived from the parent
-//! id), and celer's consumer makes one job per task id, so a repeat is not
-//! run twice by celer.
+//! Follow-ups are sent before the outcome is recorded, once a lease renewal
+//! has confirmed that the run still holds its job (a stale run sends none),
+//! so a host that dies in between sends them again when the job runs
+//! again; each keeps the task id Celery froze into its signature (or one
+//! derived from the parent id), and celer's consumer makes one job per
+//! task id, so a repeat is not run twice by celer.
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -86,9 +87,23 @@ impl FollowUps {
             .map_err(|e| e.to_string())
     }
 
-    /// Sends the follow-ups of `celery_id`, which succeeded with `result`.
-    pub async fn on_success(&self, celery_id: &str, result: &Value) -> Result<(), String> {
+    /// Sends the follow-ups of `celery_id`, which succeeded with `result`,
+    /// if `still_held` confirms the run still holds its job (a run whose
+    /// lease lapsed sends nothing: the run that took over sends them).
+    pub async fn on_success(
+        &self,
+        celery_id: &str,
+        result: &Value,
+        still_held: impl std::future::Future<Output = Result<bool, String>>,
+    ) -> Result<(), String> {
         let Some(kept) = self.kept(celery_id).await? else { return Ok(()) };
+        if kept.callbacks.is_empty() && kept.chain.is_empty() {
+            return Ok(());
+        }
+        if !still_held.await? {
+            tracing::warn!(task_id = %celery_id, "lease lost before the Celery follow-ups were sent; the run that took over sends them");
+            return Ok(());
+        }
         let mut messages = Vec::new();
         for (i, sig) in kept.callbacks.iter().enumerate() {
             messages.push(self.message(sig, Vec::new(), result, celery_id, &kept, &format!("link-{i}")));
@@ -182,4 +197,48 @@ fn derived_id(parent: &str, role: &str) -> String {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     uuid::Uuid::from_bytes(bytes).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::redis::conn::Target;
+
+    /// A run whose lease lapsed sends no follow-ups and leaves the workflow
+    /// for the run that took over; a run that still holds its job sends
+    /// them once. Against the test Redis.
+    #[tokio::test]
+    async fn follow_ups_go_out_only_from_a_run_that_still_holds_its_job() {
+        let url = std::env::var("CELER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into());
+        let conn = Target::parse(&url).expect("url").connect(None).await.expect("the test Redis (scripts/services.sh up redis)");
+        let unique = uuid::Uuid::now_v7().simple().to_string();
+        let (prefix, queue) = (format!("celer-test-{unique}:"), format!("q-{unique}"));
+        let follow_ups = FollowUps::new(conn.clone(), prefix.clone(), String::new(), 60);
+        let msg = protocol::TaskMessage {
+            id: format!("t-{unique}"),
+            task: "proj.tasks.add".into(),
+            args: json!([1, 2]),
+            kwargs: json!({}),
+            eta: None,
+            expires: None,
+            retries: 0,
+            root_id: None,
+            parent_id: None,
+            workflow: protocol::Workflow { callbacks: vec![json!({"task": "proj.tasks.greet", "args": []})], ..Default::default() },
+        };
+        follow_ups.keep(&msg, &queue).await.expect("kept");
+        let mut c = conn.clone();
+        let waiting = |c: &mut Conn| {
+            let mut c = c.clone();
+            let queue = queue.clone();
+            async move { ::redis::cmd("LLEN").arg(&queue).query_async::<i64>(&mut c).await.expect("llen") }
+        };
+        follow_ups.on_success(&msg.id, &json!(3), async { Ok(false) }).await.expect("stale run");
+        assert_eq!(waiting(&mut c).await, 0, "a stale run sends nothing");
+        follow_ups.on_success(&msg.id, &json!(3), async { Ok(true) }).await.expect("holder");
+        assert_eq!(waiting(&mut c).await, 1, "the run that holds the job sends the callback");
+        follow_ups.on_success(&msg.id, &json!(3), async { Ok(true) }).await.expect("again");
+        assert_eq!(waiting(&mut c).await, 1, "sent once: the workflow is gone after it");
+        let _: i64 = ::redis::cmd("DEL").arg(&queue).arg(follow_ups.key(&msg.id)).query_async(&mut c).await.expect("del");
+    }
 }

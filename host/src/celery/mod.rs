@@ -215,7 +215,8 @@ pub async fn start(
     let events_channel = revoke::fanout_channel(&url, &ctx.celery.key_prefix, "celeryev", "");
     tokio::spawn(events::announce(ctx.conn.clone(), events_channel, hostname.clone(), counts.clone(), stop.clone()));
     let started_by = config.celery.track_started.then_some(hostname);
-    Ok(Arc::new(broker::CeleryAwareBroker::new(broker, results, follow_ups, revocations, started_by, counts)))
+    let lease = Duration::from_millis(config.worker.lease_ms);
+    Ok(Arc::new(broker::CeleryAwareBroker::new(broker, results, follow_ups, revocations, started_by, counts, lease)))
 }
 
 impl Ctx {
