@@ -204,6 +204,11 @@ pub struct CeleryConfig {
     /// (a worker setting, so it is set here; off by default, as in Celery).
     /// `CELER_CELERY_TRACK_STARTED`.
     pub track_started: bool,
+    /// The app's `task_routes` as task name → queue (a name may end in
+    /// `*`): where follow-ups (links, chains, errbacks) whose signature
+    /// names no queue are sent; otherwise to the queue their parent came
+    /// from.
+    pub routes: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for CeleryConfig {
@@ -215,6 +220,7 @@ impl Default for CeleryConfig {
             key_prefix: String::new(),
             result_expires_s: 86_400,
             track_started: false,
+            routes: std::collections::BTreeMap::new(),
         }
     }
 }

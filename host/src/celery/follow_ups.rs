@@ -37,6 +37,8 @@ pub struct FollowUps {
     /// kombu's `global_keyprefix` (where queues are).
     key_prefix: String,
     expires_s: u64,
+    /// `[celery] routes`: task name (or `prefix*`) → queue.
+    routes: std::collections::BTreeMap<String, String>,
 }
 
 /// What is kept per task between taking its message and its success.
@@ -53,8 +55,27 @@ struct Kept {
 }
 
 impl FollowUps {
-    pub fn new(conn: Conn, prefix: String, key_prefix: String, expires_s: u64) -> Self {
-        FollowUps { conn, prefix, key_prefix, expires_s: expires_s.max(1) }
+    pub fn new(
+        conn: Conn,
+        prefix: String,
+        key_prefix: String,
+        expires_s: u64,
+        routes: std::collections::BTreeMap<String, String>,
+    ) -> Self {
+        FollowUps { conn, prefix, key_prefix, expires_s: expires_s.max(1), routes }
+    }
+
+    /// The queue `[celery] routes` gives a task: its exact name first, then
+    /// the longest matching `prefix*`.
+    fn routed(&self, task: &str) -> Option<&str> {
+        if let Some(q) = self.routes.get(task) {
+            return Some(q);
+        }
+        self.routes
+            .iter()
+            .filter_map(|(pattern, q)| pattern.strip_suffix('*').filter(|p| task.starts_with(p)).map(|p| (p.len(), q)))
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, q)| q.as_str())
     }
 
     fn key(&self, celery_id: &str) -> String {
@@ -160,10 +181,12 @@ impl FollowUps {
         }
         let kwargs = sig.get("kwargs").filter(|k| k.is_object()).cloned().unwrap_or(json!({}));
         let id = options.get("task_id").and_then(Value::as_str).map(String::from).unwrap_or_else(|| derived_id(parent, role));
+        let task = sig.get("task").and_then(Value::as_str).unwrap_or_default();
         let queue = options
             .get("queue")
             .and_then(|q| q.as_str().or_else(|| q.get("name").and_then(Value::as_str)))
             .or_else(|| options.get("routing_key").and_then(Value::as_str))
+            .or_else(|| self.routed(task))
             .unwrap_or(&kept.queue)
             .to_string();
         let eta = options.get("countdown").and_then(Value::as_f64).map(|s| Utc::now() + chrono::Duration::milliseconds((s * 1000.0) as i64));
@@ -174,7 +197,6 @@ impl FollowUps {
             "chain": if chain.is_empty() { Value::Null } else { Value::Array(chain) },
             "chord": null,
         });
-        let task = sig.get("task").and_then(Value::as_str).unwrap_or_default();
         let out = Outgoing {
             id: &id,
             task,
@@ -213,7 +235,7 @@ mod tests {
         let conn = Target::parse(&url).expect("url").connect(None).await.expect("the test Redis (scripts/services.sh up redis)");
         let unique = uuid::Uuid::now_v7().simple().to_string();
         let (prefix, queue) = (format!("celer-test-{unique}:"), format!("q-{unique}"));
-        let follow_ups = FollowUps::new(conn.clone(), prefix.clone(), String::new(), 60);
+        let follow_ups = FollowUps::new(conn.clone(), prefix.clone(), String::new(), 60, Default::default());
         let msg = protocol::TaskMessage {
             id: format!("t-{unique}"),
             task: "proj.tasks.add".into(),
@@ -240,5 +262,27 @@ mod tests {
         follow_ups.on_success(&msg.id, &json!(3), async { Ok(true) }).await.expect("again");
         assert_eq!(waiting(&mut c).await, 1, "sent once: the workflow is gone after it");
         let _: i64 = ::redis::cmd("DEL").arg(&queue).arg(follow_ups.key(&msg.id)).query_async(&mut c).await.expect("del");
+    }
+
+    /// `[celery] routes` picks the queue of a follow-up whose signature names
+    /// none: an exact task name first, then the longest `prefix*`; without
+    /// a route it goes to its parent's queue, and a queue in the signature
+    /// always wins.
+    #[tokio::test]
+    async fn a_follow_up_without_a_queue_goes_where_the_routes_say() {
+        let url = std::env::var("CELER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into());
+        let conn = Target::parse(&url).expect("url").connect(None).await.expect("the test Redis");
+        let routes = [("proj.mail.*", "mail"), ("proj.mail.urgent", "urgent"), ("proj.*", "default-proj")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let f = FollowUps::new(conn, "p:".into(), String::new(), 60, routes);
+        let kept = Kept { callbacks: vec![], chain: vec![], errbacks: vec![], queue: "parent-q".into(), root_id: "r".into() };
+        let queue_of = |sig: Value| f.message(&sig, Vec::new(), &json!(1), "parent", &kept, "link-0").0;
+        assert_eq!(queue_of(json!({"task": "proj.mail.urgent"})), "urgent");
+        assert_eq!(queue_of(json!({"task": "proj.mail.weekly"})), "mail");
+        assert_eq!(queue_of(json!({"task": "proj.other"})), "default-proj");
+        assert_eq!(queue_of(json!({"task": "elsewhere.task"})), "parent-q");
+        assert_eq!(queue_of(json!({"task": "proj.mail.weekly", "options": {"queue": "explicit"}})), "explicit");
     }
 }

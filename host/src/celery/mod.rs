@@ -181,6 +181,7 @@ pub async fn start(
         config.broker.prefix.clone(),
         config.celery.key_prefix.clone(),
         config.celery.result_expires_s,
+        config.celery.routes.clone(),
     );
     let ctx = Arc::new(Ctx {
         conn,
