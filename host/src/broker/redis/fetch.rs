@@ -19,10 +19,10 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::held::HeldLease;
-use super::{GROUP, RedisBroker, Wait, delivery, unavailable};
+use super::{Envelope, GROUP, RedisBroker, Wait, job_of, lease_ms, unavailable};
 use crate::broker::{Broker, BrokerError, Delivery, FetchRequest, Lease, Outcome, RunRecord};
 use crate::job::{ErrorKind, JobError};
 
@@ -453,16 +453,26 @@ impl RedisBroker {
     }
 }
 
-fn lease_ms(lease: Duration) -> u64 {
-    u64::try_from(lease.as_millis()).unwrap_or(u64::MAX)
+/// A leased job as the worker takes it.
+fn delivery(id: &str, env: &str, attempt: &str, token: &str, enq: &str) -> Result<Delivery, String> {
+    let env: Envelope = serde_json::from_str(env).map_err(|e| format!("envelope: {e}"))?;
+    let attempt: u32 = attempt.parse().map_err(|_| format!("attempt {attempt:?}"))?;
+    let enq = enq
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(|| format!("enqueue time {enq:?}"))?;
+    let job = job_of(env, attempt, enq);
+    Ok(Delivery { lease: Lease { job_id: id.to_string(), token: token.to_string() }, job })
 }
 
-/// The entries of an `XREADGROUP` reply of one stream (nil: none).
+/// The entries of an `XREADGROUP` reply of one stream (nil: none); the
+/// reply's strings are moved, not copied (envelopes are the bulk of it).
 fn entries_of(stream: &str, reply: ::redis::Value) -> Vec<Entry> {
     use ::redis::Value;
-    let text = |v: &Value| match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
+    let text = |v: Value| match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
         _ => None,
     };
     let Value::Array(streams) = reply else {
@@ -471,12 +481,13 @@ fn entries_of(stream: &str, reply: ::redis::Value) -> Vec<Entry> {
     let mut out = Vec::new();
     for s in streams {
         let Value::Array(parts) = s else { continue };
-        let Some(Value::Array(items)) = parts.get(1) else {
+        let Some(Value::Array(items)) = parts.into_iter().nth(1) else {
             continue;
         };
         for item in items {
             let Value::Array(pair) = item else { continue };
-            let (Some(id), Some(Value::Array(fields))) = (pair.first().and_then(text), pair.get(1))
+            let mut pair = pair.into_iter();
+            let (Some(id), Some(Value::Array(fields))) = (pair.next().and_then(text), pair.next())
             else {
                 continue;
             };
@@ -490,8 +501,9 @@ fn entries_of(stream: &str, reply: ::redis::Value) -> Vec<Entry> {
                 enqueued: String::new(),
                 attempt: "0".into(),
             };
-            for kv in fields.chunks_exact(2) {
-                let (Some(k), Some(v)) = (text(&kv[0]), text(&kv[1])) else {
+            let mut fields = fields.into_iter();
+            while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
+                let (Some(k), Some(v)) = (text(k), text(v)) else {
                     continue;
                 };
                 match k.as_str() {

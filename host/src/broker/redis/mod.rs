@@ -171,10 +171,10 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Ok(mut h) = self.heartbeat.lock() {
-            if let Some(h) = h.take() {
-                h.abort();
-            }
+        if let Ok(mut h) = self.heartbeat.lock()
+            && let Some(h) = h.take()
+        {
+            h.abort();
         }
     }
 }
@@ -487,16 +487,37 @@ struct CompleteReq {
     reply: tokio::sync::oneshot::Sender<Result<bool, BrokerError>>,
 }
 
-/// How an outcome is written.
-enum Write {
-    /// Through the COMPLETE script, checked against the lease token: its
-    /// 13 per-job values.
-    Checked(Box<[String; 13]>),
-    /// A success whose lease is certainly still held ([`HeldLease`]): the
-    /// hash fields, written in one pipeline with the ack of the entry; or, if
-    /// the lease is no longer certain by the time the batch is sent, the
-    /// script's values.
-    Unchecked { job_id: String, held: HeldLease, fields: Vec<(&'static str, String)>, checked: Box<[String; 13]> },
+/// The record fields of a finished attempt, in the order the COMPLETE
+/// script takes them and under the names the job hash keeps them.
+const RECORD_FIELDS: [&str; 6] = ["plugin", "pv", "touched", "log", "pd", "pt"];
+
+/// One outcome to write.
+struct Write {
+    token: String,
+    job_id: String,
+    /// `succeeded`, `retry`, `dead` or `cancelled`.
+    kind: &'static str,
+    /// The result JSON (succeeded).
+    result: String,
+    error_kind: String,
+    error_message: String,
+    /// Retry time, ms.
+    retry_at: i64,
+    /// When the run ended, µs (the unchecked path stamps it; the script
+    /// uses Redis's clock).
+    finished_us: i64,
+    /// Values of [`RECORD_FIELDS`].
+    record: [Option<String>; 6],
+    /// Set for a success whose lease was certain when it ended
+    /// ([`HeldLease`]): written with the plain pipeline if it still is when
+    /// the batch is sent, else through the script.
+    held: Option<HeldLease>,
+}
+
+impl Write {
+    fn unchecked(&self) -> bool {
+        self.held.as_ref().is_some_and(HeldLease::certainly_held)
+    }
 }
 
 /// Writes outcomes in batches: whatever completions are waiting when the
@@ -522,10 +543,7 @@ async fn complete_batches(
         }
         let mut by_queue: HashMap<(String, bool), Vec<CompleteReq>> = HashMap::new();
         for r in batch {
-            let checked = match &r.write {
-                Write::Checked(_) => true,
-                Write::Unchecked { held, .. } => !held.certainly_held(),
-            };
+            let checked = !r.write.unchecked();
             by_queue.entry((r.queue.clone(), checked)).or_default().push(r);
         }
         let calls = by_queue.into_iter().map(|((queue, checked), reqs)| {
@@ -567,9 +585,17 @@ async fn write_checked(
     let mut inv = scripts.complete.prepare_invoke();
     inv.key(format!("{qp}delayed")).arg(qp).arg(GROUP).arg(ttl_s);
     for r in reqs {
-        let (Write::Checked(args) | Write::Unchecked { checked: args, .. }) = &r.write;
-        for a in args.iter() {
-            inv.arg(a);
+        let w = &r.write;
+        inv.arg(&w.token)
+            .arg(&w.job_id)
+            .arg(w.kind)
+            .arg(&w.result)
+            .arg(&w.error_kind)
+            .arg(&w.error_message)
+            .arg(w.retry_at);
+        // Optional record fields: '' when absent, '=' + value when present.
+        for v in &w.record {
+            inv.arg(v.as_ref().map(|v| format!("={v}")).unwrap_or_default());
         }
     }
     inv.invoke_async(&mut c).await
@@ -586,9 +612,12 @@ async fn write_unchecked(mut c: Conn, qp: &str, ttl_s: u64, reqs: &[CompleteReq]
     let mut pipe = ::redis::pipe();
     let mut entries: HashMap<&str, Vec<&str>> = HashMap::new();
     for r in reqs {
-        let Write::Unchecked { job_id, held, fields, .. } = &r.write else { continue };
-        let jk = format!("{qp}j:{job_id}");
-        pipe.hset_multiple(&jk, fields).ignore();
+        let w = &r.write;
+        let Some(held) = &w.held else { continue };
+        let jk = format!("{qp}j:{}", w.job_id);
+        let mut fields = vec![("state", "succeeded".to_string()), ("result", w.result.clone()), ("fin", w.finished_us.to_string())];
+        fields.extend(RECORD_FIELDS.iter().zip(&w.record).filter_map(|(k, v)| v.clone().map(|v| (*k, v))));
+        pipe.hset_multiple(&jk, &fields).ignore();
         if held.attempt > 0 {
             pipe.hdel(&jk, &["ek", "em"]).ignore();
         }
@@ -634,22 +663,9 @@ fn job_of(env: Envelope, attempt: u32, enqueued_at: DateTime<Utc>) -> Job {
     }
 }
 
-fn delivery(id: &str, env: &str, attempt: &str, token: &str, enq: &str) -> Result<Delivery, String> {
-    let env: Envelope = serde_json::from_str(env).map_err(|e| format!("envelope: {e}"))?;
-    let attempt: u32 = attempt.parse().map_err(|_| format!("attempt {attempt:?}"))?;
-    let enq = enq
-        .parse::<i64>()
-        .ok()
-        .and_then(DateTime::from_timestamp_micros)
-        .ok_or_else(|| format!("enqueue time {enq:?}"))?;
-    let job = job_of(env, attempt, enq);
-    Ok(Delivery { lease: Lease { job_id: id.to_string(), token: token.to_string() }, job })
-}
-
-/// An optional record field as the complete script takes it: '' when
-/// absent, '=' + value when present.
-fn opt_arg(v: Option<&str>) -> String {
-    v.map(|v| format!("={v}")).unwrap_or_default()
+/// A lease length as the scripts and `lease-ms` take it.
+fn lease_ms(lease: Duration) -> u64 {
+    u64::try_from(lease.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[async_trait]
@@ -750,7 +766,7 @@ impl Broker for RedisBroker {
         let mut c = self.conn();
         let sent = std::time::Instant::now();
         let r: i64 = lease_call(&self.inner.scripts.renew, &qp, lease)
-            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(lease_ms(ttl))
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
@@ -792,7 +808,7 @@ impl Broker for RedisBroker {
             Ok(Value::String(s)) => s,
             _ => "plugin".to_string(),
         };
-        let (kind, result, ek, em, at) = match &outcome {
+        let (kind, result, error_kind, error_message, retry_at) = match &outcome {
             Outcome::Succeeded { result } => ("succeeded", to_json(result)?, String::new(), String::new(), 0),
             Outcome::Retry { error, at } => {
                 ("retry", String::new(), kind_text(error.kind), error.message.clone(), at.timestamp_millis())
@@ -802,40 +818,25 @@ impl Broker for RedisBroker {
                 ("cancelled", String::new(), kind_text(error.kind), error.message.clone(), 0)
             }
         };
-        let touched = record.touched.as_ref().map(to_json).transpose()?;
-        let progress = record.progress.map(|p| (p.done.to_string(), p.total.to_string()));
-        let args = Box::new([
-            lease.token.clone(),
-            lease.job_id.clone(),
-            kind.to_string(),
-            result.clone(),
-            ek,
-            em,
-            at.to_string(),
-            opt_arg(record.plugin.as_deref()),
-            opt_arg(record.plugin_version.as_deref()),
-            opt_arg(touched.as_deref()),
-            opt_arg(record.log.as_deref()),
-            opt_arg(progress.as_ref().map(|p| p.0.as_str())),
-            opt_arg(progress.as_ref().map(|p| p.1.as_str())),
-        ]);
         let held = self.inner.held.take(&lease.token).filter(HeldLease::certainly_held);
-        let write = match (kind, held) {
-            ("succeeded", Some(held)) => {
-                let mut fields =
-                    vec![("state", "succeeded".to_string()), ("result", result), ("fin", Utc::now().timestamp_micros().to_string())];
-                let optional = [
-                    ("plugin", record.plugin),
-                    ("pv", record.plugin_version),
-                    ("touched", touched),
-                    ("log", record.log),
-                    ("pd", progress.as_ref().map(|p| p.0.clone())),
-                    ("pt", progress.map(|p| p.1)),
-                ];
-                fields.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
-                Write::Unchecked { job_id: lease.job_id.clone(), held, fields, checked: args }
-            }
-            _ => Write::Checked(args),
+        let write = Write {
+            token: lease.token.clone(),
+            job_id: lease.job_id.clone(),
+            kind,
+            result,
+            error_kind,
+            error_message,
+            retry_at,
+            finished_us: Utc::now().timestamp_micros(),
+            record: [
+                record.plugin,
+                record.plugin_version,
+                record.touched.as_ref().map(to_json).transpose()?,
+                record.log,
+                record.progress.map(|p| p.done.to_string()),
+                record.progress.map(|p| p.total.to_string()),
+            ],
+            held: held.filter(|_| kind == "succeeded"),
         };
         self.send_complete(queue, write).await
     }
@@ -1018,6 +1019,7 @@ impl Broker for RedisBroker {
 
 #[cfg(test)]
 mod tests;
+
 
 /// The start every lease-holding script shares: the job hash as key, then
 /// queue prefix, consumer group and lease token; callers append their own
