@@ -182,7 +182,10 @@ impl Broker for CeleryAwareBroker {
                 .await
                 .map_err(|e| BrokerError::Unavailable(format!("cannot send the Celery follow-ups of {id}: {e}")))?;
         }
-        let recorded = self.inner.complete(lease, outcome.clone(), record.clone()).await?;
+        // What the traceback names; the record itself (its log can be
+        // large) goes to the broker without a copy.
+        let plugin = record.plugin.clone().zip(record.plugin_version.clone());
+        let recorded = self.inner.complete(lease, outcome.clone(), record).await?;
         let Some(origin) = self.take(lease) else { return Ok(recorded) };
         if !recorded {
             return Ok(false);
@@ -196,7 +199,7 @@ impl Broker for CeleryAwareBroker {
                 tracing::error!(job_id = %lease.job_id, celery_id = %origin.celery_id, error = %e, "cannot send the Celery errbacks");
             }
         }
-        let plugin = record.plugin.as_deref().zip(record.plugin_version.as_deref());
+        let plugin = plugin.as_ref().map(|(name, version)| (name.as_str(), version.as_str()));
         let (status, stored) = match &outcome {
             Outcome::Succeeded { result } => (Status::Success, result::Outcome::Success(result.clone())),
             Outcome::Retry { error, .. } | Outcome::Dead { error } => {
