@@ -224,15 +224,13 @@ fn derived_id(parent: &str, role: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::redis::conn::Target;
 
     /// A run whose lease lapsed sends no follow-ups and leaves the workflow
     /// for the run that took over; a run that still holds its job sends
     /// them once. Against the test Redis.
     #[tokio::test]
     async fn follow_ups_go_out_only_from_a_run_that_still_holds_its_job() {
-        let url = std::env::var("CELER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into());
-        let conn = Target::parse(&url).expect("url").connect(None).await.expect("the test Redis (scripts/services.sh up redis)");
+        let conn = crate::broker::redis::test_redis_conn().await;
         let unique = uuid::Uuid::now_v7().simple().to_string();
         let (prefix, queue) = (format!("celer-test-{unique}:"), format!("q-{unique}"));
         let follow_ups = FollowUps::new(conn.clone(), prefix.clone(), String::new(), 60, Default::default());
@@ -270,8 +268,7 @@ mod tests {
     /// always wins.
     #[tokio::test]
     async fn a_follow_up_without_a_queue_goes_where_the_routes_say() {
-        let url = std::env::var("CELER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into());
-        let conn = Target::parse(&url).expect("url").connect(None).await.expect("the test Redis");
+        let conn = crate::broker::redis::test_redis_conn().await;
         let routes = [("proj.mail.*", "mail"), ("proj.mail.urgent", "urgent"), ("proj.*", "default-proj")]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

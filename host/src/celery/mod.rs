@@ -629,8 +629,7 @@ mod tests {
     #[tokio::test]
     async fn a_running_state_never_replaces_a_final_one() {
         use result::{Outcome, Status, meta};
-        let url = std::env::var("CELER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into());
-        let conn = Target::parse(&url).expect("url").connect(None).await.expect("the test Redis (scripts/services.sh up redis)");
+        let conn = crate::broker::redis::test_redis_conn().await;
         let writer = ResultWriter::new(conn.clone(), 60);
         let id = format!("celer-test-{}", uuid::Uuid::now_v7());
         let key = format!("celery-task-meta-{id}");

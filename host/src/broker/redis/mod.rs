@@ -1020,6 +1020,24 @@ impl Broker for RedisBroker {
 #[cfg(test)]
 mod tests;
 
+/// The test Redis (`scripts/services.sh up redis`, started by `make test`);
+/// `CELER_TEST_REDIS_URL` overrides where it is.
+#[cfg(test)]
+pub(crate) fn test_redis_url() -> String {
+    std::env::var("CELER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
+}
+
+/// A connection to the test Redis, for tests of code that writes to it.
+#[cfg(test)]
+pub(crate) async fn test_redis_conn() -> Conn {
+    let url = test_redis_url();
+    let target = Target::parse(&url).expect("test Redis URL");
+    target
+        .connect(None)
+        .await
+        .unwrap_or_else(|e| panic!("the test Redis at {url} is not reachable ({e}): run `scripts/services.sh up redis`"))
+}
+
 
 /// The start every lease-holding script shares: the job hash as key, then
 /// queue prefix, consumer group and lease token; callers append their own

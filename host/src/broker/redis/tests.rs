@@ -15,9 +15,7 @@ use crate::broker::suite::{self, enqueue, fetch, fetch_one, job, status};
 use crate::broker::{Broker, BrokerError, FetchRequest, Outcome, RunRecord};
 use crate::job::JobState;
 
-pub fn redis_url() -> String {
-    std::env::var("CELER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
-}
+use super::test_redis_url as redis_url;
 
 /// Deletes every key under its prefix when dropped.
 pub struct Cleanup {
@@ -97,6 +95,22 @@ async fn keys_of_a_queue_share_its_hash_tag_and_finished_jobs_expire() {
     assert_eq!(ttl, -1, "dead letters stay until purged or retried");
 }
 
+/// The stream and entry id that hold job `id` (of queue `default`).
+async fn entry_of(b: &RedisBroker, id: &str) -> (String, String) {
+    let mut c = b.conn();
+    ::redis::cmd("HMGET").arg(b.job_key("default", id)).arg("sk").arg("eid").query_async(&mut c).await.unwrap()
+}
+
+/// Replaces job `id`'s stream entry by one with `fields`, as an older
+/// version or a broken writer would have left it.
+async fn replace_entry(b: &RedisBroker, id: &str, fields: &[(&str, &str)]) {
+    let (stream, eid) = entry_of(b, id).await;
+    let mut c = b.conn();
+    let _: i64 = c.xdel(&stream, &[&eid]).await.unwrap();
+    let eid: String = c.xadd(&stream, "*", fields).await.unwrap();
+    let _: () = c.hset(b.job_key("default", id), "eid", eid.as_str()).await.unwrap();
+}
+
 async fn fresh_redis() -> (Cleanup, RedisBroker) {
     let prefix = unique_prefix();
     let b = broker_with(&prefix, Duration::ZERO).await;
@@ -170,12 +184,8 @@ async fn an_unreadable_job_goes_to_the_dead_letters_and_a_bad_state_is_corrupt()
     let good = enqueue(&b, job("t")).await;
     let mut c = b.conn();
     // The bad job's entry replaced by one whose envelope cannot be parsed.
-    let jk = b.job_key("default", &bad);
-    let (stream, eid): (String, String) = ::redis::cmd("HMGET").arg(&jk).arg("sk").arg("eid").query_async(&mut c).await.unwrap();
-    let _: i64 = c.xdel(&stream, &[&eid]).await.unwrap();
     let fields = [("id", bad.as_str()), ("env", "not json"), ("task", "t"), ("exp", ""), ("enq", "1764000000000000"), ("a", "0")];
-    let eid: String = c.xadd(&stream, "*", &fields).await.unwrap();
-    let _: () = c.hset(&jk, "eid", eid.as_str()).await.unwrap();
+    replace_entry(&b, &bad, &fields).await;
     let got = fetch(&b, 10).await;
     assert_eq!(got.iter().map(|d| d.job.id.clone()).collect::<Vec<_>>(), vec![good.clone()]);
     let state: String = c.hget(b.job_key("default", &bad), "state").await.unwrap();
@@ -334,12 +344,7 @@ async fn a_short_lease_host_waits_for_the_holders_longer_lease() {
 async fn an_entry_of_the_old_shape_still_runs() {
     let (_c, b) = fresh_redis().await;
     let id = enqueue(&b, job("t")).await;
-    let mut c = b.conn();
-    let jk = b.job_key("default", &id);
-    let (stream, eid): (String, String) = ::redis::cmd("HMGET").arg(&jk).arg("sk").arg("eid").query_async(&mut c).await.unwrap();
-    let _: i64 = c.xdel(&stream, &[&eid]).await.unwrap();
-    let eid: String = c.xadd(&stream, "*", &[("id", id.as_str())]).await.unwrap();
-    let _: () = c.hset(&jk, "eid", eid.as_str()).await.unwrap();
+    replace_entry(&b, &id, &[("id", id.as_str())]).await;
     let mut got = fetch(&b, 10).await;
     if got.is_empty() {
         got = fetch(&b, 10).await;
@@ -398,8 +403,7 @@ async fn a_renewal_without_a_pending_entry_is_lost() {
     let id = enqueue(&b, job("t")).await;
     let d = fetch_one(&b).await;
     let mut c = b.conn();
-    let (stream, eid): (String, String) =
-        ::redis::cmd("HMGET").arg(b.job_key("default", &id)).arg("sk").arg("eid").query_async(&mut c).await.unwrap();
+    let (stream, eid) = entry_of(&b, &id).await;
     let _: i64 = ::redis::cmd("XACK").arg(&stream).arg(super::GROUP).arg(&eid).query_async(&mut c).await.unwrap();
     assert_eq!(b.renew(&d.lease, Duration::from_secs(30)).await.unwrap(), crate::broker::LeaseStatus::Lost);
 }
