@@ -174,7 +174,10 @@ p = app.send_task("proj.tasks.slow", kwargs={"ms": 1500, "steps": 3})
 states, started_info, progress_info = set(), None, None
 deadline = time.time() + T
 while not p.ready() and time.time() < deadline:
-    state, info = p.state, p.info
+    # One read of the stored meta: `p.state` then `p.info` would be two,
+    # and the state can move on (STARTED → PROGRESS) in between.
+    meta = app.backend.get_task_meta(p.id)
+    state, info = meta["status"], meta["result"]
     states.add(state)
     if state == "STARTED":
         started_info = info
