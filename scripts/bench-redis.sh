@@ -62,6 +62,19 @@ else
   echo "(Celery side skipped: BENCH_CELERY=0 or $celery_bench/run.py missing)" >&2
 fi
 
+ceiling="$root/../shared/bench/redis-ceiling.sh"
+if [ -x "$ceiling" ]; then
+  # The raw broker on this machine today: what one client reaches, one
+  # command per round trip and pipelined (the loopback's speed varies from
+  # day to day, and it bounds Celery's per-message round trips).
+  echo "== Redis ceiling on this machine now (redis-benchmark, 1 client and 50) ==" >&2
+  for clients in 1 50; do
+    REDIS_PORT=$port CLIENTS=$clients REQUESTS=$((clients == 1 ? 50000 : 200000)) "$ceiling" 2>/dev/null |
+      tail -1 | python3 -c 'import json,sys; r=json.load(sys.stdin); r.update(system="redis", bench="redis_ceiling"); print(json.dumps(r))' |
+      tee -a "$results" || true
+  done
+fi
+
 python3 - "$results" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
@@ -82,6 +95,10 @@ for task, threads in [(t, n) for t in ["noop", "json_transform"] for n in [2, 1]
     top = ", ".join(f"{x['command']} {x['us_per_job']}" for x in cmds if x["command"] not in ("evalsha", "eval"))
     print(f"  CPU per job: host {c.get('backlog_host_cpu_us_per_job')} µs, Redis {c.get('backlog_redis_cpu_us_per_job')} µs "
           f"(scripts {scripts:.1f} µs; per command, those the scripts run included, µs: {top})", file=sys.stderr)
+    for ceiling in [r for r in rows if r.get("bench") == "redis_ceiling"]:
+        print(f"  vs the raw Redis ceiling ({ceiling['clients']} client(s)): XADD {ceiling['xadd_p1']:.0f}/s unpipelined, "
+              f"{ceiling['xadd_p16']:.0f}/s at -P 16; celer backlog = {c['backlog_per_s'] / ceiling['xadd_p1']:.2f}x "
+              f"one unpipelined XADD stream", file=sys.stderr)
     for label, peer in [("prefork x2 (as installed)", pick("celery", task, pool="prefork")),
                         ("2 solo workers (tuned)", pick("celery", task, pool="solo", workers=2))]:
         if not peer:
