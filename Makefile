@@ -28,7 +28,7 @@ services:
 
 ## test: every test: unit, SDK, and end-to-end against real celer processes and services
 test: plugins host services
-	cd plugins && $(CARGO) test -p celer-plugin -p email -p export -p cleanup -p events -p audit -p permissions
+	cd plugins && $(CARGO) test -p celer-plugin -p hello -p email -p export -p cleanup -p events -p audit -p permissions
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 ## bench: benchmarks (release build), printed beside their goals

@@ -8,6 +8,7 @@ manifest maps:
 
     proj.tasks.add   -> hello.add     {"sum": a + b}
     proj.tasks.greet -> hello.greet   {"message": "Hello, <name>!"}
+    proj.tasks.tsum  -> hello.total   {"sum": total of numbers or {"sum": n} results}
     proj.tasks.fail  -> hello.fail    fails (permanently with retry=False)
     proj.tasks.slow  -> hostile.sleep busy for `ms` (progress at `steps`), then {"slept_ms": ms, …}
     proj.tasks.slow_retry -> hostile.sleep_then_retry  busy, then asks for a retry
@@ -42,6 +43,16 @@ def add(a, b):  # runs in celer (hello.add), never here
 
 @app.task(name="proj.tasks.greet")
 def greet(name, excited=False):
+    raise AssertionError("celer runs this task")
+
+
+@app.task(name="proj.tasks.tsum")
+def tsum(parts):  # hello.total: a chord's callback
+    raise AssertionError("celer runs this task")
+
+
+@app.task(name="proj.tasks.fail")
+def fail(message, retry=False):
     raise AssertionError("celer runs this task")
 
 
@@ -224,6 +235,41 @@ fine = add.apply_async((1, 1), link_error=unused)
 check(fine.get(timeout=T) == {"sum": 2}, "a task with an errback succeeds")
 time.sleep(0.5)
 check(store.get(f"celery-task-meta-{unused.id}") is None, "no errback after a success")
+
+# 5d. Groups and chords: a group's results come back in order; a chord's
+# callback gets its header's results in header order (whichever finishes
+# first) and runs once; a failed header task fails the callback with
+# Celery's ChordError, and the callback's errbacks get its id.
+from celery import chord, group
+g = group(add.s(i, i) for i in range(5)).apply_async()
+check(g.get(timeout=T) == [{"sum": 2 * i} for i in range(5)], "group results in order")
+# The first header task finishes last; its result ({"slept_ms": …}) is no
+# sum, so the callback fails naming it: it got every part, late ones too.
+c = chord([slow.si(ms=300), add.si(1, 2), add.si(3, 4)], tsum.s())()
+c.get(timeout=T, propagate=False)
+check(c.state == "FAILURE" and "slept_ms" in str(c.result), f"the callback got the late part and failed on it: {c.state} {c.result!r}")
+ok = chord([add.s(i, 10 * i) for i in range(1, 4)], tsum.s())()
+check(ok.get(timeout=T) == {"sum": 66}, "chord(add x3)(tsum) == 66")
+meta = json.loads(store.get(f"celery-task-meta-{ok.id}"))
+check(meta["status"] == "SUCCESS", f"the callback's meta: {meta}")
+gid = ok.parent.id
+check(store.get(f"celery-taskset-meta-{gid}.c") == b"done", "the chord is marked done after it fired")
+check(not store.exists(f"celery-taskset-meta-{gid}.j", f"celery-taskset-meta-{gid}.s", f"celery-taskset-meta-{gid}.d"), "the chord's counting keys are cleared")
+one = chord([add.s(20, 22)], tsum.s())()
+check(one.get(timeout=T) == {"sum": 42}, "a chord with a header of one")
+eb = greet.s()
+eb.freeze()
+broken = chord([add.s(1, 1), fail.s(message="part failed", retry=False), add.s(2, 2)], tsum.s().on_error(eb))()
+try:
+    broken.get(timeout=T)
+    check(False, "a chord with a failed header task raises")
+except Exception as e:  # noqa: BLE001 - Celery's client raises the header's error first (it checks parents)
+    check("part failed" in str(e), f"the failed part's error: {e!r}")
+callback = app.AsyncResult(broken.id)  # the callback alone, as another process sees it
+e = callback.get(timeout=T, propagate=False)
+facts["chord_error"] = f"{type(e).__name__}: {e}"
+check(callback.state == "FAILURE" and type(e).__name__ == "ChordError" and "raised PluginError('part failed')" in str(e), f"the callback fails with ChordError naming the failed part: {callback.state} {e!r}")
+check(app.AsyncResult(eb.id).get(timeout=T) == {"message": f"Hello, {broken.id}!"}, "the callback's errback ran with its id")
 
 # 6. Malformed messages go to celer's dead letters; the host keeps consuming.
 good = json.loads(json.dumps({

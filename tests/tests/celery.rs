@@ -74,7 +74,7 @@ fn a_django_app_gets_its_results_from_celer() {
         .var("CELER_BROKER_PREFIX", &prefix);
     let manifest = std::fs::read_to_string(plugin_manifest("hello")).expect("manifest").replacen(
         "\n[limits]",
-        "\naliases = { \"proj.tasks.add\" = \"hello.add\", \"proj.tasks.greet\" = \"hello.greet\", \"proj.tasks.fail\" = \"hello.fail\" }\n\n[limits]",
+        "\naliases = { \"proj.tasks.add\" = \"hello.add\", \"proj.tasks.greet\" = \"hello.greet\", \"proj.tasks.fail\" = \"hello.fail\", \"proj.tasks.tsum\" = \"hello.total\" }\n\n[limits]",
         1,
     );
     env.install_files("hello", &std::fs::read(plugin_wasm("hello")).expect("wasm"), &manifest);

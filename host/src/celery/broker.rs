@@ -191,12 +191,15 @@ impl Broker for CeleryAwareBroker {
             return Ok(false);
         }
         self.counts.processed.fetch_add(1, Ordering::Relaxed);
-        if matches!(outcome, Outcome::Dead { .. }) {
-            // Errbacks only once the failure is recorded (as a Celery worker
-            // calls them after storing it): a stale run that failed must not
-            // send them, nor drop the workflow the run that took over needs.
-            if let Err(e) = self.follow_ups.on_failure(&origin.celery_id).await {
-                tracing::error!(job_id = %lease.job_id, celery_id = %origin.celery_id, error = %e, "cannot send the Celery errbacks");
+        if let Outcome::Dead { error } | Outcome::Cancelled { error } = &outcome {
+            // Errbacks and the chord's count only once the failure is
+            // recorded (as a Celery worker calls them after storing it): a
+            // stale run that failed must not send them, nor drop the
+            // workflow the run that took over needs.
+            let revoked = matches!(outcome, Outcome::Cancelled { .. });
+            let e = if revoked { Exception::new("TaskRevokedError", "celery.exceptions", error.message.clone()) } else { Exception::of(error) };
+            if let Err(e) = self.follow_ups.on_failure(&origin.celery_id, &e, revoked).await {
+                tracing::error!(job_id = %lease.job_id, celery_id = %origin.celery_id, error = %e, "cannot send the Celery errbacks or count the chord part");
             }
         }
         let plugin = plugin.as_ref().map(|(name, version)| (name.as_str(), version.as_str()));

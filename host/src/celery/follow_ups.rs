@@ -13,6 +13,10 @@
 //! process (one that takes only the task id); a Python errback taking
 //! `(request, exc, traceback)` only runs inside a Celery worker.
 //!
+//! A task in a chord's header also records its final state in the chord
+//! ([`super::chord`]), which sends the chord's callback once the header is
+//! complete.
+//!
 //! Follow-ups are sent before the outcome is recorded, once a lease renewal
 //! has confirmed that the run still holds its job (a stale run sends none),
 //! so a host that dies in between sends them again when the job runs
@@ -25,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::Digest;
 
+use super::chord::{Chords, Part};
 use super::protocol::{self, Outgoing, TaskMessage};
+use super::result::Exception;
 use crate::broker::redis::conn::Conn;
 
 /// Sends the follow-ups of Celery tasks that succeed.
@@ -39,16 +45,25 @@ pub struct FollowUps {
     expires_s: u64,
     /// `[celery] routes`: task name (or `prefix*`) → queue.
     routes: std::collections::BTreeMap<String, String>,
+    chords: Chords,
 }
 
 /// What is kept per task between taking its message and its success.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-struct Kept {
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+pub(super) struct Kept {
     callbacks: Vec<Value>,
     chain: Vec<Value>,
     /// Absent in workflows kept before errbacks were sent.
     #[serde(default)]
     errbacks: Vec<Value>,
+    /// The callback of the chord whose header the task is in, with the
+    /// header's group id and the task's place in it.
+    #[serde(default)]
+    pub(super) chord: Option<Value>,
+    #[serde(default)]
+    pub(super) group: Option<String>,
+    #[serde(default)]
+    pub(super) group_index: Option<u64>,
     /// The queue the task came from: follow-ups without one go there.
     queue: String,
     root_id: String,
@@ -61,8 +76,14 @@ impl FollowUps {
         key_prefix: String,
         expires_s: u64,
         routes: std::collections::BTreeMap<String, String>,
+        chords: Chords,
     ) -> Self {
-        FollowUps { conn, prefix, key_prefix, expires_s: expires_s.max(1), routes }
+        FollowUps { conn, prefix, key_prefix, expires_s: expires_s.max(1), routes, chords }
+    }
+
+    /// kombu's list for a queue.
+    pub(super) fn queue_key(&self, queue: &str) -> String {
+        format!("{}{queue}", self.key_prefix)
     }
 
     /// The queue `[celery] routes` gives a task: its exact name first, then
@@ -91,6 +112,9 @@ impl FollowUps {
             callbacks: msg.workflow.callbacks.clone(),
             chain: msg.workflow.chain.clone(),
             errbacks: msg.workflow.errbacks.clone(),
+            chord: msg.workflow.chord.clone(),
+            group: msg.group.clone(),
+            group_index: msg.group_index,
             queue: queue.to_string(),
             root_id: msg.root_id.clone().unwrap_or_else(|| msg.id.clone()),
         };
@@ -118,13 +142,16 @@ impl FollowUps {
         still_held: impl std::future::Future<Output = Result<bool, String>>,
     ) -> Result<(), String> {
         let Some(kept) = self.kept(celery_id).await? else { return Ok(()) };
-        if kept.callbacks.is_empty() && kept.chain.is_empty() {
+        if kept.callbacks.is_empty() && kept.chain.is_empty() && kept.chord.is_none() {
             return Ok(());
         }
         if !still_held.await? {
             tracing::warn!(task_id = %celery_id, "lease lost before the Celery follow-ups were sent; the run that took over sends them");
             return Ok(());
         }
+        // The chord part first: it counts once however often it is
+        // recorded, and the workflow is still there if it fails.
+        self.chords.part_done(self, &kept, celery_id, Part::Success(result)).await?;
         let mut messages = Vec::new();
         for (i, sig) in kept.callbacks.iter().enumerate() {
             messages.push(self.message(sig, Vec::new(), result, celery_id, &kept, &format!("link-{i}")));
@@ -135,9 +162,16 @@ impl FollowUps {
         self.send(celery_id, messages).await
     }
 
-    /// Sends the errbacks of `celery_id`, which failed for good.
-    pub async fn on_failure(&self, celery_id: &str) -> Result<(), String> {
+    /// Sends the errbacks of `celery_id`, which failed for good with `e`
+    /// (or was revoked: then no errbacks, as with Celery), and records the
+    /// failure in its chord.
+    pub async fn on_failure(&self, celery_id: &str, e: &Exception, revoked: bool) -> Result<(), String> {
         let Some(kept) = self.kept(celery_id).await? else { return Ok(()) };
+        let part = if revoked { Part::Revoked(e) } else { Part::Failure(e) };
+        self.chords.part_done(self, &kept, celery_id, part).await?;
+        if revoked {
+            return self.send(celery_id, Vec::new()).await;
+        }
         let failed = Value::String(celery_id.to_string());
         let messages = kept
             .errbacks
@@ -156,23 +190,42 @@ impl FollowUps {
 
     /// Sends `messages` and forgets the workflow.
     async fn send(&self, celery_id: &str, messages: Vec<(String, String)>) -> Result<(), String> {
-        let mut c = self.conn.clone();
-        // All or nothing: a dropped connection must not leave some sent and
-        // the workflow still there to send them again.
-        let mut pipe = ::redis::pipe();
-        pipe.atomic();
-        for (queue, message) in &messages {
-            pipe.cmd("LPUSH").arg(format!("{}{queue}", self.key_prefix)).arg(message).ignore();
-        }
+        let mut pipe = self.pushes(&messages);
         pipe.cmd("DEL").arg(self.key(celery_id)).ignore();
+        let mut c = self.conn.clone();
         pipe.query_async::<()>(&mut c).await.map_err(|e| e.to_string())?;
-        tracing::info!(task_id = %celery_id, follow_ups = messages.len(), "Celery follow-ups sent");
+        if !messages.is_empty() {
+            tracing::info!(task_id = %celery_id, follow_ups = messages.len(), "Celery follow-ups sent");
+        }
         Ok(())
     }
 
+    /// Sends `(queue, message)`s, all or none.
+    pub(super) async fn push(&self, messages: &[(String, String)]) -> Result<(), String> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        self.pushes(messages).query_async::<()>(&mut c).await.map_err(|e| e.to_string())
+    }
+
+    /// All or nothing: a dropped connection must not leave some sent and
+    /// the workflow still there to send them again.
+    fn pushes(&self, messages: &[(String, String)]) -> ::redis::Pipeline {
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
+        for (queue, message) in messages {
+            pipe.cmd("LPUSH").arg(self.queue_key(queue)).arg(message).ignore();
+        }
+        pipe
+    }
+
     /// The queue and message for one signature; `first` (the result, or
-    /// the failed task's id) leads its args unless it is immutable.
-    fn message(&self, sig: &Value, chain: Vec<Value>, first: &Value, parent: &str, kept: &Kept, role: &str) -> (String, String) {
+    /// the failed task's id) leads its args unless it is immutable. The
+    /// signature's options give its id, queue, countdown, links, the rest
+    /// of its chain (unless `chain` is given), its group and chord, and
+    /// may override the root and parent ids.
+    pub(super) fn message(&self, sig: &Value, chain: Vec<Value>, first: &Value, parent: &str, kept: &Kept, role: &str) -> (String, String) {
         let options = sig.get("options").cloned().unwrap_or(json!({}));
         let immutable = sig.get("immutable").and_then(Value::as_bool).unwrap_or(false);
         let mut args: Vec<Value> = sig.get("args").and_then(Value::as_array).cloned().unwrap_or_default();
@@ -190,21 +243,24 @@ impl FollowUps {
             .unwrap_or(&kept.queue)
             .to_string();
         let eta = options.get("countdown").and_then(Value::as_f64).map(|s| Utc::now() + chrono::Duration::milliseconds((s * 1000.0) as i64));
-        let list = |k: &str| options.get(k).filter(|v| v.is_array()).cloned().unwrap_or(Value::Null);
+        let list = |k: &str| options.get(k).filter(|v| v.as_array().is_some_and(|a| !a.is_empty())).cloned().unwrap_or(Value::Null);
         let embed = json!({
             "callbacks": list("link"),
             "errbacks": list("link_error"),
-            "chain": if chain.is_empty() { Value::Null } else { Value::Array(chain) },
-            "chord": null,
+            "chain": if chain.is_empty() { list("chain") } else { Value::Array(chain) },
+            "chord": options.get("chord").filter(|c| c.is_object()).cloned().unwrap_or(Value::Null),
         });
+        let text = |k: &str| options.get(k).and_then(Value::as_str);
         let out = Outgoing {
             id: &id,
             task,
             args: &Value::Array(args),
             kwargs: &kwargs,
             embed,
-            root_id: &kept.root_id,
-            parent_id: parent,
+            root_id: text("root_id").unwrap_or(&kept.root_id),
+            parent_id: text("parent_id").unwrap_or(parent),
+            group: text("group_id"),
+            group_index: options.get("group_index").and_then(Value::as_u64),
             queue: &queue,
             eta,
         };
@@ -225,6 +281,10 @@ fn derived_id(parent: &str, role: &str) -> String {
 mod tests {
     use super::*;
 
+    fn chords(conn: &Conn) -> Chords {
+        Chords::new(conn.clone(), super::super::ResultWriter::new(conn.clone(), 60), 60)
+    }
+
     /// A run whose lease lapsed sends no follow-ups and leaves the workflow
     /// for the run that took over; a run that still holds its job sends
     /// them once. Against the test Redis.
@@ -233,7 +293,7 @@ mod tests {
         let conn = crate::broker::redis::test_redis_conn().await;
         let unique = uuid::Uuid::now_v7().simple().to_string();
         let (prefix, queue) = (format!("celer-test-{unique}:"), format!("q-{unique}"));
-        let follow_ups = FollowUps::new(conn.clone(), prefix.clone(), String::new(), 60, Default::default());
+        let follow_ups = FollowUps::new(conn.clone(), prefix.clone(), String::new(), 60, Default::default(), chords(&conn));
         let msg = protocol::TaskMessage {
             id: format!("t-{unique}"),
             task: "proj.tasks.add".into(),
@@ -244,6 +304,8 @@ mod tests {
             retries: 0,
             root_id: None,
             parent_id: None,
+            group: None,
+            group_index: None,
             workflow: protocol::Workflow { callbacks: vec![json!({"task": "proj.tasks.greet", "args": []})], ..Default::default() },
         };
         follow_ups.keep(&msg, &queue).await.expect("kept");
@@ -262,6 +324,48 @@ mod tests {
         let _: i64 = ::redis::cmd("DEL").arg(&queue).arg(follow_ups.key(&msg.id)).query_async(&mut c).await.expect("del");
     }
 
+    /// A chord's part counts once however often it is recorded, the
+    /// callback goes out once, after the last part, with the results in
+    /// header order; a late repeat finds the chord done. Against the test Redis.
+    #[tokio::test]
+    async fn a_chord_fires_once_with_its_parts_in_header_order() {
+        let conn = crate::broker::redis::test_redis_conn().await;
+        let unique = uuid::Uuid::now_v7().simple().to_string();
+        let (group, queue) = (format!("g-{unique}"), format!("q-{unique}"));
+        let f = FollowUps::new(conn.clone(), format!("p-{unique}:"), String::new(), 60, Default::default(), chords(&conn));
+        let callback = json!({"task": "proj.tasks.tsum", "args": [], "kwargs": {}, "options": {"task_id": format!("cb-{unique}"), "group_id": group}, "immutable": false});
+        let part = |index: u64| Kept {
+            chord: Some(callback.clone()),
+            group: Some(group.clone()),
+            group_index: Some(index),
+            queue: queue.clone(),
+            root_id: "r".into(),
+            ..Kept::default()
+        };
+        let mut c = conn.clone();
+        let _: () = ::redis::cmd("SET").arg(format!("celery-taskset-meta-{group}.s")).arg(2).query_async(&mut c).await.expect("size");
+        let sent = |c: &mut Conn| {
+            let (mut c, queue) = (c.clone(), queue.clone());
+            async move { ::redis::cmd("LRANGE").arg(&queue).arg(0).arg(-1).query_async::<Vec<String>>(&mut c).await.expect("lrange") }
+        };
+        // The second part finishes first, and twice (a run taken over
+        // after its part was recorded; its result differs this time).
+        f.chords.part_done(&f, &part(1), "t-1", Part::Success(&json!({"sum": 7}))).await.expect("part 1");
+        f.chords.part_done(&f, &part(1), "t-1", Part::Success(&json!({"sum": 8}))).await.expect("part 1 again");
+        assert!(sent(&mut c).await.is_empty(), "not complete: one of two parts, counted once");
+        f.chords.part_done(&f, &part(0), "t-0", Part::Success(&json!({"sum": 3}))).await.expect("part 0");
+        let messages = sent(&mut c).await;
+        assert_eq!(messages.len(), 1, "the callback went out once the header was complete");
+        let m = protocol::decode(messages[0].as_bytes()).expect("a task message");
+        assert_eq!((m.id, m.task.as_str(), m.args), (format!("cb-{unique}"), "proj.tasks.tsum", json!([[{"sum": 3}, {"sum": 7}]])));
+        assert_eq!((m.group.as_deref(), m.parent_id.as_deref()), (Some(group.as_str()), Some("t-0")));
+        f.chords.part_done(&f, &part(0), "t-0", Part::Success(&json!({"sum": 3}))).await.expect("a late repeat");
+        assert_eq!(sent(&mut c).await.len(), 1, "a late repeat sends nothing");
+        let done: String = ::redis::cmd("GET").arg(format!("celery-taskset-meta-{group}.c")).query_async(&mut c).await.expect("claim");
+        assert_eq!(done, "done");
+        let _: i64 = ::redis::cmd("DEL").arg(&queue).arg(format!("celery-taskset-meta-{group}.c")).query_async(&mut c).await.expect("del");
+    }
+
     /// `[celery] routes` picks the queue of a follow-up whose signature names
     /// none: an exact task name first, then the longest `prefix*`; without
     /// a route it goes to its parent's queue, and a queue in the signature
@@ -273,8 +377,8 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let f = FollowUps::new(conn, "p:".into(), String::new(), 60, routes);
-        let kept = Kept { callbacks: vec![], chain: vec![], errbacks: vec![], queue: "parent-q".into(), root_id: "r".into() };
+        let f = FollowUps::new(conn.clone(), "p:".into(), String::new(), 60, routes, chords(&conn));
+        let kept = Kept { queue: "parent-q".into(), root_id: "r".into(), ..Kept::default() };
         let queue_of = |sig: Value| f.message(&sig, Vec::new(), &json!(1), "parent", &kept, "link-0").0;
         assert_eq!(queue_of(json!({"task": "proj.mail.urgent"})), "urgent");
         assert_eq!(queue_of(json!({"task": "proj.mail.weekly"})), "mail");

@@ -16,7 +16,8 @@
 //!   job from Celery ends, in Celery's format ([`result`]).
 //! - [`follow_ups`] sends `link=` callbacks and the next task of a chain
 //!   when a task succeeds, and `link_error=` errbacks when it fails for
-//!   good, as a Celery worker does.
+//!   good, as a Celery worker does; [`chord`] counts a chord's header tasks
+//!   and sends its callback when the last one ends.
 //! - [`revoke`] hears `AsyncResult.revoke()` broadcasts and cancels the
 //!   task's job (or keeps its message from running).
 //! - [`events`] announces the host as a Celery worker (online, heartbeats,
@@ -29,6 +30,7 @@
 //! passed gets `REVOKED`, as a Celery worker would write them.
 
 pub mod broker;
+pub mod chord;
 pub mod events;
 pub mod follow_ups;
 pub mod protocol;
@@ -102,6 +104,19 @@ impl ResultWriter {
             .ignore()
             .query_async(&mut c)
             .await
+    }
+
+    /// Writes several results (task id, document) in one MULTI.
+    pub async fn write_all(&self, docs: &[(String, String)]) -> Result<(), ::redis::RedisError> {
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
+        for (task_id, doc) in docs {
+            let key = format!("celery-task-meta-{task_id}");
+            pipe.cmd("SETEX").arg(&key).arg(self.expires_s).arg(doc).ignore();
+            pipe.cmd("PUBLISH").arg(&key).arg(doc).ignore();
+        }
+        let mut c = self.conn.clone();
+        pipe.query_async(&mut c).await
     }
 
     /// Stores the states of running tasks (STARTED, PROGRESS), one round
@@ -182,6 +197,7 @@ pub async fn start(
         config.celery.key_prefix.clone(),
         config.celery.result_expires_s,
         config.celery.routes.clone(),
+        chord::Chords::new(conn.clone(), results.clone(), config.celery.result_expires_s),
     );
     let ctx = Arc::new(Ctx {
         conn,
@@ -607,6 +623,8 @@ mod tests {
             retries: 1,
             root_id: root.map(String::from),
             parent_id: parent.map(String::from),
+            group: None,
+            group_index: None,
             workflow: protocol::Workflow::default(),
         }
     }

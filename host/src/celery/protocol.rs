@@ -34,6 +34,10 @@ pub struct TaskMessage {
     pub retries: u32,
     pub root_id: Option<String>,
     pub parent_id: Option<String>,
+    /// The group it belongs to (`headers.group`): a `group(…)` or a chord's header.
+    pub group: Option<String>,
+    /// Its place in that group (`headers.group_index`).
+    pub group_index: Option<u64>,
     /// What Celery's canvas attached to run after it.
     pub workflow: Workflow,
 }
@@ -48,14 +52,16 @@ pub struct Workflow {
     pub chain: Vec<Value>,
     /// `link_error=`: each is sent with the task's id when it fails for good.
     pub errbacks: Vec<Value>,
-    /// Attached parts celer does not run (`chord`).
+    /// The callback of the chord whose header this task is in (`embed.chord`).
+    pub chord: Option<Value>,
+    /// Attached parts celer does not run.
     pub unsupported: Vec<&'static str>,
 }
 
 impl Workflow {
     /// Anything to send on when the task succeeds or fails.
     pub fn has_follow_ups(&self) -> bool {
-        !self.callbacks.is_empty() || !self.chain.is_empty() || !self.errbacks.is_empty()
+        !self.callbacks.is_empty() || !self.chain.is_empty() || !self.errbacks.is_empty() || self.chord.is_some()
     }
 }
 
@@ -135,12 +141,25 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
             Some(other) => Err(reject(format!("embed.{k} is not a list of task signatures: {other}"))),
         }
     };
+    let group = header_str("group");
+    let chord = match embed.get("chord") {
+        Some(sig) if attached("chord") && sig.get("task").is_some_and(Value::is_string) => Some(sig.clone()),
+        Some(other) if attached("chord") => return Err(reject(format!("embed.chord is not a task signature: {other}"))),
+        _ => None,
+    };
     let mut workflow = Workflow {
         callbacks: signatures("callbacks")?,
         chain: signatures("chain")?,
         errbacks: signatures("errbacks")?,
-        unsupported: if attached("chord") { vec!["chord"] } else { Vec::new() },
+        unsupported: Vec::new(),
+        chord: None,
     };
+    match (chord, &group) {
+        (Some(sig), Some(_)) if !sig.get("subtask_type").is_some_and(|t| !t.is_null()) => workflow.chord = Some(sig),
+        (Some(_), Some(_)) => workflow.unsupported.push("a chord whose callback is a group or chord"),
+        (Some(_), None) => workflow.unsupported.push("a chord header task without a group id"),
+        (None, _) => {}
+    }
     // A group or chord inside a chain or link (`subtask_type` set) is not a
     // task message celer can send: none of the follow-ups run then, rather
     // than a part of them.
@@ -169,6 +188,8 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
         retries: u32::try_from(retries).unwrap_or(u32::MAX),
         root_id: header_str("root_id"),
         parent_id: header_str("parent_id"),
+        group,
+        group_index: headers.and_then(|h| h.get("group_index")).and_then(Value::as_u64),
         workflow,
     })
 }
@@ -186,6 +207,10 @@ pub struct Outgoing<'a> {
     pub embed: Value,
     pub root_id: &'a str,
     pub parent_id: &'a str,
+    /// The group it belongs to (a chord's callback carries its header's)
+    /// and its place in it.
+    pub group: Option<&'a str>,
+    pub group_index: Option<u64>,
     pub queue: &'a str,
     pub eta: Option<DateTime<Utc>>,
 }
@@ -200,7 +225,7 @@ pub fn encode(o: &Outgoing<'_>) -> String {
         "headers": {
             "lang": "py", "task": o.task, "id": o.id, "shadow": null,
             "eta": o.eta.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, false)),
-            "expires": null, "group": null, "group_index": null, "retries": 0, "timelimit": [null, null],
+            "expires": null, "group": o.group, "group_index": o.group_index, "retries": 0, "timelimit": [null, null],
             "root_id": o.root_id, "parent_id": o.parent_id,
             "argsrepr": o.args.to_string(), "kwargsrepr": o.kwargs.to_string(),
             "origin": "celer", "ignore_result": false, "replaced_task_nesting": 0,
@@ -287,8 +312,9 @@ mod tests {
         assert!(chained.workflow.has_follow_ups());
         assert_eq!(chained.workflow.errbacks, vec![json!({"task": "e"})]);
         assert!(chained.workflow.unsupported.is_empty());
-        let chord = decode(&message("application/json", &b64(json!([[], {}, {"chord": {"task": "c"}}])))).unwrap();
-        assert_eq!(chord.workflow.unsupported, vec!["chord"]);
+        let orphan = decode(&message("application/json", &b64(json!([[], {}, {"chord": {"task": "c"}}])))).unwrap();
+        assert_eq!(orphan.workflow.unsupported, vec!["a chord header task without a group id"]);
+        assert!(!orphan.workflow.has_follow_ups());
         let grouped = decode(&message("application/json", &b64(json!([[], {}, {"chain": [{"task": "celery.chord", "subtask_type": "chord"}]}])))).unwrap();
         assert!(!grouped.workflow.has_follow_ups());
         assert_eq!(grouped.workflow.unsupported, vec!["a group or chord in a chain or link"]);
@@ -296,17 +322,36 @@ mod tests {
         assert!(bad.reason.contains("embed.callbacks"), "{}", bad.reason);
     }
 
+    /// A chord's header task as Celery 5.7's client sends it (headers
+    /// `group`, `group_index`; the callback in `embed.chord`).
+    #[test]
+    fn reads_a_chord_header_task() {
+        let callback = json!({"task": "app.tsum", "args": [], "kwargs": {}, "options": {"task_id": "cb-1", "reply_to": "r", "group_id": "g-1"}, "subtask_type": null, "immutable": false});
+        let body = json!([[3, 4], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": callback}]);
+        let raw = json!({
+            "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
+            "content-type": "application/json", "content-encoding": "utf-8",
+            "headers": {"task": "app.add", "id": "h-1", "group": "g-1", "group_index": 1, "root_id": "h-1", "parent_id": null},
+            "properties": {"body_encoding": "base64"},
+        });
+        let m = decode(raw.to_string().as_bytes()).unwrap();
+        assert_eq!((m.group.as_deref(), m.group_index), (Some("g-1"), Some(1)));
+        assert_eq!(m.workflow.chord, Some(callback));
+        assert!(m.workflow.has_follow_ups() && m.workflow.unsupported.is_empty());
+    }
+
     #[test]
     fn what_celer_sends_reads_back_as_sent() {
         let (args, kwargs) = (json!([{"sum": 3}, 4]), json!({"k": true}));
         let embed = json!({"callbacks": null, "errbacks": null, "chain": [{"task": "t.last"}], "chord": null});
         let out = Outgoing {
-            id: "n-1", task: "t.next", args: &args, kwargs: &kwargs, embed, root_id: "r", parent_id: "p", queue: "q", eta: None,
+            id: "n-1", task: "t.next", args: &args, kwargs: &kwargs, embed, root_id: "r", parent_id: "p", group: Some("g"), group_index: Some(2), queue: "q", eta: None,
         };
         let m = decode(encode(&out).as_bytes()).expect("decodes");
         assert_eq!((m.id.as_str(), m.task.as_str(), &m.args, &m.kwargs), ("n-1", "t.next", &args, &kwargs));
         assert_eq!((m.root_id.as_deref(), m.parent_id.as_deref()), (Some("r"), Some("p")));
         assert_eq!(m.workflow.chain, vec![json!({"task": "t.last"})]);
+        assert_eq!((m.group.as_deref(), m.group_index), (Some("g"), Some(2)));
         // The same headers and properties as a real client's message.
         let ours: Value = serde_json::from_str(&encode(&out)).unwrap();
         let theirs: Value = serde_json::from_slice(&fixture("send_task-export.organization.json")).unwrap();

@@ -3,7 +3,8 @@
 //! Each task exercises one thing end to end, so that the host's tests and
 //! benchmarks have a known plugin to run: configuration (`greet`), the
 //! cheapest possible job (`noop`), arithmetic on typed arguments (`add`),
-//! both failure kinds (`fail`), follow-up jobs through the `jobs` grant
+//! summing a list of results (`total`, a chord's callback), both failure
+//! kinds (`fail`), follow-up jobs through the `jobs` grant
 //! (`chain`), and logging, progress and captured stdout (`progress`).
 
 use celer_plugin::{Context, TaskError};
@@ -17,6 +18,7 @@ celer_plugin::plugin! {
         "hello.greet" => greet,
         "hello.noop" => noop,
         "hello.add" => add,
+        "hello.total" => total,
         "hello.fail" => fail,
         "hello.chain" => chain,
         "hello.progress" => progress,
@@ -73,6 +75,28 @@ fn add(_: &Context, Add { a, b }: Add) -> Result<Value, TaskError> {
     let sum = a
         .checked_add(b)
         .ok_or_else(|| TaskError::fail(format!("{a} + {b} overflows a 64-bit integer")))?;
+    Ok(json!({ "sum": sum }))
+}
+
+#[derive(Deserialize)]
+struct Total {
+    parts: Vec<Value>,
+}
+
+/// `{"sum": …}` of numbers or of `{"sum": n}` results: the callback of a
+/// chord of `hello.add`s (Celery's classic `tsum`). Anything else in
+/// `parts`, or an overflow, fails the job.
+fn total(_: &Context, Total { parts }: Total) -> Result<Value, TaskError> {
+    let mut sum: i64 = 0;
+    for part in &parts {
+        let n = part
+            .as_i64()
+            .or_else(|| part.get("sum").and_then(Value::as_i64))
+            .ok_or_else(|| TaskError::fail(format!("not a number nor a {{\"sum\": n}} result: {part}")))?;
+        sum = sum
+            .checked_add(n)
+            .ok_or_else(|| TaskError::fail("the total overflows a 64-bit integer"))?;
+    }
     Ok(json!({ "sum": sum }))
 }
 
@@ -146,6 +170,15 @@ mod tests {
         let ctx = Context::for_tests("hello.add", json!({}));
         assert_eq!(add(&ctx, Add { a: 2, b: 3 }).unwrap(), json!({ "sum": 5 }));
         assert!(matches!(add(&ctx, Add { a: i64::MAX, b: 1 }), Err(TaskError::Fail(_))));
+    }
+
+    #[test]
+    fn total_sums_numbers_and_add_results() {
+        let ctx = Context::for_tests("hello.total", json!({}));
+        let parts = vec![json!(1), json!({"sum": 3}), json!(-2)];
+        assert_eq!(total(&ctx, Total { parts }).unwrap(), json!({"sum": 2}));
+        assert!(total(&ctx, Total { parts: vec![json!("x")] }).is_err());
+        assert!(total(&ctx, Total { parts: vec![json!(i64::MAX), json!(1)] }).is_err());
     }
 
     #[test]

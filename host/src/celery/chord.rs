@@ -1,0 +1,270 @@
+//! Chords: `chord([add.s(1, 2), add.s(3, 4)])(tsum.s())`. Celery's client
+//! sends the header tasks with the chord's group id (`headers.group`) and
+//! their place in it (`group_index`), the callback's signature in
+//! `embed.chord`, and stores the header's size before it sends the last
+//! one. Whoever runs a header task records its final state in the group's
+//! keys; the run that completes the header sends the callback with the
+//! results in header order or, when one of them failed or was revoked,
+//! stores the callback's failure (`ChordError: Dependency <id> raised …`)
+//! and sends the callback's errbacks, as a Celery worker does.
+//!
+//! The keys, and what each means, are those of Celery 5.7's Redis result
+//! backend, so celer hosts and Celery workers can run the parts of one
+//! chord side by side (`<g>` = `celery-taskset-meta-<group id>`):
+//!
+//! - `<g>.j`: sorted set of `[1, task id, state, result]`, scored by group index;
+//! - `<g>.d`: the `<task id>:<index>` already counted (a task run twice counts once);
+//! - `<g>.s`: the header's size (the client writes it); `<g>.t`: an adjustment to it;
+//! - `<g>.c`: a claim held for seconds by the run that completes the header,
+//!   then `done` for a while so that a late repeat does nothing;
+//! - `<g>` itself: the header's structure, saved by the client only when the
+//!   header nests groups (celer does not join those; the callback fails
+//!   with a `ChordError` that says so).
+//!
+//! Sending the callback and clearing the keys is one script, so a run that
+//! dies between them cannot leave a chord fired twice or never.
+
+use chrono::Utc;
+use serde_json::{Value, json};
+
+use super::ResultWriter;
+use super::follow_ups::{FollowUps, Kept};
+use super::result::{self, Exception, Status};
+use crate::broker::redis::conn::Conn;
+
+/// How long the claim of the run that completes the header lasts (Celery's:
+/// twice `result_chord_join_timeout`).
+const CLAIM_S: u64 = 6;
+/// How long a fired chord stays marked `done`.
+const DONE_S: u64 = 300;
+
+/// KEYS: j t s d c; ARGV: member, counted-as, score, ttl s, claim s, token.
+/// Returns {ready parts, 1 when this call completed the header and holds the
+/// claim}; {-1, 0} when the chord already fired.
+const PART: &str = r#"
+if redis.call('GET', KEYS[5]) == 'done' then return {-1, 0} end
+if redis.call('SADD', KEYS[4], ARGV[2]) == 1 then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+end
+local ready = redis.call('ZCARD', KEYS[1])
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+local size = redis.call('GET', KEYS[3])
+if not size then return {ready, 0} end
+local total = tonumber(size) + tonumber(redis.call('GET', KEYS[2]) or '0')
+if ready == total and redis.call('SET', KEYS[5], ARGV[6], 'NX', 'EX', ARGV[5]) then
+  return {ready, 1}
+end
+return {ready, 0}
+"#;
+
+/// KEYS: c j t s d, the callback's list; ARGV: token, message, done s.
+/// Sends the callback and clears the chord if the claim is still ours (or
+/// lapsed with nobody else's in its place); 0 otherwise.
+const FIRE: &str = r#"
+local claim = redis.call('GET', KEYS[1])
+if claim ~= ARGV[1] and not (claim == false and redis.call('EXISTS', KEYS[4]) == 1) then return 0 end
+redis.call('LPUSH', KEYS[6], ARGV[2])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SET', KEYS[1], 'done', 'EX', ARGV[3])
+return 1
+"#;
+
+/// How a header task ended for good, as the chord records it.
+pub enum Part<'a> {
+    Success(&'a Value),
+    Failure(&'a Exception),
+    Revoked(&'a Exception),
+}
+
+/// Records chord parts and fires chords.
+#[derive(Clone)]
+pub struct Chords {
+    conn: Conn,
+    results: ResultWriter,
+    expires_s: u64,
+    part: ::redis::Script,
+    fire: ::redis::Script,
+}
+
+impl Chords {
+    pub fn new(conn: Conn, results: ResultWriter, expires_s: u64) -> Self {
+        Chords { conn, results, expires_s: expires_s.max(1), part: ::redis::Script::new(PART), fire: ::redis::Script::new(FIRE) }
+    }
+
+    /// Records that `task_id`, a header task of the chord `kept` names,
+    /// ended; sends the callback (or stores its failure) when it was the
+    /// last part. Safe to repeat: a part counts once.
+    pub(super) async fn part_done(&self, follow_ups: &FollowUps, kept: &Kept, task_id: &str, part: Part<'_>) -> Result<(), String> {
+        let (Some(callback), Some(group)) = (&kept.chord, &kept.group) else { return Ok(()) };
+        let key = |suffix: &str| format!("celery-taskset-meta-{group}{suffix}");
+        let (state, value) = match part {
+            Part::Success(v) => ("SUCCESS", v.clone()),
+            Part::Failure(e) => ("FAILURE", exception_json(e)),
+            Part::Revoked(e) => ("REVOKED", exception_json(e)),
+        };
+        let mut member = String::new();
+        result::py_json(&mut member, &json!([1, task_id, state, value]));
+        let score = kept.group_index.map_or_else(|| "+inf".to_string(), |i| i.to_string());
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let mut c = self.conn.clone();
+        let mut inv = self.part.prepare_invoke();
+        inv.key(key(".j")).key(key(".t")).key(key(".s")).key(key(".d")).key(key(".c"));
+        inv.arg(&member).arg(format!("{task_id}:{score}")).arg(&score).arg(self.expires_s).arg(CLAIM_S).arg(&token);
+        let (ready, completed): (i64, i64) = inv.invoke_async(&mut c).await.map_err(|e| e.to_string())?;
+        tracing::debug!(task_id, group = %group, ready, "Celery chord part recorded");
+        if completed != 1 {
+            return Ok(());
+        }
+        let (parts, nested): (Vec<String>, bool) = ::redis::pipe()
+            .cmd("ZRANGE")
+            .arg(key(".j"))
+            .arg(0)
+            .arg(-1)
+            .cmd("EXISTS")
+            .arg(key(""))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| e.to_string())?;
+        let callback_id = callback.pointer("/options/task_id").and_then(Value::as_str).unwrap_or_default().to_string();
+        let results = if nested {
+            Err("Join error: celer does not join a chord header that nests groups".to_string())
+        } else {
+            header_results(&parts)
+        };
+        match results {
+            Ok(results) => {
+                let (queue, message) = follow_ups.message(callback, Vec::new(), &Value::Array(results), task_id, kept, "chord");
+                let mut inv = self.fire.prepare_invoke();
+                inv.key(key(".c")).key(key(".j")).key(key(".t")).key(key(".s")).key(key(".d")).key(follow_ups.queue_key(&queue));
+                inv.arg(&token).arg(&message).arg(DONE_S);
+                let fired: i64 = inv.invoke_async(&mut c).await.map_err(|e| e.to_string())?;
+                if fired == 1 {
+                    tracing::info!(group = %group, callback_id, parts = parts.len(), "Celery chord complete: callback sent");
+                } else {
+                    tracing::warn!(group = %group, callback_id, "Celery chord: the claim lapsed before the callback was sent; another run sends it");
+                }
+                Ok(())
+            }
+            Err(why) => self.fail(follow_ups, kept, callback, &callback_id, &why, &key(".s")).await,
+        }
+    }
+
+    /// The callback will not run: its errbacks are sent with its id, and
+    /// it and the rest of its chain read FAILURE with a `ChordError`.
+    async fn fail(&self, follow_ups: &FollowUps, kept: &Kept, callback: &Value, callback_id: &str, why: &str, size_key: &str) -> Result<(), String> {
+        tracing::warn!(callback_id, error = why, "Celery chord failed: its callback does not run");
+        let errbacks = callback.pointer("/options/link_error").and_then(Value::as_array).cloned().unwrap_or_default();
+        let failed = Value::String(callback_id.to_string());
+        let messages: Vec<_> = errbacks
+            .iter()
+            .enumerate()
+            .map(|(i, sig)| follow_ups.message(sig, Vec::new(), &failed, callback_id, kept, &format!("chord-errback-{i}")))
+            .collect();
+        follow_ups.push(&messages).await?;
+        let e = Exception::new("ChordError", "celery.exceptions", why);
+        let traceback = format!("Traceback (most recent call last):\n  celer: chord callback {callback_id}\ncelery.exceptions.ChordError: {why}\n");
+        let now = Utc::now();
+        let mut docs = vec![(callback_id.to_string(), result::meta(callback_id, Status::Failure, &result::Outcome::Failure(e.clone(), Some(traceback)), now))];
+        let chain = callback.pointer("/options/chain").and_then(Value::as_array).cloned().unwrap_or_default();
+        for id in chain.iter().filter_map(|sig| sig.pointer("/options/task_id").and_then(Value::as_str)) {
+            docs.push((id.to_string(), result::meta(id, Status::Failure, &result::Outcome::Failure(e.clone(), None), now)));
+        }
+        self.results.write_all(&docs).await.map_err(|e| e.to_string())?;
+        let mut c = self.conn.clone();
+        ::redis::cmd("DEL").arg(size_key).query_async::<i64>(&mut c).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// Celery's JSON form of an exception.
+fn exception_json(e: &Exception) -> Value {
+    json!({"exc_type": e.exc_type, "exc_message": [e.message], "exc_module": e.exc_module})
+}
+
+/// The header's results in header order, or why the chord fails: the
+/// first part (in header order) that failed or was revoked.
+fn header_results(parts: &[String]) -> Result<Vec<Value>, String> {
+    let mut results = Vec::with_capacity(parts.len());
+    for raw in parts {
+        let part: Value = serde_json::from_str(raw).map_err(|e| format!("Join error: unreadable chord part {raw:?}: {e}"))?;
+        let (Some(id), Some(state), Some(value)) = (part.get(1).and_then(Value::as_str), part.get(2).and_then(Value::as_str), part.get(3)) else {
+            return Err(format!("Join error: unreadable chord part {raw:?}"));
+        };
+        match state {
+            "FAILURE" | "REVOKED" => return Err(format!("Dependency {id} raised {}", exception_repr(value))),
+            _ => results.push(value.clone()),
+        }
+    }
+    Ok(results)
+}
+
+/// How Python prints the exception Celery rebuilds from its JSON form:
+/// `ValueError('boom', 42)`.
+fn exception_repr(e: &Value) -> String {
+    let name = e.get("exc_type").and_then(Value::as_str).unwrap_or("Exception");
+    let args = match e.get("exc_message") {
+        Some(Value::Array(args)) => args.iter().map(py_repr).collect::<Vec<_>>().join(", "),
+        Some(Value::Null) | None => String::new(),
+        Some(one) => py_repr(one),
+    };
+    format!("{name}({args})")
+}
+
+/// Python's `repr()` of a JSON value.
+fn py_repr(v: &Value) -> String {
+    match v {
+        Value::Null => "None".into(),
+        Value::Bool(b) => if *b { "True" } else { "False" }.into(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => py_str_repr(s),
+        Value::Array(items) => format!("[{}]", items.iter().map(py_repr).collect::<Vec<_>>().join(", ")),
+        Value::Object(map) => {
+            format!("{{{}}}", map.iter().map(|(k, v)| format!("{}: {}", py_str_repr(k), py_repr(v))).collect::<Vec<_>>().join(", "))
+        }
+    }
+}
+
+/// Python's `repr()` of a str: single quotes unless the text holds one and
+/// no double quote.
+fn py_str_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The text of Celery's `ChordError` names the failed part as Python
+    /// prints its exception.
+    #[test]
+    fn a_failed_part_is_named_as_python_prints_it() {
+        let parts = [
+            r#"[1, "a", "SUCCESS", {"sum": 3}]"#.to_string(),
+            r#"[1, "b", "FAILURE", {"exc_type": "ValueError", "exc_message": ["boom", 42], "exc_module": "builtins"}]"#.to_string(),
+            r#"[1, "c", "REVOKED", {"exc_type": "TaskRevokedError", "exc_message": ["revoked"], "exc_module": "celery.exceptions"}]"#.to_string(),
+        ];
+        assert_eq!(header_results(&parts), Err("Dependency b raised ValueError('boom', 42)".to_string()));
+        assert_eq!(header_results(&parts[..1]), Ok(vec![json!({"sum": 3})]));
+        assert_eq!(py_repr(&json!(["it's", "say \"hi\"", null, true, 1.5, {"k": [1]}])), r#"["it's", 'say "hi"', None, True, 1.5, {'k': [1]}]"#);
+        assert_eq!(exception_repr(&json!({"exc_type": "KeyError", "exc_message": []})), "KeyError()");
+        assert!(header_results(&["not json".to_string()]).is_err_and(|e| e.starts_with("Join error")));
+    }
+}
