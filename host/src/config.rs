@@ -204,6 +204,12 @@ pub struct CeleryConfig {
     /// (a worker setting, so it is set here; off by default, as in Celery).
     /// `CELER_CELERY_TRACK_STARTED`.
     pub track_started: bool,
+    /// Celery's `worker_send_task_events` (`celery worker -E`): send
+    /// `task-received`, `task-started`, … events for `celery events` and
+    /// Flower. Off by default, as in Celery; the `enable_events` control
+    /// command (which Flower sends) turns them on at run time.
+    /// `CELER_CELERY_TASK_EVENTS`.
+    pub task_events: bool,
     /// The app's `task_routes` as task name → queue (a name may end in
     /// `*`): where follow-ups (links, chains, errbacks) whose signature
     /// names no queue are sent; otherwise to the queue their parent came
@@ -220,6 +226,7 @@ impl Default for CeleryConfig {
             key_prefix: String::new(),
             result_expires_s: 86_400,
             track_started: false,
+            task_events: false,
             routes: std::collections::BTreeMap::new(),
         }
     }
@@ -395,6 +402,9 @@ impl Config {
         }
         if let Some(v) = get("CELER_CELERY_TRACK_STARTED") {
             self.celery.track_started = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+        }
+        if let Some(v) = get("CELER_CELERY_TASK_EVENTS") {
+            self.celery.task_events = matches!(v.as_str(), "1" | "true" | "yes" | "on");
         }
         if let Some(v) = get("CELER_CONCURRENCY") {
             self.worker.concurrency = v.parse().map_err(|_| ConfigError::Env {

@@ -14,7 +14,8 @@ manifest maps:
     proj.tasks.slow_retry -> hostile.sleep_then_retry  busy, then asks for a retry
 
 Environment: CELERY_URL (broker and result backend), CELERY_QUEUE (the
-queue, unique per test run), CELER_PREFIX (the host's key prefix). Exits non-zero with a message on the first
+queue, unique per test run), CELER_PREFIX (the host's key prefix),
+CELER_WORKER (the host's Celery worker name, celer@<host id>). Exits non-zero with a message on the first
 failed check; prints one JSON line of facts for the Rust side.
 """
 import base64
@@ -308,5 +309,59 @@ with app.connection_for_read() as conn:
 check(bool(beats), "a celer host's worker-heartbeat reaches Celery's event receiver")
 check(isinstance(beats[0]["active"], int) and isinstance(beats[0]["processed"], int) and beats[0]["freq"] == 2.0, f"heartbeat fields: {beats[0]}")
 facts["heartbeat_from"] = beats[0]["hostname"]
+
+# 8. Remote control, as `celery inspect` and Flower use it: the host
+# answers as the worker celer@<host id> (celer hosts of other tests on
+# this Redis answer broadcasts too: only ours is looked at).
+import threading
+import uuid
+ME = os.environ["CELER_WORKER"]
+def reply_of(replies):
+    return next((r[ME] for r in replies or [] if ME in r), None)
+check(reply_of(app.control.ping(timeout=2)) == {"ok": "pong"}, "ping answers pong")
+check(app.control.ping(destination=["nobody@nowhere"], timeout=0.5) == [], "a request for another worker gets no answer")
+insp = app.control.inspect(destination=[ME], timeout=3)
+running = slow.apply_async(kwargs={"ms": 1500})
+wait_running(running)
+active = (insp.active(safe=True) or {}).get(ME)
+check(bool(active) and any(t["id"] == running.id and t["name"] == "proj.tasks.slow" and t["kwargs"] == "{'ms': 1500}" for t in active), f"inspect active lists the running task: {active}")
+stats = (insp.stats() or {}).get(ME)
+check(bool(stats) and stats["total"].get("proj.tasks.add", 0) >= 1 and isinstance(stats["broker"], dict) and stats["prefetch_count"] == 0, f"stats: {stats}")
+registered = (insp.registered() or {}).get(ME)
+check(bool(registered) and "proj.tasks.add" in registered and "hello.add" in registered, f"registered: {registered}")
+queues = (insp.active_queues() or {}).get(ME)
+check(bool(queues) and queues[0]["name"] == QUEUE, f"active_queues: {queues}")
+check((insp.reserved() or {}).get(ME) == [], "nothing reserved: celer does not prefetch")
+check(running.get(timeout=T)["slept_ms"] == 1500, "the inspected task finished")
+facts["inspect_ping_from"] = ME
+
+# 9. Task events (Celery's -E), turned on by `enable_events` as Flower does:
+# Celery's event receiver sees the task received, started and succeeded.
+check(reply_of(app.control.enable_events(reply=True, destination=[ME], timeout=3)) == {"ok": "task events enabled"}, "enable_events")
+probe = str(uuid.uuid4())
+seen = {}
+def on_task(event):
+    if event.get("uuid") == probe:
+        seen[event["type"]] = event
+        if event["type"] == "task-succeeded":
+            raise Heard()
+def listen():
+    with app.connection_for_read() as conn:
+        recv = app.events.Receiver(conn, handlers={"*": on_task})
+        try:
+            recv.capture(limit=None, timeout=10, wakeup=False)
+        except (Heard, socket.timeout):
+            pass
+listener = threading.Thread(target=listen)
+listener.start()
+time.sleep(0.5)  # subscribed
+add.apply_async((4, 4), task_id=probe).get(timeout=T)
+listener.join(timeout=15)
+check(set(seen) >= {"task-received", "task-started", "task-succeeded"}, f"task events seen: {sorted(seen)}")
+received, succeeded = seen["task-received"], seen["task-succeeded"]
+check(received["name"] == "proj.tasks.add" and received["args"] == "(4, 4)" and received["hostname"] == ME, f"task-received: {received}")
+check(succeeded["result"] == "{'sum': 8}" and isinstance(succeeded["runtime"], float), f"task-succeeded: {succeeded}")
+check(reply_of(app.control.disable_events(reply=True, destination=[ME], timeout=3)) == {"ok": "task events disabled"}, "disable_events")
+facts["task_events"] = sorted(seen)
 
 print(json.dumps(facts))

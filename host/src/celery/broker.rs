@@ -12,16 +12,15 @@
 //! one job). The key travels with the job, so whichever host runs it
 //! writes the result.
 
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use chrono::Utc;
 
 use super::ResultWriter;
-use super::events::WorkerCounts;
+use super::activity::{Activity, Running};
+use super::events::{Events, TaskEvent};
 use super::follow_ups::FollowUps;
 use super::revoke::Revocations;
 use super::result::{self, Exception, Status};
@@ -39,49 +38,22 @@ pub fn celery_id(idempotency_key: Option<&str>) -> Option<&str> {
     idempotency_key.and_then(|k| k.strip_prefix(KEY_PREFIX))
 }
 
-struct Origin {
-    celery_id: String,
-    task: String,
-}
-
 pub struct CeleryAwareBroker {
-    inner: Arc<dyn Broker>,
-    results: ResultWriter,
-    follow_ups: FollowUps,
-    revocations: Revocations,
-    /// Leased Celery jobs of this host, by lease token (one job id can be
-    /// leased twice when a lease lapsed and this host took the job back).
-    leased: Mutex<HashMap<String, Origin>>,
+    pub(super) inner: Arc<dyn Broker>,
+    pub(super) results: ResultWriter,
+    pub(super) follow_ups: FollowUps,
+    pub(super) revocations: Revocations,
+    /// The Celery tasks this host runs and has run.
+    pub(super) activity: Arc<Activity>,
+    /// Task events, when they are on.
+    pub(super) events: Arc<Events>,
     /// With `track_started`: the worker hostname a STARTED result names.
-    started_by: Option<String>,
-    /// Running and finished Celery tasks, for the worker heartbeats.
-    counts: Arc<WorkerCounts>,
+    pub(super) started_by: Option<String>,
     /// The worker's lease, renewed once before follow-ups are sent.
-    lease: Duration,
+    pub(super) lease: Duration,
 }
 
 impl CeleryAwareBroker {
-    pub fn new(
-        inner: Arc<dyn Broker>,
-        results: ResultWriter,
-        follow_ups: FollowUps,
-        revocations: Revocations,
-        started_by: Option<String>,
-        counts: Arc<WorkerCounts>,
-        lease: Duration,
-    ) -> Self {
-        CeleryAwareBroker {
-            inner,
-            results,
-            follow_ups,
-            revocations,
-            leased: Mutex::new(HashMap::new()),
-            started_by,
-            counts,
-            lease,
-        }
-    }
-
     /// Writes STARTED for the Celery jobs just leased (one round trip).
     async fn write_started(&self, got: &[Delivery]) {
         let Some(hostname) = &self.started_by else { return };
@@ -108,14 +80,35 @@ impl CeleryAwareBroker {
         }
     }
 
-    fn take(&self, lease: &Lease) -> Option<Origin> {
-        let origin = self.leased.lock().ok().and_then(|mut m| m.remove(&lease.token));
-        if origin.is_some() {
-            self.counts.active.fetch_sub(1, Ordering::Relaxed);
+    /// The task event of an outcome just recorded.
+    fn outcome_event(origin: &Running, outcome: &Outcome, exception: Option<&Exception>, traceback: Option<&str>) -> TaskEvent {
+        let id = origin.celery_id.as_str();
+        match outcome {
+            Outcome::Succeeded { result } => {
+                let runtime = SystemTime::now().duration_since(origin.started).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+                let mut shown = result::py_repr(result);
+                if shown.len() > RESULT_REPR_MAX {
+                    let cut = (0..=RESULT_REPR_MAX).rev().find(|i| shown.is_char_boundary(*i)).unwrap_or(0);
+                    shown.truncate(cut);
+                    shown.push_str("...");
+                }
+                TaskEvent::new("task-succeeded", id, serde_json::json!({"result": shown, "runtime": runtime}))
+            }
+            Outcome::Cancelled { .. } => {
+                TaskEvent::new("task-revoked", id, serde_json::json!({"terminated": true, "signum": null, "expired": false}))
+            }
+            Outcome::Retry { .. } | Outcome::Dead { .. } => {
+                let kind = if matches!(outcome, Outcome::Retry { .. }) { "task-retried" } else { "task-failed" };
+                let fields = serde_json::json!({"exception": exception.map(Exception::repr), "traceback": traceback});
+                TaskEvent::new(kind, id, fields)
+            }
         }
-        origin
     }
 }
+
+/// Longest result text a `task-succeeded` event carries (Celery's
+/// `resultrepr_maxsize`).
+const RESULT_REPR_MAX: usize = 1024;
 
 #[async_trait]
 impl Broker for CeleryAwareBroker {
@@ -125,14 +118,24 @@ impl Broker for CeleryAwareBroker {
 
     async fn fetch(&self, req: FetchRequest<'_>) -> Result<Vec<Delivery>, BrokerError> {
         let got = self.inner.fetch(req).await?;
-        if let Ok(mut m) = self.leased.lock() {
-            for d in &got {
-                if let Some(id) = celery_id(d.job.idempotency_key.as_deref()) {
-                    m.insert(d.lease.token.clone(), Origin { celery_id: id.to_string(), task: d.job.task.clone() });
-                    self.counts.active.fetch_add(1, Ordering::Relaxed);
+        let mut started = Vec::new();
+        for d in &got {
+            if let Some(id) = celery_id(d.job.idempotency_key.as_deref()) {
+                let running = Running {
+                    celery_id: id.to_string(),
+                    task: d.job.task.clone(),
+                    args: d.job.args.clone(),
+                    kwargs: d.job.kwargs.clone(),
+                    queue: d.job.queue.clone(),
+                    started: SystemTime::now(),
+                };
+                self.activity.start(d.lease.token.clone(), running);
+                if self.events.task_events_on() {
+                    started.push(TaskEvent::new("task-started", id, serde_json::json!({})));
                 }
             }
         }
+        self.events.tasks(started).await;
         self.write_started(&got).await;
         Ok(got)
     }
@@ -147,8 +150,7 @@ impl Broker for CeleryAwareBroker {
 
     async fn progress(&self, lease: &Lease, done: u64, total: u64) -> Result<(), BrokerError> {
         self.inner.progress(lease, done, total).await?;
-        let celery_id = self.leased.lock().ok().and_then(|m| m.get(&lease.token).map(|o| o.celery_id.clone()));
-        if let Some(id) = celery_id {
+        if let Some(id) = self.activity.celery_id(&lease.token) {
             let percent = if total == 0 { 0.0 } else { ((done as f64 / total as f64) * 10_000.0).round() / 100.0 };
             let info = serde_json::json!({"current": done, "total": total, "percent": percent});
             let doc = result::meta(&id, Status::Progress, &result::Outcome::Success(info), Utc::now());
@@ -160,7 +162,7 @@ impl Broker for CeleryAwareBroker {
     }
 
     async fn complete(&self, lease: &Lease, outcome: Outcome, record: RunRecord) -> Result<bool, BrokerError> {
-        let celery_id = self.leased.lock().ok().and_then(|m| m.get(&lease.token).map(|o| o.celery_id.clone()));
+        let celery_id = self.activity.celery_id(&lease.token);
         // A Celery worker drops the retry of a revoked task: so does celer.
         let outcome = match (outcome, &celery_id) {
             (Outcome::Retry { error, .. }, Some(id)) if self.revoked(id).await => Outcome::Cancelled {
@@ -186,11 +188,11 @@ impl Broker for CeleryAwareBroker {
         // large) goes to the broker without a copy.
         let plugin = record.plugin.clone().zip(record.plugin_version.clone());
         let recorded = self.inner.complete(lease, outcome.clone(), record).await?;
-        let Some(origin) = self.take(lease) else { return Ok(recorded) };
+        let Some(origin) = self.activity.take(&lease.token) else { return Ok(recorded) };
         if !recorded {
             return Ok(false);
         }
-        self.counts.processed.fetch_add(1, Ordering::Relaxed);
+        self.activity.finished(&origin.task);
         if let Outcome::Dead { error } | Outcome::Cancelled { error } = &outcome {
             // Errbacks and the chord's count only once the failure is
             // recorded (as a Celery worker calls them after storing it): a
@@ -219,11 +221,18 @@ impl Broker for CeleryAwareBroker {
         if let Err(e) = self.results.write(&origin.celery_id, &doc).await {
             tracing::error!(job_id = %lease.job_id, celery_id = %origin.celery_id, error = %e, "cannot write the Celery result");
         }
+        if self.events.task_events_on() {
+            let (exception, traceback) = match &stored {
+                result::Outcome::Failure(e, tb) => (Some(e), tb.as_deref()),
+                result::Outcome::Success(_) => (None, None),
+            };
+            self.events.tasks(vec![Self::outcome_event(&origin, &outcome, exception, traceback)]).await;
+        }
         Ok(true)
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
-        self.take(lease);
+        self.activity.take(&lease.token);
         self.inner.release(lease).await
     }
 

@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 
 use super::ResultWriter;
 use super::follow_ups::{FollowUps, Kept};
-use super::result::{self, Exception, Status};
+use super::result::{self, Exception, Status, py_repr};
 use crate::broker::redis::conn::Conn;
 
 /// How long the claim of the run that completes the header lasts (Celery's:
@@ -210,44 +210,6 @@ fn exception_repr(e: &Value) -> String {
     format!("{name}({args})")
 }
 
-/// Python's `repr()` of a JSON value.
-fn py_repr(v: &Value) -> String {
-    match v {
-        Value::Null => "None".into(),
-        Value::Bool(b) => if *b { "True" } else { "False" }.into(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => py_str_repr(s),
-        Value::Array(items) => format!("[{}]", items.iter().map(py_repr).collect::<Vec<_>>().join(", ")),
-        Value::Object(map) => {
-            format!("{{{}}}", map.iter().map(|(k, v)| format!("{}: {}", py_str_repr(k), py_repr(v))).collect::<Vec<_>>().join(", "))
-        }
-    }
-}
-
-/// Python's `repr()` of a str: single quotes unless the text holds one and
-/// no double quote.
-fn py_str_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push(quote);
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c == quote => {
-                out.push('\\');
-                out.push(c);
-            }
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push(quote);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,7 +225,6 @@ mod tests {
         ];
         assert_eq!(header_results(&parts), Err("Dependency b raised ValueError('boom', 42)".to_string()));
         assert_eq!(header_results(&parts[..1]), Ok(vec![json!({"sum": 3})]));
-        assert_eq!(py_repr(&json!(["it's", "say \"hi\"", null, true, 1.5, {"k": [1]}])), r#"["it's", 'say "hi"', None, True, 1.5, {'k': [1]}]"#);
         assert_eq!(exception_repr(&json!({"exc_type": "KeyError", "exc_message": []})), "KeyError()");
         assert!(header_results(&["not json".to_string()]).is_err_and(|e| e.starts_with("Join error")));
     }

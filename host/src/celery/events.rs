@@ -1,111 +1,184 @@
-//! Celery's worker events: a celer host announces itself on the `celeryev`
-//! fanout exchange the way a Celery worker does: `worker-online` when it
-//! starts, `worker-heartbeat` every 2 s (a Celery worker sends these even
-//! without `-E`), `worker-offline` when it stops. So `celery events`,
-//! Flower and anything else that watches worker heartbeats see the host,
-//! with how many Celery tasks it runs and has run. The message shape is the
-//! captured one (`shared/fixtures/celery-protocol/event-worker-*.json`).
+//! Celery's events: a celer host announces itself on the `celeryev` fanout
+//! exchange the way a Celery worker does: `worker-online` when it starts,
+//! `worker-heartbeat` every 2 s (a Celery worker sends these even without
+//! `-E`), `worker-offline` when it stops. With task events on (`[celery]
+//! task_events`, Celery's `-E`, or the `enable_events` control command
+//! Flower sends every few seconds) it also sends `task-received`,
+//! `task-started`, `task-succeeded`, `task-failed`, `task-retried` and
+//! `task-revoked`, so `celery events` and Flower show the tasks. The
+//! message shape is the captured one (`shared/fixtures/celery-protocol/
+//! event-worker-*.json`); one event per message, on
+//! `<prefix>/<db>.celeryev/<type with '-' as '.'>`, which Celery's receivers
+//! take as they take a worker's batches.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
+use super::activity::Activity;
 use crate::broker::redis::conn::Conn;
 
 /// How often a heartbeat goes out (Celery's default `freq`).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 
-/// What the heartbeats report, kept by the Celery-aware broker.
-#[derive(Debug, Default)]
-pub struct WorkerCounts {
-    /// Celery tasks running on this host now.
-    pub active: AtomicU64,
-    /// Celery tasks this host finished since it started.
-    pub processed: AtomicU64,
-}
-
-/// Publishes this host's worker events until `stop`, then `worker-offline`.
-pub async fn announce(
+/// This host on the events exchange: its name, its Lamport clock (shared
+/// with control replies) and whether task events are on.
+pub struct Events {
     conn: Conn,
     channel_prefix: String,
     hostname: String,
-    counts: Arc<WorkerCounts>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut clock = 0u64;
-    let mut send = |kind: &str| {
-        clock += 1;
-        let body = event(kind, &hostname, clock, &counts);
-        let channel = format!("{channel_prefix}/{}", kind.replacen('-', ".", 1));
-        let mut c = conn.clone();
-        let message = message(kind, &hostname, &body);
-        async move {
-            let sent: Result<i64, _> = ::redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(message)
-                .query_async(&mut c)
-                .await;
-            if let Err(e) = sent {
-                tracing::debug!(error = %e, channel, "Celery worker event not sent");
-            }
+    clock: AtomicU64,
+    task_events: AtomicBool,
+    activity: Arc<Activity>,
+}
+
+/// One task event: its type (`task-started`, …), the task id and the
+/// fields of that type.
+pub struct TaskEvent {
+    pub kind: &'static str,
+    pub uuid: String,
+    pub fields: Map<String, Value>,
+}
+
+impl TaskEvent {
+    pub fn new(kind: &'static str, uuid: &str, fields: Value) -> Self {
+        let fields = match fields {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        TaskEvent { kind, uuid: uuid.to_string(), fields }
+    }
+}
+
+impl Events {
+    pub fn new(conn: Conn, channel_prefix: String, hostname: String, task_events: bool, activity: Arc<Activity>) -> Self {
+        Events { conn, channel_prefix, hostname, clock: AtomicU64::new(0), task_events: AtomicBool::new(task_events), activity }
+    }
+
+    /// The worker name Celery's tools show: `celer@<host>`.
+    pub fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
+    /// The next tick of this host's Lamport clock.
+    pub fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn task_events_on(&self) -> bool {
+        self.task_events.load(Ordering::Relaxed)
+    }
+
+    /// Turns task events on or off; returns whether they were on.
+    pub fn set_task_events(&self, on: bool) -> bool {
+        self.task_events.swap(on, Ordering::Relaxed)
+    }
+
+    /// Publishes task events (one round trip) when task events are on.
+    pub async fn tasks(&self, events: Vec<TaskEvent>) {
+        if !self.task_events_on() || events.is_empty() {
+            return;
         }
-    };
-    send("worker-online").await;
+        let mut pipe = ::redis::pipe();
+        for e in events {
+            let mut body = self.common();
+            body.insert("uuid".into(), Value::String(e.uuid));
+            body.extend(e.fields);
+            self.finish(&mut body, e.kind);
+            pipe.cmd("PUBLISH").arg(self.channel(e.kind)).arg(self.message(e.kind, &Value::Object(body))).ignore();
+        }
+        let mut c = self.conn.clone();
+        if let Err(e) = pipe.query_async::<()>(&mut c).await {
+            tracing::debug!(error = %e, "Celery task events not sent");
+        }
+    }
+
+    /// Publishes one worker event (`worker-online`, `-heartbeat`, `-offline`).
+    pub async fn worker(&self, kind: &str) {
+        let body = self.worker_body(kind);
+        let mut c = self.conn.clone();
+        let sent: Result<i64, _> = ::redis::cmd("PUBLISH")
+            .arg(self.channel(kind))
+            .arg(self.message(kind, &body))
+            .query_async(&mut c)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, kind, "Celery worker event not sent");
+        }
+    }
+
+    fn worker_body(&self, kind: &str) -> Value {
+        let mut body = self.common();
+        body.insert("freq".into(), json!(HEARTBEAT_EVERY.as_secs_f64()));
+        body.insert("active".into(), json!(self.activity.running_count()));
+        body.insert("processed".into(), json!(self.activity.processed()));
+        body.insert("loadavg".into(), json!(loadavg()));
+        body.insert("sw_ident".into(), json!("celer"));
+        body.insert("sw_ver".into(), json!(env!("CARGO_PKG_VERSION")));
+        body.insert("sw_sys".into(), json!(if cfg!(target_os = "linux") { "Linux" } else { std::env::consts::OS }));
+        self.finish(&mut body, kind);
+        Value::Object(body)
+    }
+
+    /// What every event starts with, as Celery orders it.
+    fn common(&self) -> Map<String, Value> {
+        let mut body = Map::new();
+        body.insert("hostname".into(), json!(self.hostname));
+        body.insert("utcoffset".into(), json!(0.0));
+        body.insert("pid".into(), json!(std::process::id()));
+        body.insert("clock".into(), json!(self.tick()));
+        body
+    }
+
+    fn finish(&self, body: &mut Map<String, Value>, kind: &str) {
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        body.insert("timestamp".into(), json!(timestamp));
+        body.insert("type".into(), json!(kind));
+    }
+
+    fn channel(&self, kind: &str) -> String {
+        format!("{}/{}", self.channel_prefix, kind.replacen('-', ".", 1))
+    }
+
+    /// The kombu message around an event body.
+    fn message(&self, kind: &str, body: &Value) -> String {
+        json!({
+            "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"hostname": self.hostname},
+            "properties": {
+                "delivery_mode": 1,
+                "delivery_info": {"exchange": "celeryev", "routing_key": kind.replacen('-', ".", 1)},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": uuid::Uuid::new_v4().to_string(),
+            },
+        })
+        .to_string()
+    }
+}
+
+/// Publishes this host's worker events until `stop`, then `worker-offline`.
+pub async fn announce(events: Arc<Events>, mut stop: watch::Receiver<bool>) {
+    events.worker("worker-online").await;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(HEARTBEAT_EVERY) => send("worker-heartbeat").await,
+            _ = tokio::time::sleep(HEARTBEAT_EVERY) => events.worker("worker-heartbeat").await,
             _ = stop.changed() => break,
         }
         if *stop.borrow() {
             break;
         }
     }
-    send("worker-offline").await;
-}
-
-/// The event itself (the message body), as a Celery worker fills it.
-fn event(kind: &str, hostname: &str, clock: u64, counts: &WorkerCounts) -> Value {
-    let timestamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    json!({
-        "hostname": hostname,
-        "utcoffset": 0.0,
-        "pid": std::process::id(),
-        "clock": clock,
-        "freq": HEARTBEAT_EVERY.as_secs_f64(),
-        "active": counts.active.load(Ordering::Relaxed),
-        "processed": counts.processed.load(Ordering::Relaxed),
-        "loadavg": loadavg(),
-        "sw_ident": "celer",
-        "sw_ver": env!("CARGO_PKG_VERSION"),
-        "sw_sys": if cfg!(target_os = "linux") { "Linux" } else { std::env::consts::OS },
-        "timestamp": timestamp,
-        "type": kind,
-    })
-}
-
-/// The kombu message around an event body.
-fn message(kind: &str, hostname: &str, body: &Value) -> String {
-    json!({
-        "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"hostname": hostname},
-        "properties": {
-            "delivery_mode": 1,
-            "delivery_info": {"exchange": "celeryev", "routing_key": kind.replacen('-', ".", 1)},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": uuid::Uuid::new_v4().to_string(),
-        },
-    })
-    .to_string()
+    events.worker("worker-offline").await;
 }
 
 /// The 1, 5 and 15 minute load averages (zeros where they cannot be read).
@@ -138,34 +211,23 @@ mod tests {
         k
     }
 
-    /// Our heartbeat has the fields and message shape a Celery worker's has.
-    #[test]
-    fn a_heartbeat_has_the_shape_of_celerys() {
-        let counts = WorkerCounts::default();
-        let ours: Value = serde_json::from_str(&message(
-            "worker-heartbeat",
-            "celer@h",
-            &event("worker-heartbeat", "celer@h", 2, &counts),
-        ))
-        .unwrap();
+    /// Our heartbeat has the fields and message shape a Celery worker's
+    /// has. (The publisher needs a connection to the test Redis; nothing
+    /// is sent.)
+    #[tokio::test]
+    async fn a_heartbeat_has_the_shape_of_celerys() {
+        let conn = crate::broker::redis::test_redis_conn().await;
+        let events = Events::new(conn, "/0.celeryev".into(), "celer@h".into(), false, Arc::default());
+        let body = events.worker_body("worker-heartbeat");
+        let ours: Value = serde_json::from_str(&events.message("worker-heartbeat", &body)).unwrap();
         let theirs = fixture("event-worker-heartbeat.json");
         assert_eq!(keys(&ours), keys(&theirs));
         assert_eq!(keys(&ours["properties"]), keys(&theirs["properties"]));
-        assert_eq!(
-            ours["properties"]["delivery_info"],
-            theirs["properties"]["delivery_info"]
-        );
-        let body = base64::engine::general_purpose::STANDARD
-            .decode(ours["body"].as_str().unwrap())
-            .unwrap();
-        let body: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(
-            keys(&body),
-            keys(&fixture("event-worker-heartbeat.body-decoded.json"))
-        );
-        assert_eq!(
-            (body["type"].as_str(), body["hostname"].as_str()),
-            (Some("worker-heartbeat"), Some("celer@h"))
-        );
+        assert_eq!(ours["properties"]["delivery_info"], theirs["properties"]["delivery_info"]);
+        let decoded = base64::engine::general_purpose::STANDARD.decode(ours["body"].as_str().unwrap()).unwrap();
+        let decoded: Value = serde_json::from_slice(&decoded).unwrap();
+        assert_eq!(keys(&decoded), keys(&fixture("event-worker-heartbeat.body-decoded.json")));
+        assert_eq!((decoded["type"].as_str(), decoded["hostname"].as_str()), (Some("worker-heartbeat"), Some("celer@h")));
+        assert_eq!(events.channel("task-succeeded"), "/0.celeryev/task.succeeded");
     }
 }

@@ -18,10 +18,14 @@
 //!   when a task succeeds, and `link_error=` errbacks when it fails for
 //!   good, as a Celery worker does; [`chord`] counts a chord's header tasks
 //!   and sends its callback when the last one ends.
-//! - [`revoke`] hears `AsyncResult.revoke()` broadcasts and cancels the
-//!   task's job (or keeps its message from running).
+//! - [`control`] answers Celery's remote control (`inspect ping`,
+//!   `active`, `stats`, …, what `celery inspect` and Flower ask) as the
+//!   worker `celer@<host>`; its `revoke` ([`revoke`]) cancels the task's
+//!   job (or keeps its message from running).
 //! - [`events`] announces the host as a Celery worker (online, heartbeats,
-//!   offline), so `celery events` and Flower see it.
+//!   offline) and, when task events are on, reports each task's life
+//!   (received, started, succeeded, …), so `celery events` and Flower see
+//!   them; [`activity`] is what it and `inspect` report.
 //!
 //! Messages that cannot be run (not JSON, bad base64, pickle or another
 //! content type, unknown task) go to the stream `<prefix>celery:dead` with
@@ -29,8 +33,10 @@
 //! `NotRegistered` failure as its result, and a message whose `expires`
 //! passed gets `REVOKED`, as a Celery worker would write them.
 
+pub mod activity;
 pub mod broker;
 pub mod chord;
+pub mod control;
 pub mod events;
 pub mod follow_ups;
 pub mod protocol;
@@ -171,6 +177,7 @@ struct Ctx {
     results: ResultWriter,
     follow_ups: follow_ups::FollowUps,
     revocations: revoke::Revocations,
+    events: Arc<events::Events>,
     mover: ::redis::Script,
 }
 
@@ -199,6 +206,16 @@ pub async fn start(
         config.celery.routes.clone(),
         chord::Chords::new(conn.clone(), results.clone(), config.celery.result_expires_s),
     );
+    let activity = Arc::new(activity::Activity::default());
+    let hostname = format!("celer@{host}");
+    let events_channel = control::fanout_channel(&url, &config.celery.key_prefix, "celeryev");
+    let events = Arc::new(events::Events::new(
+        conn.clone(),
+        events_channel,
+        hostname.clone(),
+        config.celery.task_events,
+        activity.clone(),
+    ));
     let ctx = Arc::new(Ctx {
         conn,
         target,
@@ -210,6 +227,7 @@ pub async fn start(
         results: results.clone(),
         follow_ups: follow_ups.clone(),
         revocations: revocations.clone(),
+        events: events.clone(),
         mover: ::redis::Script::new(MOVE),
     });
     // Register this host's in-flight lists before anything moves into them.
@@ -222,18 +240,32 @@ pub async fn start(
     add.query_async::<i64>(&mut c).await.map_err(|e| format!("Celery's Redis at {url}: {e}"))?;
     tokio::spawn(keep_alive(ctx.clone(), stop.clone()));
     tokio::spawn(recover_loop(ctx.clone(), stop.clone()));
-    tokio::spawn(revoke::listen(ctx.clone(), url.clone(), stop.clone()));
+    let control = Arc::new(control::Control {
+        ctx: ctx.clone(),
+        events: events.clone(),
+        activity: activity.clone(),
+        url: url.clone(),
+        concurrency: config.worker.concurrency,
+        started: std::time::Instant::now(),
+    });
+    tokio::spawn(control::listen(control, stop.clone()));
     for queue in &ctx.celery.queues {
         tokio::spawn(consume(ctx.clone(), queue.clone(), stop.clone()));
     }
-    tracing::info!(queues = ?ctx.celery.queues, "consuming Celery messages");
-    let hostname = format!("celer@{}", ctx.host);
-    let counts = Arc::new(events::WorkerCounts::default());
-    let events_channel = revoke::fanout_channel(&url, &ctx.celery.key_prefix, "celeryev", "");
-    tokio::spawn(events::announce(ctx.conn.clone(), events_channel, hostname.clone(), counts.clone(), stop.clone()));
+    tracing::info!(queues = ?ctx.celery.queues, worker = %hostname, task_events = config.celery.task_events, "consuming Celery messages");
+    tokio::spawn(events::announce(events.clone(), stop.clone()));
     let started_by = config.celery.track_started.then_some(hostname);
     let lease = Duration::from_millis(config.worker.lease_ms);
-    Ok(Arc::new(broker::CeleryAwareBroker::new(broker, results, follow_ups, revocations, started_by, counts, lease)))
+    Ok(Arc::new(broker::CeleryAwareBroker {
+        inner: broker,
+        results,
+        follow_ups,
+        revocations,
+        activity,
+        events,
+        started_by,
+        lease,
+    }))
 }
 
 impl Ctx {
@@ -497,12 +529,17 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
         let e = Exception::new("NotRegistered", "celery.exceptions", format!("'{}'", msg.task));
         return write_failure(ctx, &msg, e).await;
     }
+    let revoked_event = |expired: bool| {
+        events::TaskEvent::new("task-revoked", &msg.id, serde_json::json!({"terminated": false, "signum": null, "expired": expired}))
+    };
     if msg.expires.is_some_and(|t| t <= Utc::now()) {
         tracing::info!(task_id = %msg.id, task = %msg.task, "Celery task expired before it could run: revoked");
+        ctx.events.tasks(vec![revoked_event(true)]).await;
         return ctx.results.write_revoked(&msg.id, "expired").await;
     }
     if ctx.revocations.contains(&msg.id).await? {
         tracing::info!(task_id = %msg.id, task = %msg.task, "Celery task was revoked before it arrived: not run");
+        ctx.events.tasks(vec![revoked_event(false)]).await;
         return ctx.results.write_revoked(&msg.id, "revoked").await;
     }
     if !msg.workflow.unsupported.is_empty() {
@@ -513,6 +550,9 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
     let job = to_job(&msg, queue);
     match ctx.broker.enqueue(job).await {
         Ok(enqueued) => {
+            if ctx.events.task_events_on() {
+                ctx.events.tasks(vec![received_event(&msg)]).await;
+            }
             // The job is remembered so that a revoke can find it (as long
             // as the result lives); in the same round trip, in this order,
             // a revoke heard since the check above (it found no job) is
@@ -549,6 +589,25 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
         Err(BrokerError::Invalid(reason)) => dead_letter(ctx, queue, raw, &reason, Some(&msg.id), Some(&msg.task)).await,
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// `task-received`: the task, as the Celery tools list it.
+fn received_event(msg: &TaskMessage) -> events::TaskEvent {
+    let time = |t: Option<chrono::DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, false));
+    events::TaskEvent::new(
+        "task-received",
+        &msg.id,
+        serde_json::json!({
+            "name": msg.task,
+            "args": result::py_args_repr(&msg.args),
+            "kwargs": result::py_repr(&msg.kwargs),
+            "root_id": msg.root_id.as_deref().unwrap_or(&msg.id),
+            "parent_id": msg.parent_id,
+            "retries": msg.retries,
+            "eta": time(msg.eta),
+            "expires": time(msg.expires),
+        }),
+    )
 }
 
 /// The celer job for a Celery message.

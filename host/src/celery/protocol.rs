@@ -155,7 +155,7 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
         chord: None,
     };
     match (chord, &group) {
-        (Some(sig), Some(_)) if !sig.get("subtask_type").is_some_and(|t| !t.is_null()) => workflow.chord = Some(sig),
+        (Some(sig), Some(_)) if sig.get("subtask_type").is_none_or(Value::is_null) => workflow.chord = Some(sig),
         (Some(_), Some(_)) => workflow.unsupported.push("a chord whose callback is a group or chord"),
         (Some(_), None) => workflow.unsupported.push("a chord header task without a group id"),
         (None, _) => {}

@@ -86,6 +86,13 @@ impl Exception {
     }
 }
 
+impl Exception {
+    /// How Python prints it: `PluginError('organization 42 not found')`.
+    pub fn repr(&self) -> String {
+        format!("{}({})", self.exc_type, py_str_repr(&self.message))
+    }
+}
+
 /// What a finished task stored.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -217,11 +224,65 @@ pub fn py_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// Python's `repr()` of a JSON value.
+pub fn py_repr(v: &Value) -> String {
+    match v {
+        Value::Null => "None".into(),
+        Value::Bool(b) => if *b { "True" } else { "False" }.into(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => py_str_repr(s),
+        Value::Array(items) => format!("[{}]", items.iter().map(py_repr).collect::<Vec<_>>().join(", ")),
+        Value::Object(map) => {
+            format!("{{{}}}", map.iter().map(|(k, v)| format!("{}: {}", py_str_repr(k), py_repr(v))).collect::<Vec<_>>().join(", "))
+        }
+    }
+}
+
+/// Python's `repr()` of a str: single quotes unless the text holds one and
+/// no double quote.
+pub fn py_str_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+/// Python's `repr()` of a JSON array as a tuple of positional arguments:
+/// `(2, 3)`, `('x',)`, `()`.
+pub fn py_args_repr(args: &Value) -> String {
+    match args {
+        Value::Array(items) if items.len() == 1 => format!("({},)", py_repr(&items[0])),
+        Value::Array(items) => format!("({})", items.iter().map(py_repr).collect::<Vec<_>>().join(", ")),
+        other => py_repr(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn values_are_printed_as_python_reprs_them() {
+        assert_eq!(py_repr(&json!(["it's", "say \"hi\"", null, true, 1.5, {"k": [1]}])), r#"["it's", 'say "hi"', None, True, 1.5, {'k': [1]}]"#);
+        assert_eq!((py_args_repr(&json!([2, 3])), py_args_repr(&json!(["x"])), py_args_repr(&json!([]))), ("(2, 3)".into(), "('x',)".into(), "()".into()));
+    }
 
     fn fixture(name: &str) -> String {
         String::from_utf8(crate::celery::fixture(name)).expect("a UTF-8 fixture")

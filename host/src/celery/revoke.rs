@@ -3,7 +3,8 @@
 //! which kombu's Redis transport turns into a PUBLISH on the channel
 //! `<key prefix>/<db>.celery.pidbox` (captured in
 //! `shared/fixtures/celery-protocol/pidbox-broadcast-hello.json`). celer
-//! listens on it as a Celery worker does, and does what a worker does:
+//! listens on it as a Celery worker does ([`super::control`]), and for a
+//! revoke does what a worker does:
 //!
 //! - the id is remembered for [`REMEMBER`] (Celery's `REVOKE_EXPIRES`), so a
 //!   message that arrives later for it is not run but reads REVOKED;
@@ -15,15 +16,10 @@
 //! Broadcasts are not stored: a revoke sent while no host listens is lost,
 //! as with Celery workers that run without `--statedb`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
-use futures_util::StreamExt;
-use serde::Deserialize;
-use tokio::sync::watch;
-
 use super::Ctx;
+use super::control::Request;
 use crate::broker::CancelOutcome;
 use crate::broker::redis::conn::Conn;
 use crate::job::JobState;
@@ -38,73 +34,20 @@ pub struct Revoke {
     pub terminate: bool,
 }
 
-/// The pub/sub channel of `celery.pidbox` for a Redis URL's database.
-pub fn channel(url: &str, key_prefix: &str) -> String {
-    fanout_channel(url, key_prefix, "celery.pidbox", "")
-}
-
-/// The pub/sub channel kombu's Redis transport publishes a fanout
-/// exchange's messages on: `<key prefix>/<db>.<exchange>`, plus
-/// `/<routing key>` when there is one (kombu's `fanout_patterns`).
-pub fn fanout_channel(url: &str, key_prefix: &str, exchange: &str, routing_key: &str) -> String {
-    let db = url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.path().trim_start_matches('/').parse::<u32>().ok())
-        .unwrap_or(0);
-    if routing_key.is_empty() {
-        format!("{key_prefix}/{db}.{exchange}")
-    } else {
-        format!("{key_prefix}/{db}.{exchange}/{routing_key}")
+impl Revoke {
+    /// The revoke in a control request; `None` for other commands.
+    pub fn of(request: &Request) -> Option<Revoke> {
+        if request.method != "revoke" {
+            return None;
+        }
+        let task_ids = match request.arguments.get("task_id")? {
+            serde_json::Value::String(id) => vec![id.clone()],
+            serde_json::Value::Array(ids) => ids.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+            _ => return None,
+        };
+        let terminate = request.arguments.get("terminate").and_then(serde_json::Value::as_bool).unwrap_or(false);
+        Some(Revoke { task_ids, terminate })
     }
-}
-
-#[derive(Deserialize)]
-struct Envelope {
-    body: String,
-    #[serde(rename = "content-type")]
-    content_type: Option<String>,
-    #[serde(default)]
-    properties: Properties,
-}
-
-#[derive(Deserialize, Default)]
-struct Properties {
-    body_encoding: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Request {
-    method: String,
-    #[serde(default)]
-    arguments: serde_json::Value,
-    #[serde(default)]
-    destination: Option<Vec<String>>,
-}
-
-/// The revoke request in a pidbox broadcast; `None` for anything else
-/// (other control commands, requests addressed to named Celery workers, or
-/// messages this reader cannot decode, which are never executed).
-pub fn parse(payload: &[u8]) -> Option<Revoke> {
-    let envelope: Envelope = serde_json::from_slice(payload).ok()?;
-    if envelope.content_type.as_deref().is_some_and(|t| t != "application/json") {
-        return None;
-    }
-    let body = match envelope.properties.body_encoding.as_deref() {
-        Some("base64") => base64::engine::general_purpose::STANDARD.decode(envelope.body.as_bytes()).ok()?,
-        _ => envelope.body.into_bytes(),
-    };
-    let request: Request = serde_json::from_slice(&body).ok()?;
-    // A revoke meant for named Celery workers is theirs; celer is not one.
-    if request.method != "revoke" || request.destination.is_some_and(|d| !d.is_empty()) {
-        return None;
-    }
-    let task_ids = match request.arguments.get("task_id")? {
-        serde_json::Value::String(id) => vec![id.clone()],
-        serde_json::Value::Array(ids) => ids.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
-        _ => return None,
-    };
-    let terminate = request.arguments.get("terminate").and_then(serde_json::Value::as_bool).unwrap_or(false);
-    Some(Revoke { task_ids, terminate })
 }
 
 /// The Celery task ids revoked lately (`<prefix>celery:revoked:<id>`), as
@@ -174,7 +117,7 @@ impl Ctx {
 
     /// Remembers every id first (one failing id must not cost the others
     /// their revoke: broadcasts are not stored), then ends the jobs.
-    async fn apply(&self, revoke: &Revoke) -> Result<(), String> {
+    pub(super) async fn apply(&self, revoke: &Revoke) -> Result<(), String> {
         self.revocations.remember(revoke).await?;
         let mut c = self.conn.clone();
         for id in &revoke.task_ids {
@@ -195,45 +138,10 @@ impl Ctx {
     }
 }
 
-/// Listens for revoke broadcasts until `stop`, reconnecting when Redis
-/// goes away.
-pub(super) async fn listen(ctx: Arc<Ctx>, url: String, mut stop: watch::Receiver<bool>) {
-    let channel = channel(&url, &ctx.celery.key_prefix);
-    while !*stop.borrow() {
-        let subscribed = async {
-            let client = ::redis::Client::open(url.as_str())?;
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, ::redis::RedisError>(pubsub)
-        };
-        let pubsub = match subscribed.await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, channel, "Celery revokes: cannot subscribe; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stop.changed() => return,
-                }
-            }
-        };
-        let mut messages = pubsub.into_on_message();
-        loop {
-            let message = tokio::select! {
-                m = messages.next() => m,
-                _ = stop.changed() => return,
-            };
-            // The connection dropped: subscribe again.
-            let Some(message) = message else { break };
-            let Some(revoke) = parse(message.get_payload_bytes()) else { continue };
-            if let Err(e) = ctx.apply(&revoke).await {
-                tracing::warn!(error = %e, task_ids = ?revoke.task_ids, "Celery revoke not applied");
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use base64::Engine;
+
     use super::*;
 
     /// A broadcast shaped like the captured `hello` one, carrying `body`.
@@ -249,6 +157,10 @@ mod tests {
         .into_bytes()
     }
 
+    fn parse(payload: &[u8]) -> Option<Revoke> {
+        Request::parse(payload).as_ref().filter(|r| r.is_for("celer@h")).and_then(Revoke::of)
+    }
+
     #[test]
     fn revoke_requests_are_read_and_nothing_else_is() {
         let one = broadcast(serde_json::json!({"method": "revoke", "arguments": {"task_id": "a", "terminate": false, "signal": "SIGTERM"},
@@ -261,13 +173,9 @@ mod tests {
         assert_eq!(parse(&hello), None);
         let targeted = broadcast(serde_json::json!({"method": "revoke", "arguments": {"task_id": "a"}, "destination": ["w1@host"]}));
         assert_eq!(parse(&targeted), None);
+        let ours = broadcast(serde_json::json!({"method": "revoke", "arguments": {"task_id": "a"}, "destination": ["w1@host", "celer@h"]}));
+        assert_eq!(parse(&ours).map(|r| r.task_ids), Some(vec!["a".to_string()]));
         assert_eq!(parse(b"not json"), None);
     }
 
-    #[test]
-    fn the_channel_names_the_database_and_the_key_prefix() {
-        assert_eq!(channel("redis://127.0.0.1:6390/0", ""), "/0.celery.pidbox");
-        assert_eq!(channel("redis://:pw@redis:6379/3", "app:"), "app:/3.celery.pidbox");
-        assert_eq!(channel("redis://redis:6379", ""), "/0.celery.pidbox");
-    }
 }

@@ -1,0 +1,475 @@
+//! Celery's remote control: `celery inspect ping` (the liveness probe of
+//! many deployments), `app.control.inspect().active()`, `stats`, Flower's
+//! worker pages, `enable_events`, and `revoke`. Celery broadcasts a request
+//! on its `celery.pidbox` fanout exchange, which kombu's Redis transport
+//! turns into a PUBLISH on `<key prefix>/<db>.celery.pidbox`; every celer
+//! host with `[celery] enabled` listens there as a Celery worker does,
+//! answers as `celer@<host>`, and sends its reply the way kombu delivers to
+//! the caller's reply queue: the caller's binding in
+//! `_kombu.binding.<reply exchange>` names its list, and the reply is
+//! LPUSHed there (no binding: the caller gave up, nothing is sent). Shapes
+//! are those a Celery 5.7 worker sends (captured with a real worker and
+//! Flower 2.2).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::Ctx;
+use super::activity::Activity;
+use super::events::Events;
+use super::revoke::Revoke;
+
+/// The pub/sub channel of `celery.pidbox` for a Redis URL's database.
+pub fn channel(url: &str, key_prefix: &str) -> String {
+    fanout_channel(url, key_prefix, "celery.pidbox")
+}
+
+/// The pub/sub channel kombu's Redis transport publishes a fanout
+/// exchange's messages on: `<key prefix>/<db>.<exchange>`.
+pub fn fanout_channel(url: &str, key_prefix: &str, exchange: &str) -> String {
+    let db = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.path().trim_start_matches('/').parse::<u32>().ok())
+        .unwrap_or(0);
+    format!("{key_prefix}/{db}.{exchange}")
+}
+
+/// One control request, decoded.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Request {
+    pub method: String,
+    #[serde(default)]
+    pub arguments: Value,
+    #[serde(default)]
+    destination: Option<Vec<String>>,
+    #[serde(default)]
+    pattern: Option<String>,
+    #[serde(default)]
+    matcher: Option<String>,
+    /// Present when the caller waits for replies.
+    #[serde(default)]
+    ticket: Option<String>,
+    #[serde(default)]
+    reply_to: Option<ReplyTo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+struct ReplyTo {
+    exchange: String,
+    routing_key: String,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    body: String,
+    #[serde(rename = "content-type")]
+    content_type: Option<String>,
+    #[serde(default)]
+    properties: Properties,
+}
+
+#[derive(Deserialize, Default)]
+struct Properties {
+    body_encoding: Option<String>,
+}
+
+impl Request {
+    /// The request in a pidbox message; `None` for anything this reader
+    /// cannot decode (it is never executed).
+    pub fn parse(payload: &[u8]) -> Option<Request> {
+        let envelope: Envelope = serde_json::from_slice(payload).ok()?;
+        if envelope.content_type.as_deref().is_some_and(|t| t != "application/json") {
+            return None;
+        }
+        let body = match envelope.properties.body_encoding.as_deref() {
+            Some("base64") => base64::engine::general_purpose::STANDARD.decode(envelope.body.as_bytes()).ok()?,
+            _ => envelope.body.into_bytes(),
+        };
+        serde_json::from_slice(&body).ok()
+    }
+
+    /// Whether a worker named `hostname` should act on it: every worker
+    /// when no destination or pattern is given, else the named ones (or
+    /// those whose name matches the glob `pattern`).
+    pub fn is_for(&self, hostname: &str) -> bool {
+        match (&self.destination, &self.pattern) {
+            (Some(names), _) if !names.is_empty() => names.iter().any(|n| n == hostname),
+            (_, Some(pattern)) if self.matcher.as_deref().is_none_or(|m| m == "glob") => glob(pattern, hostname),
+            // A `pcre` pattern: celer does not evaluate it (nor act on it).
+            (_, Some(_)) => false,
+            _ => true,
+        }
+    }
+}
+
+/// fnmatch-style matching of `*` and `?`.
+fn glob(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// What answers control requests on this host.
+pub(super) struct Control {
+    pub ctx: Arc<Ctx>,
+    pub events: Arc<Events>,
+    pub activity: Arc<Activity>,
+    pub url: String,
+    pub concurrency: usize,
+    pub started: Instant,
+}
+
+/// At most this many revoked ids in a `revoked` answer.
+const REVOKED_MAX: usize = 10_000;
+
+impl Control {
+    /// The answer to `request` (what goes under this host's name in the reply).
+    async fn answer(&self, request: &Request) -> Value {
+        let args = &request.arguments;
+        let hostname = self.events.hostname();
+        match request.method.as_str() {
+            "ping" => json!({"ok": "pong"}),
+            "revoke" => match Revoke::of(request) {
+                Some(revoke) => match self.ctx.apply(&revoke).await {
+                    Ok(()) => json!({"ok": format!("tasks {} flagged as revoked", revoke.task_ids.join(", "))}),
+                    Err(e) => json!({"error": format!("revoke not applied: {e}")}),
+                },
+                None => json!({"error": "revoke needs task_id"}),
+            },
+            "stats" => self.stats(),
+            "active" => {
+                let safe = args.get("safe").and_then(Value::as_bool).unwrap_or(false);
+                Value::Array(self.activity.running().iter().map(|r| r.info(hostname, safe)).collect())
+            }
+            // celer takes a job only when a slot is free, so nothing waits
+            // reserved on a host; jobs waiting for their eta wait in the
+            // shared queue, not on a host.
+            "reserved" | "scheduled" => json!([]),
+            "revoked" => match self.revoked_ids().await {
+                Ok(ids) => json!(ids),
+                Err(e) => json!({"error": format!("cannot list revoked ids: {e}")}),
+            },
+            "registered" => json!(self.registered()),
+            "active_queues" => Value::Array(self.ctx.celery.queues.iter().map(|q| queue_info(q)).collect()),
+            "conf" => self.conf(),
+            "report" => json!({"ok": self.report()}),
+            "clock" => json!({"clock": self.events.tick()}),
+            "query_task" => {
+                let ids: Vec<&str> = match args.get("ids") {
+                    Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_str).collect(),
+                    Some(Value::String(id)) => vec![id.as_str()],
+                    _ => Vec::new(),
+                };
+                let found: serde_json::Map<String, Value> = self
+                    .activity
+                    .running()
+                    .iter()
+                    .filter(|r| ids.contains(&r.celery_id.as_str()))
+                    .map(|r| (r.celery_id.clone(), json!(["active", r.info(hostname, false)])))
+                    .collect();
+                Value::Object(found)
+            }
+            "enable_events" => {
+                let was = self.events.set_task_events(true);
+                if !was {
+                    tracing::info!("Celery task events enabled by a control request");
+                }
+                json!({"ok": if was { "task events already enabled" } else { "task events enabled" }})
+            }
+            "disable_events" => {
+                let was = self.events.set_task_events(false);
+                if was {
+                    tracing::info!("Celery task events disabled by a control request");
+                }
+                json!({"ok": if was { "task events disabled" } else { "task events already disabled" }})
+            }
+            "heartbeat" => {
+                self.events.worker("worker-heartbeat").await;
+                Value::Null
+            }
+            // A Python worker starting up asks the others for the ids they revoked.
+            "hello" => match self.revoked_ids().await {
+                Ok(ids) => json!({"revoked": ids, "clock": self.events.tick()}),
+                Err(_) => json!({"revoked": [], "clock": self.events.tick()}),
+            },
+            other => json!({"error": format!("celer does not implement the control command {other:?}")}),
+        }
+    }
+
+    fn stats(&self) -> Value {
+        let pid = std::process::id();
+        let broker = url::Url::parse(&self.url).ok();
+        let db = broker.as_ref().map(|u| u.path().trim_start_matches('/').to_string()).filter(|d| !d.is_empty());
+        json!({
+            "total": self.activity.totals(),
+            "pid": pid,
+            "clock": self.events.tick().to_string(),
+            "uptime": self.started.elapsed().as_secs(),
+            "pool": {
+                "implementation": "celer (one wasmtime sandbox per job)",
+                "max-concurrency": self.concurrency,
+                "processes": [pid],
+                "max-tasks-per-child": "N/A",
+                "put-guarded-by-semaphore": false,
+                "timeouts": [0, 0],
+            },
+            "broker": {
+                "hostname": broker.as_ref().and_then(|u| u.host_str().map(String::from)),
+                "userid": broker.as_ref().map(|u| u.username().to_string()).filter(|u| !u.is_empty()),
+                "virtual_host": db.unwrap_or_else(|| "0".into()),
+                "port": broker.as_ref().and_then(url::Url::port),
+                "insist": false,
+                "ssl": broker.as_ref().is_some_and(|u| u.scheme() == "rediss"),
+                "transport": "redis",
+                "connect_timeout": 5,
+                "transport_options": {},
+                "login_method": null,
+                "uri_prefix": null,
+                "heartbeat": null,
+                "failover_strategy": "round-robin",
+                "alternates": [],
+            },
+            // No prefetch: a host takes a job only when a slot is free.
+            "prefetch_count": 0,
+        })
+    }
+
+    /// Every task name this host runs: plugin tasks and their Celery aliases.
+    fn registered(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .ctx
+            .registry
+            .plugins()
+            .iter()
+            .flat_map(|p| p.tasks.iter().cloned().chain(p.aliases.keys().cloned()).collect::<Vec<_>>())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    fn conf(&self) -> Value {
+        let url = masked(&self.url);
+        json!({
+            "broker_url": url,
+            "result_backend": url,
+            "result_expires": self.ctx.celery.result_expires_s,
+            "task_track_started": self.ctx.celery.track_started,
+            "task_routes": self.ctx.celery.routes,
+            "task_default_queue": self.ctx.celery.queues.first(),
+            "worker_concurrency": self.concurrency,
+            "worker_prefetch_multiplier": 0,
+            "worker_send_task_events": self.events.task_events_on(),
+        })
+    }
+
+    fn report(&self) -> String {
+        format!(
+            "\nsoftware -> celer:{} (wasmtime sandbox per job)\nplatform -> system:{} pid:{}\nbroker -> {}\nqueues -> {}\nplugins -> {}\n",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::OS,
+            std::process::id(),
+            masked(&self.url),
+            self.ctx.celery.queues.join(", "),
+            self.ctx.registry.plugins().iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(", "),
+        )
+    }
+
+    /// The Celery task ids revoked lately (remembered for 3 h by every host).
+    async fn revoked_ids(&self) -> Result<Vec<String>, String> {
+        let start = self.ctx.revocations.key("");
+        let mut c = self.ctx.conn.clone();
+        let mut ids = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{start}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| e.to_string())?;
+            ids.extend(keys.into_iter().filter_map(|k| k.strip_prefix(&start).map(String::from)));
+            cursor = next;
+            if cursor == 0 || ids.len() >= REVOKED_MAX {
+                break;
+            }
+        }
+        ids.truncate(REVOKED_MAX);
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Sends `result` to the caller's reply queue, if the caller still waits.
+    async fn reply(&self, request: &Request, result: Value) -> Result<(), String> {
+        let (Some(ticket), Some(reply_to)) = (&request.ticket, &request.reply_to) else { return Ok(()) };
+        let prefix = &self.ctx.celery.key_prefix;
+        let mut c = self.ctx.conn.clone();
+        let bindings: Vec<Vec<u8>> = ::redis::cmd("SMEMBERS")
+            .arg(format!("{prefix}_kombu.binding.{}", reply_to.exchange))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| e.to_string())?;
+        let queues: Vec<String> = bindings
+            .iter()
+            .filter_map(|b| {
+                let text = String::from_utf8_lossy(b);
+                let mut parts = text.split("\x06\x16");
+                let (rk, _pattern, queue) = (parts.next()?, parts.next()?, parts.next()?);
+                (rk == reply_to.routing_key).then(|| format!("{prefix}{queue}"))
+            })
+            .collect();
+        if queues.is_empty() {
+            tracing::debug!(method = %request.method, "Celery control reply dropped: the caller no longer waits");
+            return Ok(());
+        }
+        let body = json!({ self.events.hostname(): result }).to_string();
+        let message = json!({
+            "body": base64::engine::general_purpose::STANDARD.encode(body),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"ticket": ticket, "clock": self.events.tick()},
+            "properties": {
+                "delivery_mode": 1,
+                "delivery_info": {"exchange": reply_to.exchange, "routing_key": reply_to.routing_key},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": uuid::Uuid::new_v4().to_string(),
+            },
+        })
+        .to_string();
+        let mut pipe = ::redis::pipe();
+        for q in &queues {
+            pipe.cmd("LPUSH").arg(q).arg(&message).ignore();
+        }
+        pipe.query_async::<()>(&mut c).await.map_err(|e| e.to_string())
+    }
+
+    async fn handle(&self, request: Request) {
+        if !request.is_for(self.events.hostname()) {
+            return;
+        }
+        let result = self.answer(&request).await;
+        tracing::debug!(method = %request.method, "Celery control request answered");
+        if let Err(e) = self.reply(&request, result).await {
+            tracing::warn!(method = %request.method, error = %e, "Celery control reply not sent");
+        }
+    }
+}
+
+/// A queue as `inspect active_queues` describes it (kombu's `Queue.as_dict`).
+fn queue_info(queue: &str) -> Value {
+    json!({
+        "name": queue,
+        "exchange": {"name": queue, "type": "direct", "arguments": null, "durable": true, "passive": false,
+                     "auto_delete": false, "delivery_mode": null, "no_declare": false},
+        "routing_key": queue, "queue_arguments": null, "binding_arguments": null, "consumer_arguments": null,
+        "durable": true, "exclusive": false, "auto_delete": false, "no_ack": false, "alias": null, "bindings": [],
+        "no_declare": null, "expires": null, "message_ttl": null, "max_length": null, "max_length_bytes": null,
+        "max_priority": null,
+    })
+}
+
+/// A Redis URL with its password hidden.
+fn masked(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("********"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(unreadable URL)".into(),
+    }
+}
+
+/// Listens for control requests until `stop`, reconnecting when Redis goes
+/// away. Requests are handled one at a time, in order.
+pub(super) async fn listen(control: Arc<Control>, mut stop: watch::Receiver<bool>) {
+    let channel = channel(&control.url, &control.ctx.celery.key_prefix);
+    while !*stop.borrow() {
+        let subscribed = async {
+            let client = ::redis::Client::open(control.url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, ::redis::RedisError>(pubsub)
+        };
+        let pubsub = match subscribed.await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, channel, "Celery remote control: cannot subscribe; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.changed() => return,
+                }
+            }
+        };
+        let mut messages = pubsub.into_on_message();
+        loop {
+            let message = tokio::select! {
+                m = messages.next() => m,
+                _ = stop.changed() => return,
+            };
+            // The connection dropped: subscribe again.
+            let Some(message) = message else { break };
+            if let Some(request) = Request::parse(message.get_payload_bytes()) {
+                control.handle(request).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_channel_names_the_database_and_the_key_prefix() {
+        assert_eq!(channel("redis://127.0.0.1:6390/0", ""), "/0.celery.pidbox");
+        assert_eq!(channel("redis://:pw@redis:6379/3", "app:"), "app:/3.celery.pidbox");
+        assert_eq!(channel("redis://redis:6379", ""), "/0.celery.pidbox");
+    }
+
+    /// Requests for every worker, for this one by name, or by a glob
+    /// pattern; not those for other workers.
+    #[test]
+    fn a_request_is_for_this_host_when_it_names_it_or_nobody() {
+        let req = |v: Value| serde_json::from_value::<Request>(v).expect("a request");
+        assert!(req(json!({"method": "ping"})).is_for("celer@a"));
+        assert!(req(json!({"method": "ping", "destination": ["w1@x", "celer@a"]})).is_for("celer@a"));
+        assert!(!req(json!({"method": "ping", "destination": ["w1@x"]})).is_for("celer@a"));
+        assert!(req(json!({"method": "ping", "pattern": "celer@*", "matcher": "glob"})).is_for("celer@a"));
+        assert!(!req(json!({"method": "ping", "pattern": "w?@*", "matcher": null})).is_for("celer@a"));
+        assert!(!req(json!({"method": "ping", "pattern": "celer@.*", "matcher": "pcre"})).is_for("celer@a"));
+        assert!(glob("*a*b?", "xxaYbZ") && !glob("a*", "ba") && glob("", "") && !glob("", "x"));
+    }
+
+    #[test]
+    fn a_password_never_leaves_in_a_reply() {
+        assert_eq!(masked("redis://:secret@r:6379/0"), "redis://:********@r:6379/0");
+        assert_eq!(masked("redis://r:6379/1"), "redis://r:6379/1");
+    }
+}
