@@ -135,7 +135,11 @@ impl Broker for CeleryAwareBroker {
                 }
             }
         }
-        self.events.tasks(started).await;
+        if !started.is_empty() {
+            // Off the fetch's path: the jobs are handed out without waiting.
+            let events = self.events.clone();
+            tokio::spawn(async move { events.tasks(started).await });
+        }
         self.write_started(&got).await;
         Ok(got)
     }
@@ -193,17 +197,6 @@ impl Broker for CeleryAwareBroker {
             return Ok(false);
         }
         self.activity.finished(&origin.task);
-        if let Outcome::Dead { error } | Outcome::Cancelled { error } = &outcome {
-            // Errbacks and the chord's count only once the failure is
-            // recorded (as a Celery worker calls them after storing it): a
-            // stale run that failed must not send them, nor drop the
-            // workflow the run that took over needs.
-            let revoked = matches!(outcome, Outcome::Cancelled { .. });
-            let e = if revoked { Exception::new("TaskRevokedError", "celery.exceptions", error.message.clone()) } else { Exception::of(error) };
-            if let Err(e) = self.follow_ups.on_failure(&origin.celery_id, &e, revoked).await {
-                tracing::error!(job_id = %lease.job_id, celery_id = %origin.celery_id, error = %e, "cannot send the Celery errbacks or count the chord part");
-            }
-        }
         let plugin = plugin.as_ref().map(|(name, version)| (name.as_str(), version.as_str()));
         let (status, stored) = match &outcome {
             Outcome::Succeeded { result } => (Status::Success, result::Outcome::Success(result.clone())),
@@ -220,6 +213,18 @@ impl Broker for CeleryAwareBroker {
         let doc = result::meta(&origin.celery_id, status, &stored, Utc::now());
         if let Err(e) = self.results.write(&origin.celery_id, &doc).await {
             tracing::error!(job_id = %lease.job_id, celery_id = %origin.celery_id, error = %e, "cannot write the Celery result");
+        }
+        if let Outcome::Dead { error } | Outcome::Cancelled { error } = &outcome {
+            // Errbacks and the chord's count only once the failure is
+            // recorded and stored (as a Celery worker calls them after
+            // storing it): a stale run that failed must not send them, nor
+            // drop the workflow the run that took over needs; and the
+            // chord's failure never shows before its part's own.
+            let revoked = matches!(outcome, Outcome::Cancelled { .. });
+            let e = if revoked { Exception::new("TaskRevokedError", "celery.exceptions", error.message.clone()) } else { Exception::of(error) };
+            if let Err(e) = self.follow_ups.on_failure(&origin.celery_id, &e, revoked).await {
+                tracing::error!(job_id = %lease.job_id, celery_id = %origin.celery_id, error = %e, "cannot send the Celery errbacks or count the chord part");
+            }
         }
         if self.events.task_events_on() {
             let (exception, traceback) = match &stored {

@@ -22,13 +22,23 @@
 //!   with a `ChordError` that says so).
 //!
 //! Sending the callback and clearing the keys is one script, so a run that
-//! dies between them cannot leave a chord fired twice or never.
+//! dies between them cannot leave a chord fired twice. A successful part is
+//! recorded before its own outcome (a run that dies before recording runs
+//! again and records it once); a failed part after it, so a host that dies
+//! between the two leaves the chord waiting until its keys expire.
+//!
+//! A group or chord that is the next step of a chain is started by the run
+//! that succeeded before it, as a Celery worker does: its tasks are sent
+//! with the group id, their places and (a chord's) callback, the previous
+//! result first in their args unless immutable, and a chord's size is
+//! stored first, in the same transaction.
 
 use chrono::Utc;
 use serde_json::{Value, json};
 
 use super::ResultWriter;
 use super::follow_ups::{FollowUps, Kept};
+use super::protocol::Fanout;
 use super::result::{self, Exception, Status, py_repr};
 use crate::broker::redis::conn::Conn;
 
@@ -40,9 +50,12 @@ const DONE_S: u64 = 300;
 
 /// KEYS: j t s d c; ARGV: member, counted-as, score, ttl s, claim s, token.
 /// Returns {ready parts, 1 when this call completed the header and holds the
-/// claim}; {-1, 0} when the chord already fired.
+/// claim}; {-1, 0} when the chord already fired. The token is the part's
+/// own, so a repeat of the call that took the claim (its first attempt
+/// failed on the way) holds it again.
 const PART: &str = r#"
-if redis.call('GET', KEYS[5]) == 'done' then return {-1, 0} end
+local claim = redis.call('GET', KEYS[5])
+if claim == 'done' then return {-1, 0} end
 if redis.call('SADD', KEYS[4], ARGV[2]) == 1 then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 end
@@ -51,7 +64,7 @@ for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 local size = redis.call('GET', KEYS[3])
 if not size then return {ready, 0} end
 local total = tonumber(size) + tonumber(redis.call('GET', KEYS[2]) or '0')
-if ready == total and redis.call('SET', KEYS[5], ARGV[6], 'NX', 'EX', ARGV[5]) then
+if ready == total and (claim == ARGV[6] or redis.call('SET', KEYS[5], ARGV[6], 'NX', 'EX', ARGV[5])) then
   return {ready, 1}
 end
 return {ready, 0}
@@ -70,6 +83,7 @@ return 1
 "#;
 
 /// How a header task ended for good, as the chord records it.
+#[derive(Clone, Copy)]
 pub enum Part<'a> {
     Success(&'a Value),
     Failure(&'a Exception),
@@ -105,11 +119,11 @@ impl Chords {
         let mut member = String::new();
         result::py_json(&mut member, &json!([1, task_id, state, value]));
         let score = kept.group_index.map_or_else(|| "+inf".to_string(), |i| i.to_string());
-        let token = uuid::Uuid::new_v4().simple().to_string();
+        let token = format!("{task_id}:{score}");
         let mut c = self.conn.clone();
         let mut inv = self.part.prepare_invoke();
         inv.key(key(".j")).key(key(".t")).key(key(".s")).key(key(".d")).key(key(".c"));
-        inv.arg(&member).arg(format!("{task_id}:{score}")).arg(&score).arg(self.expires_s).arg(CLAIM_S).arg(&token);
+        inv.arg(&member).arg(&token).arg(&score).arg(self.expires_s).arg(CLAIM_S).arg(&token);
         let (ready, completed): (i64, i64) = inv.invoke_async(&mut c).await.map_err(|e| e.to_string())?;
         tracing::debug!(task_id, group = %group, ready, "Celery chord part recorded");
         if completed != 1 {
@@ -149,30 +163,96 @@ impl Chords {
         }
     }
 
+    /// What starts `fanout`, the next step of `parent`'s chain (`rest` is
+    /// the chain after it): commands to run first (a chord's size), then
+    /// the messages to send.
+    pub(super) fn start(
+        &self,
+        follow_ups: &FollowUps,
+        fanout: &Fanout<'_>,
+        rest: &[Value],
+        previous: &Value,
+        parent: &str,
+        kept: &Kept,
+    ) -> (Vec<::redis::Cmd>, Vec<(String, String)>) {
+        let group = fanout.group_id;
+        let mut setup = Vec::new();
+        let body = fanout.body.map(|body| {
+            let mut body = body.clone();
+            if let Some(options) = body.get_mut("options").and_then(Value::as_object_mut) {
+                options.insert("group_id".into(), json!(group));
+                if !rest.is_empty() {
+                    options.insert("chain".into(), Value::Array(rest.to_vec()));
+                }
+            } else {
+                body["options"] = json!({"group_id": group, "chain": rest});
+            }
+            body
+        });
+        if let Some(body) = &body {
+            if fanout.tasks.is_empty() {
+                // Nothing to wait for: the callback runs on no results.
+                let message = follow_ups.message(body, Vec::new(), &json!([]), parent, kept, "chord");
+                return (setup, vec![message]);
+            }
+            let key = |suffix: &str| format!("celery-taskset-meta-{group}{suffix}");
+            let mut clear = ::redis::cmd("DEL");
+            clear.arg(key(".c"));
+            let mut size = ::redis::cmd("SET");
+            size.arg(key(".s")).arg(fanout.tasks.len()).arg("EX").arg(self.expires_s);
+            setup.extend([clear, size]);
+        }
+        let messages = fanout
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, task)| {
+                let mut task = task.clone();
+                let options = json!({"group_id": group, "group_index": i, "chord": body});
+                match task.get_mut("options").and_then(Value::as_object_mut) {
+                    Some(o) => o.extend(options.as_object().cloned().unwrap_or_default()),
+                    None => task["options"] = options,
+                }
+                follow_ups.message(&task, Vec::new(), previous, parent, kept, &format!("group-{group}-{i}"))
+            })
+            .collect();
+        (setup, messages)
+    }
+
     /// The callback will not run: its errbacks are sent with its id, and
     /// it and the rest of its chain read FAILURE with a `ChordError`.
     async fn fail(&self, follow_ups: &FollowUps, kept: &Kept, callback: &Value, callback_id: &str, why: &str, size_key: &str) -> Result<(), String> {
         tracing::warn!(callback_id, error = why, "Celery chord failed: its callback does not run");
+        // Errbacks get the callback's id, which is also their root (Celery's).
         let errbacks = callback.pointer("/options/link_error").and_then(Value::as_array).cloned().unwrap_or_default();
         let failed = Value::String(callback_id.to_string());
         let messages: Vec<_> = errbacks
-            .iter()
+            .into_iter()
             .enumerate()
-            .map(|(i, sig)| follow_ups.message(sig, Vec::new(), &failed, callback_id, kept, &format!("chord-errback-{i}")))
+            .map(|(i, mut sig)| {
+                if let Some(options) = sig.get_mut("options").and_then(Value::as_object_mut) {
+                    options.entry("root_id").or_insert_with(|| failed.clone());
+                }
+                follow_ups.message(&sig, Vec::new(), &failed, callback_id, kept, &format!("chord-errback-{i}"))
+            })
             .collect();
-        follow_ups.push(&messages).await?;
+        let sent = follow_ups.push(&messages).await;
         let e = Exception::new("ChordError", "celery.exceptions", why);
         let traceback = format!("Traceback (most recent call last):\n  celer: chord callback {callback_id}\ncelery.exceptions.ChordError: {why}\n");
         let now = Utc::now();
-        let mut docs = vec![(callback_id.to_string(), result::meta(callback_id, Status::Failure, &result::Outcome::Failure(e.clone(), Some(traceback)), now))];
+        let mut docs = Vec::new();
+        if !callback_id.is_empty() {
+            docs.push((callback_id.to_string(), result::meta(callback_id, Status::Failure, &result::Outcome::Failure(e.clone(), Some(traceback)), now)));
+        }
         let chain = callback.pointer("/options/chain").and_then(Value::as_array).cloned().unwrap_or_default();
         for id in chain.iter().filter_map(|sig| sig.pointer("/options/task_id").and_then(Value::as_str)) {
             docs.push((id.to_string(), result::meta(id, Status::Failure, &result::Outcome::Failure(e.clone(), None), now)));
         }
-        self.results.write_all(&docs).await.map_err(|e| e.to_string())?;
+        let written = self.results.write_all(&docs).await.map_err(|e| e.to_string());
+        // The chord is over whatever failed above (Celery's `finally`).
         let mut c = self.conn.clone();
         ::redis::cmd("DEL").arg(size_key).query_async::<i64>(&mut c).await.map_err(|e| e.to_string())?;
-        Ok(())
+        sent.and(written)
     }
 }
 

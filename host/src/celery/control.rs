@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use futures_util::StreamExt;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -41,31 +40,25 @@ pub fn fanout_channel(url: &str, key_prefix: &str, exchange: &str) -> String {
 }
 
 /// One control request, decoded.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     pub method: String,
-    #[serde(default)]
     pub arguments: Value,
-    #[serde(default)]
-    destination: Option<Vec<String>>,
-    #[serde(default)]
+    destination: Vec<String>,
     pattern: Option<String>,
-    #[serde(default)]
     matcher: Option<String>,
     /// Present when the caller waits for replies.
-    #[serde(default)]
     ticket: Option<String>,
-    #[serde(default)]
     reply_to: Option<ReplyTo>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 struct ReplyTo {
     exchange: String,
     routing_key: String,
 }
 
-#[derive(Deserialize)]
+#[derive(serde::Deserialize)]
 struct Envelope {
     body: String,
     #[serde(rename = "content-type")]
@@ -74,7 +67,7 @@ struct Envelope {
     properties: Properties,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(serde::Deserialize, Default)]
 struct Properties {
     body_encoding: Option<String>,
 }
@@ -91,18 +84,47 @@ impl Request {
             Some("base64") => base64::engine::general_purpose::STANDARD.decode(envelope.body.as_bytes()).ok()?,
             _ => envelope.body.into_bytes(),
         };
-        serde_json::from_slice(&body).ok()
+        let body: Value = serde_json::from_slice(&body).ok()?;
+        Request::of(&body)
     }
 
-    /// Whether a worker named `hostname` should act on it: every worker
-    /// when no destination or pattern is given, else the named ones (or
-    /// those whose name matches the glob `pattern`).
+    /// The request in a decoded body: a method is all it needs; fields of
+    /// an unexpected shape are ignored, as kombu ignores them.
+    fn of(body: &Value) -> Option<Request> {
+        let text = |k: &str| body.get(k).and_then(Value::as_str).map(String::from);
+        let reply_to = body.get("reply_to").and_then(|r| {
+            Some(ReplyTo {
+                exchange: r.get("exchange")?.as_str()?.to_string(),
+                routing_key: r.get("routing_key")?.as_str()?.to_string(),
+            })
+        });
+        Some(Request {
+            method: text("method")?,
+            arguments: body.get("arguments").cloned().unwrap_or(Value::Null),
+            destination: body
+                .get("destination")
+                .and_then(Value::as_array)
+                .map(|d| d.iter().filter_map(|n| n.as_str().map(String::from)).collect())
+                .unwrap_or_default(),
+            pattern: text("pattern"),
+            matcher: text("matcher"),
+            ticket: text("ticket"),
+            reply_to,
+        })
+    }
+
+    /// Whether a worker named `hostname` should act on it, as kombu
+    /// decides: the named workers when a destination is given, else those
+    /// whose name matches `pattern` when a `matcher` is given too, else
+    /// every worker.
     pub fn is_for(&self, hostname: &str) -> bool {
-        match (&self.destination, &self.pattern) {
-            (Some(names), _) if !names.is_empty() => names.iter().any(|n| n == hostname),
-            (_, Some(pattern)) if self.matcher.as_deref().is_none_or(|m| m == "glob") => glob(pattern, hostname),
+        if !self.destination.is_empty() {
+            return self.destination.iter().any(|n| n == hostname);
+        }
+        match (&self.pattern, self.matcher.as_deref()) {
+            (Some(pattern), Some("glob")) => glob(pattern, hostname),
             // A `pcre` pattern: celer does not evaluate it (nor act on it).
-            (_, Some(_)) => false,
+            (Some(_), Some(_)) => false,
             _ => true,
         }
     }
@@ -370,9 +392,6 @@ impl Control {
     }
 
     async fn handle(&self, request: Request) {
-        if !request.is_for(self.events.hostname()) {
-            return;
-        }
         let result = self.answer(&request).await;
         tracing::debug!(method = %request.method, "Celery control request answered");
         if let Err(e) = self.reply(&request, result).await {
@@ -435,8 +454,17 @@ pub(super) async fn listen(control: Arc<Control>, mut stop: watch::Receiver<bool
             };
             // The connection dropped: subscribe again.
             let Some(message) = message else { break };
-            if let Some(request) = Request::parse(message.get_payload_bytes()) {
+            let Some(request) = Request::parse(message.get_payload_bytes()) else { continue };
+            if !request.is_for(control.events.hostname()) {
+                continue;
+            }
+            // Revokes in the order they were sent; anything else (a scan
+            // of revoked ids, say) must not hold up the next request.
+            if request.method == "revoke" {
                 control.handle(request).await;
+            } else {
+                let control = control.clone();
+                tokio::spawn(async move { control.handle(request).await });
             }
         }
     }
@@ -457,12 +485,17 @@ mod tests {
     /// pattern; not those for other workers.
     #[test]
     fn a_request_is_for_this_host_when_it_names_it_or_nobody() {
-        let req = |v: Value| serde_json::from_value::<Request>(v).expect("a request");
+        let req = |v: Value| Request::of(&v).expect("a request");
         assert!(req(json!({"method": "ping"})).is_for("celer@a"));
         assert!(req(json!({"method": "ping", "destination": ["w1@x", "celer@a"]})).is_for("celer@a"));
         assert!(!req(json!({"method": "ping", "destination": ["w1@x"]})).is_for("celer@a"));
         assert!(req(json!({"method": "ping", "pattern": "celer@*", "matcher": "glob"})).is_for("celer@a"));
-        assert!(!req(json!({"method": "ping", "pattern": "w?@*", "matcher": null})).is_for("celer@a"));
+        assert!(!req(json!({"method": "ping", "pattern": "w?@*", "matcher": "glob"})).is_for("celer@a"));
+        // A pattern without a matcher is no filter (kombu's rule).
+        assert!(req(json!({"method": "ping", "pattern": "w?@*", "matcher": null})).is_for("celer@a"));
+        // Fields of an odd shape are ignored, not the request.
+        assert!(req(json!({"method": "revoke", "reply_to": "nonsense", "destination": null})).is_for("celer@a"));
+        assert_eq!(Request::of(&json!({"arguments": {}})), None);
         assert!(!req(json!({"method": "ping", "pattern": "celer@.*", "matcher": "pcre"})).is_for("celer@a"));
         assert!(glob("*a*b?", "xxaYbZ") && !glob("a*", "ba") && glob("", "") && !glob("", "x"));
     }

@@ -34,6 +34,9 @@ use super::protocol::{self, Outgoing, TaskMessage};
 use super::result::Exception;
 use crate::broker::redis::conn::Conn;
 
+/// How often a failed task's chord part is tried before it is given up.
+const PART_TRIES: u32 = 3;
+
 /// Sends the follow-ups of Celery tasks that succeed.
 #[derive(Clone)]
 pub struct FollowUps {
@@ -153,13 +156,21 @@ impl FollowUps {
         // recorded, and the workflow is still there if it fails.
         self.chords.part_done(self, &kept, celery_id, Part::Success(result)).await?;
         let mut messages = Vec::new();
+        let mut setup = Vec::new();
         for (i, sig) in kept.callbacks.iter().enumerate() {
             messages.push(self.message(sig, Vec::new(), result, celery_id, &kept, &format!("link-{i}")));
         }
         if let Some((next, rest)) = kept.chain.split_last() {
-            messages.push(self.message(next, rest.to_vec(), result, celery_id, &kept, "chain"));
+            match protocol::fanout(next) {
+                Some(fanout) => {
+                    let (commands, started) = self.chords.start(self, &fanout, rest, result, celery_id, &kept);
+                    setup.extend(commands);
+                    messages.extend(started);
+                }
+                None => messages.push(self.message(next, rest.to_vec(), result, celery_id, &kept, "chain")),
+            }
         }
-        self.send(celery_id, messages).await
+        self.send(celery_id, setup, messages).await
     }
 
     /// Sends the errbacks of `celery_id`, which failed for good with `e`
@@ -168,18 +179,28 @@ impl FollowUps {
     pub async fn on_failure(&self, celery_id: &str, e: &Exception, revoked: bool) -> Result<(), String> {
         let Some(kept) = self.kept(celery_id).await? else { return Ok(()) };
         let part = if revoked { Part::Revoked(e) } else { Part::Failure(e) };
-        self.chords.part_done(self, &kept, celery_id, part).await?;
-        if revoked {
-            return self.send(celery_id, Vec::new()).await;
+        // The failure is recorded already, so nothing runs this again: a
+        // few tries, and the errbacks go out whatever the chord's fate.
+        let mut counted = Ok(());
+        for attempt in 1..=PART_TRIES {
+            counted = self.chords.part_done(self, &kept, celery_id, part).await;
+            if counted.is_ok() || attempt == PART_TRIES {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt))).await;
         }
         let failed = Value::String(celery_id.to_string());
-        let messages = kept
-            .errbacks
-            .iter()
-            .enumerate()
-            .map(|(i, sig)| self.message(sig, Vec::new(), &failed, celery_id, &kept, &format!("errback-{i}")))
-            .collect();
-        self.send(celery_id, messages).await
+        let messages = if revoked {
+            Vec::new()
+        } else {
+            kept.errbacks
+                .iter()
+                .enumerate()
+                .map(|(i, sig)| self.message(sig, Vec::new(), &failed, celery_id, &kept, &format!("errback-{i}")))
+                .collect()
+        };
+        self.send(celery_id, Vec::new(), messages).await?;
+        counted.map_err(|e| format!("the chord part was not recorded: {e}"))
     }
 
     async fn kept(&self, celery_id: &str) -> Result<Option<Kept>, String> {
@@ -188,9 +209,14 @@ impl FollowUps {
         kept.map(|k| serde_json::from_str(&k).map_err(|e| format!("unreadable workflow of {celery_id}: {e}"))).transpose()
     }
 
-    /// Sends `messages` and forgets the workflow.
-    async fn send(&self, celery_id: &str, messages: Vec<(String, String)>) -> Result<(), String> {
-        let mut pipe = self.pushes(&messages);
+    /// Runs `setup`, sends `messages` and forgets the workflow, all or none.
+    async fn send(&self, celery_id: &str, setup: Vec<::redis::Cmd>, messages: Vec<(String, String)>) -> Result<(), String> {
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
+        for cmd in setup {
+            pipe.add_command(cmd).ignore();
+        }
+        self.add_pushes(&mut pipe, &messages);
         pipe.cmd("DEL").arg(self.key(celery_id)).ignore();
         let mut c = self.conn.clone();
         pipe.query_async::<()>(&mut c).await.map_err(|e| e.to_string())?;
@@ -205,19 +231,19 @@ impl FollowUps {
         if messages.is_empty() {
             return Ok(());
         }
-        let mut c = self.conn.clone();
-        self.pushes(messages).query_async::<()>(&mut c).await.map_err(|e| e.to_string())
-    }
-
-    /// All or nothing: a dropped connection must not leave some sent and
-    /// the workflow still there to send them again.
-    fn pushes(&self, messages: &[(String, String)]) -> ::redis::Pipeline {
         let mut pipe = ::redis::pipe();
         pipe.atomic();
+        self.add_pushes(&mut pipe, messages);
+        let mut c = self.conn.clone();
+        pipe.query_async::<()>(&mut c).await.map_err(|e| e.to_string())
+    }
+
+    /// All or nothing (in a MULTI): a dropped connection must not leave
+    /// some sent and the workflow still there to send them again.
+    fn add_pushes(&self, pipe: &mut ::redis::Pipeline, messages: &[(String, String)]) {
         for (queue, message) in messages {
             pipe.cmd("LPUSH").arg(self.queue_key(queue)).arg(message).ignore();
         }
-        pipe
     }
 
     /// The queue and message for one signature; `first` (the result, or
@@ -306,6 +332,8 @@ mod tests {
             parent_id: None,
             group: None,
             group_index: None,
+            argsrepr: None,
+            kwargsrepr: None,
             workflow: protocol::Workflow { callbacks: vec![json!({"task": "proj.tasks.greet", "args": []})], ..Default::default() },
         };
         follow_ups.keep(&msg, &queue).await.expect("kept");
@@ -364,6 +392,55 @@ mod tests {
         let done: String = ::redis::cmd("GET").arg(format!("celery-taskset-meta-{group}.c")).query_async(&mut c).await.expect("claim");
         assert_eq!(done, "done");
         let _: i64 = ::redis::cmd("DEL").arg(&queue).arg(format!("celery-taskset-meta-{group}.c")).query_async(&mut c).await.expect("del");
+    }
+
+    /// A chord that is the next step of a chain is started by the run
+    /// before it: the header's size is stored, each header task goes out
+    /// with the group id, its place and the callback, the previous result
+    /// first in its args unless immutable. Against the test Redis.
+    #[tokio::test]
+    async fn a_chord_next_in_a_chain_is_started_with_the_previous_result() {
+        let conn = crate::broker::redis::test_redis_conn().await;
+        let unique = uuid::Uuid::now_v7().simple().to_string();
+        let (group, queue) = (format!("g-{unique}"), format!("q-{unique}"));
+        let f = FollowUps::new(conn.clone(), format!("p-{unique}:"), String::new(), 60, Default::default(), chords(&conn));
+        let header = json!({"task": "celery.group", "kwargs": {"tasks": [
+            {"task": "t.add", "args": [10], "options": {"task_id": "h0"}, "immutable": false},
+            {"task": "t.add", "args": [1, 2], "options": {"task_id": "h1"}, "immutable": true}]}, "options": {"task_id": group}, "subtask_type": "group"});
+        let chord = json!({"task": "celery.chord", "kwargs": {"header": header, "body": {"task": "t.tsum", "options": {"task_id": "cb"}}}, "options": {"task_id": group}, "subtask_type": "chord"});
+        let msg = protocol::TaskMessage {
+            id: format!("t-{unique}"),
+            task: "t.add".into(),
+            args: json!([1, 1]),
+            kwargs: json!({}),
+            eta: None,
+            expires: None,
+            retries: 0,
+            root_id: Some("root".into()),
+            parent_id: None,
+            group: None,
+            group_index: None,
+            argsrepr: None,
+            kwargsrepr: None,
+            workflow: protocol::Workflow { chain: vec![json!({"task": "t.after"}), chord], ..Default::default() },
+        };
+        f.keep(&msg, &queue).await.expect("kept");
+        f.on_success(&msg.id, &json!(2), async { Ok(true) }).await.expect("started");
+        let mut c = conn.clone();
+        let size: String = ::redis::cmd("GET").arg(format!("celery-taskset-meta-{group}.s")).query_async(&mut c).await.expect("size");
+        assert_eq!(size, "2");
+        let sent: Vec<String> = ::redis::cmd("LRANGE").arg(&queue).arg(0).arg(-1).query_async(&mut c).await.expect("lrange");
+        let mut sent: Vec<protocol::TaskMessage> = sent.iter().map(|m| protocol::decode(m.as_bytes()).expect("a task message")).collect();
+        sent.sort_by_key(|m| m.group_index);
+        assert_eq!(sent.iter().map(|m| (m.id.as_str(), m.args.clone(), m.group_index)).collect::<Vec<_>>(),
+            vec![("h0", json!([2, 10]), Some(0)), ("h1", json!([1, 2]), Some(1))]);
+        for m in &sent {
+            assert_eq!((m.group.as_deref(), m.root_id.as_deref(), m.parent_id.as_deref()), (Some(group.as_str()), Some("root"), Some(msg.id.as_str())));
+            let callback = m.workflow.chord.as_ref().expect("the callback rides along");
+            assert_eq!(callback["options"]["group_id"], json!(group));
+            assert_eq!(callback["options"]["chain"], json!([{"task": "t.after"}]), "the rest of the chain follows the callback");
+        }
+        let _: i64 = ::redis::cmd("DEL").arg(&queue).arg(format!("celery-taskset-meta-{group}.s")).query_async(&mut c).await.expect("del");
     }
 
     /// `[celery] routes` picks the queue of a follow-up whose signature names

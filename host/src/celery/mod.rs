@@ -269,6 +269,14 @@ pub async fn start(
 }
 
 impl Ctx {
+    /// Ends a Celery task that will not run (revoked, or expired): REVOKED
+    /// as its result, and its part of a chord counted (the chord fails).
+    async fn end_revoked(&self, celery_id: &str, why: &str) -> Result<(), String> {
+        self.results.write_revoked(celery_id, why).await?;
+        let e = Exception::new("TaskRevokedError", "celery.exceptions", why);
+        self.follow_ups.on_failure(celery_id, &e, true).await
+    }
+
     fn inflight(&self, host: &str, queue: &str) -> String {
         format!("{}celery:inflight:{host}/{queue}", self.prefix)
     }
@@ -361,7 +369,7 @@ async fn revoke_expired(ctx: &Ctx) -> Result<(), String> {
             Err(e) => return Err(e.to_string()),
         };
         match state {
-            Some(crate::job::JobState::Expired) => ctx.results.write_revoked(celery_id, "expired").await?,
+            Some(crate::job::JobState::Expired) => ctx.end_revoked(celery_id, "expired").await?,
             // Still waiting or running: the broker expires it at its next look; check again.
             Some(s) if !s.is_terminal() => continue,
             _ => {}
@@ -535,12 +543,14 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
     if msg.expires.is_some_and(|t| t <= Utc::now()) {
         tracing::info!(task_id = %msg.id, task = %msg.task, "Celery task expired before it could run: revoked");
         ctx.events.tasks(vec![revoked_event(true)]).await;
-        return ctx.results.write_revoked(&msg.id, "expired").await;
+        ctx.follow_ups.keep(&msg, queue).await?;
+        return ctx.end_revoked(&msg.id, "expired").await;
     }
     if ctx.revocations.contains(&msg.id).await? {
         tracing::info!(task_id = %msg.id, task = %msg.task, "Celery task was revoked before it arrived: not run");
         ctx.events.tasks(vec![revoked_event(false)]).await;
-        return ctx.results.write_revoked(&msg.id, "revoked").await;
+        ctx.follow_ups.keep(&msg, queue).await?;
+        return ctx.end_revoked(&msg.id, "revoked").await;
     }
     if !msg.workflow.unsupported.is_empty() {
         tracing::warn!(task_id = %msg.id, task = %msg.task, parts = ?msg.workflow.unsupported, "parts of this Celery canvas are not run by celer; the task and its links/chain are");
@@ -599,8 +609,8 @@ fn received_event(msg: &TaskMessage) -> events::TaskEvent {
         &msg.id,
         serde_json::json!({
             "name": msg.task,
-            "args": result::py_args_repr(&msg.args),
-            "kwargs": result::py_repr(&msg.kwargs),
+            "args": msg.argsrepr.clone().unwrap_or_else(|| result::py_args_repr(&msg.args)),
+            "kwargs": msg.kwargsrepr.clone().unwrap_or_else(|| result::py_repr(&msg.kwargs)),
             "root_id": msg.root_id.as_deref().unwrap_or(&msg.id),
             "parent_id": msg.parent_id,
             "retries": msg.retries,
@@ -684,6 +694,8 @@ mod tests {
             parent_id: parent.map(String::from),
             group: None,
             group_index: None,
+            argsrepr: None,
+            kwargsrepr: None,
             workflow: protocol::Workflow::default(),
         }
     }

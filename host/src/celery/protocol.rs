@@ -38,6 +38,10 @@ pub struct TaskMessage {
     pub group: Option<String>,
     /// Its place in that group (`headers.group_index`).
     pub group_index: Option<u64>,
+    /// How the producer wants its args and kwargs shown (`headers.argsrepr`,
+    /// `kwargsrepr`; an app may mask secrets there).
+    pub argsrepr: Option<String>,
+    pub kwargsrepr: Option<String>,
     /// What Celery's canvas attached to run after it.
     pub workflow: Workflow,
 }
@@ -160,11 +164,13 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
         (Some(_), None) => workflow.unsupported.push("a chord header task without a group id"),
         (None, _) => {}
     }
-    // A group or chord inside a chain or link (`subtask_type` set) is not a
-    // task message celer can send: none of the follow-ups run then, rather
-    // than a part of them.
+    // A group or chord inside a link, or one in a chain that celer cannot
+    // start (nested canvases, or a group with more of the chain after it),
+    // is not something celer can send: none of the follow-ups run then,
+    // rather than a part of them.
     let canvas = |s: &Value| s.get("subtask_type").is_some_and(|t| !t.is_null());
-    if workflow.chain.iter().chain(&workflow.callbacks).chain(&workflow.errbacks).any(canvas) {
+    let startable = |(i, s): (usize, &Value)| !canvas(s) || fanout(s).is_some_and(|f| f.body.is_some() || i == 0);
+    if workflow.callbacks.iter().chain(&workflow.errbacks).any(canvas) || !workflow.chain.iter().enumerate().all(startable) {
         workflow.chain.clear();
         workflow.callbacks.clear();
         workflow.errbacks.clear();
@@ -190,8 +196,44 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
         parent_id: header_str("parent_id"),
         group,
         group_index: headers.and_then(|h| h.get("group_index")).and_then(Value::as_u64),
+        argsrepr: header_str("argsrepr"),
+        kwargsrepr: header_str("kwargsrepr"),
         workflow,
     })
+}
+
+/// A group, or a chord's header and callback, in a chain: what the run
+/// before it sends when it succeeds.
+#[derive(Debug, PartialEq)]
+pub struct Fanout<'a> {
+    /// The group id (a chord's header's).
+    pub group_id: &'a str,
+    /// Task signatures, in group order.
+    pub tasks: &'a [Value],
+    /// A chord's callback.
+    pub body: Option<&'a Value>,
+}
+
+/// The group or chord `sig` is, if celer can start it: plain task
+/// signatures in the group (or header) and a plain callback.
+pub fn fanout(sig: &Value) -> Option<Fanout<'_>> {
+    let plain = |s: &Value| s.get("task").is_some_and(Value::is_string) && s.get("subtask_type").is_none_or(Value::is_null);
+    fn id_of(s: &Value) -> Option<&str> {
+        s.pointer("/options/task_id").and_then(Value::as_str)
+    }
+    fn tasks_of(group: &Value) -> Option<&[Value]> {
+        group.pointer("/kwargs/tasks").and_then(Value::as_array).map(Vec::as_slice)
+    }
+    let (group_id, tasks, body) = match sig.get("subtask_type").and_then(Value::as_str)? {
+        "group" => (id_of(sig)?, tasks_of(sig)?, None),
+        "chord" => {
+            let header = sig.pointer("/kwargs/header")?;
+            let body = sig.pointer("/kwargs/body").filter(|b| plain(b))?;
+            (id_of(sig).or_else(|| id_of(header))?, tasks_of(header)?, Some(body))
+        }
+        _ => return None,
+    };
+    tasks.iter().all(plain).then_some(Fanout { group_id, tasks, body })
 }
 
 /// A task message celer sends (a follow-up of Celery's canvas), in the
@@ -318,6 +360,12 @@ mod tests {
         let grouped = decode(&message("application/json", &b64(json!([[], {}, {"chain": [{"task": "celery.chord", "subtask_type": "chord"}]}])))).unwrap();
         assert!(!grouped.workflow.has_follow_ups());
         assert_eq!(grouped.workflow.unsupported, vec!["a group or chord in a chain or link"]);
+        // A group celer can start ends a chain; with more after it, it is not one.
+        let group = json!({"task": "celery.group", "kwargs": {"tasks": [{"task": "t.a"}, {"task": "t.b"}]}, "options": {"task_id": "g"}, "subtask_type": "group"});
+        let ending = decode(&message("application/json", &b64(json!([[], {}, {"chain": [group.clone(), {"task": "t.x"}]}])))).unwrap();
+        assert!(ending.workflow.has_follow_ups() && ending.workflow.unsupported.is_empty());
+        let middle = decode(&message("application/json", &b64(json!([[], {}, {"chain": [{"task": "t.x"}, group]}])))).unwrap();
+        assert_eq!(middle.workflow.unsupported, vec!["a group or chord in a chain or link"]);
         let bad = decode(&message("application/json", &b64(json!([[], {}, {"callbacks": [1]}])))).unwrap_err();
         assert!(bad.reason.contains("embed.callbacks"), "{}", bad.reason);
     }
@@ -338,6 +386,20 @@ mod tests {
         assert_eq!((m.group.as_deref(), m.group_index), (Some("g-1"), Some(1)));
         assert_eq!(m.workflow.chord, Some(callback));
         assert!(m.workflow.has_follow_ups() && m.workflow.unsupported.is_empty());
+    }
+
+    /// A chord in a chain, as Celery 5.7's client writes it.
+    #[test]
+    fn a_chord_in_a_chain_can_be_started_when_its_parts_are_plain_tasks() {
+        let header = json!({"task": "celery.group", "args": [], "kwargs": {"tasks": [{"task": "app.add", "args": [1, 2], "options": {"task_id": "h0", "group_index": 0}, "subtask_type": null, "immutable": true}, {"task": "app.add", "args": [3], "options": {"task_id": "h1", "group_index": 1}, "subtask_type": null, "immutable": false}]}, "options": {"task_id": "g"}, "subtask_type": "group"});
+        let body = json!({"task": "app.tsum", "args": [], "kwargs": {}, "options": {"task_id": "cb"}, "subtask_type": null, "immutable": false});
+        let chord = json!({"task": "celery.chord", "args": [], "kwargs": {"kwargs": {}, "header": header, "body": body}, "options": {"task_id": "g"}, "subtask_type": "chord", "immutable": false});
+        let f = fanout(&chord).expect("startable");
+        assert_eq!((f.group_id, f.tasks.len(), f.body), ("g", 2, Some(&body)));
+        let mut nested = chord.clone();
+        nested["kwargs"]["header"]["kwargs"]["tasks"][0]["subtask_type"] = json!("chain");
+        assert_eq!(fanout(&nested), None);
+        assert_eq!(fanout(&body), None);
     }
 
     #[test]

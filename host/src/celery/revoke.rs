@@ -102,7 +102,7 @@ impl Ctx {
             Some(s) if !s.is_terminal() => match self.broker.cancel(job_id).await.map_err(|e| e.to_string())? {
                 CancelOutcome::Cancelled => {
                     tracing::info!(task_id = %celery_id, job_id, "Celery task revoked: its job is cancelled");
-                    self.results.write_revoked(celery_id, "revoked").await
+                    self.end_revoked(celery_id, "revoked").await
                 }
                 // Its worker stops it and writes REVOKED when it ends.
                 CancelOutcome::StopRequested => {

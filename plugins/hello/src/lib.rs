@@ -88,11 +88,11 @@ struct Total {
 /// `parts`, or an overflow, fails the job.
 fn total(_: &Context, Total { parts }: Total) -> Result<Value, TaskError> {
     let mut sum: i64 = 0;
-    for part in &parts {
+    for (i, part) in parts.iter().enumerate() {
         let n = part
             .as_i64()
             .or_else(|| part.get("sum").and_then(Value::as_i64))
-            .ok_or_else(|| TaskError::fail(format!("not a number nor a {{\"sum\": n}} result: {part}")))?;
+            .ok_or_else(|| TaskError::fail(format!("part {i} is not a number nor a {{\"sum\": n}} result: {part}")))?;
         sum = sum
             .checked_add(n)
             .ok_or_else(|| TaskError::fail("the total overflows a 64-bit integer"))?;
