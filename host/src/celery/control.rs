@@ -236,7 +236,11 @@ impl Control {
                 Ok(ids) => json!({"revoked": ids, "clock": self.events.tick()}),
                 Err(_) => json!({"revoked": [], "clock": self.events.tick()}),
             },
-            other => json!({"error": format!("celer does not implement the control command {other:?}")}),
+            other => {
+                // The caller may not show the refusal (Flower's "Shut Down" does not).
+                tracing::warn!(method = other, "Celery control command refused: celer does not implement it");
+                json!({"error": format!("celer does not implement the control command {other:?}")})
+            }
         }
     }
 
@@ -275,6 +279,7 @@ impl Control {
             },
             // No prefetch: a host takes a job only when a slot is free.
             "prefetch_count": 0,
+            "rusage": rusage(),
         })
     }
 
@@ -398,6 +403,24 @@ impl Control {
             tracing::warn!(method = %request.method, error = %e, "Celery control reply not sent");
         }
     }
+}
+
+/// This process's resource usage, as `stats` reports it (Flower's System tab).
+fn rusage() -> Value {
+    // SAFETY: getrusage only writes the struct it is given, which is
+    // zero-initialised plain data of the right type.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Value::Null;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    json!({
+        "utime": seconds(usage.ru_utime), "stime": seconds(usage.ru_stime), "maxrss": usage.ru_maxrss,
+        "ixrss": usage.ru_ixrss, "idrss": usage.ru_idrss, "isrss": usage.ru_isrss,
+        "minflt": usage.ru_minflt, "majflt": usage.ru_majflt, "nswap": usage.ru_nswap,
+        "inblock": usage.ru_inblock, "oublock": usage.ru_oublock, "msgsnd": usage.ru_msgsnd,
+        "msgrcv": usage.ru_msgrcv, "nsignals": usage.ru_nsignals, "nvcsw": usage.ru_nvcsw, "nivcsw": usage.ru_nivcsw,
+    })
 }
 
 /// A queue as `inspect active_queues` describes it (kombu's `Queue.as_dict`).

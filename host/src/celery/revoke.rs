@@ -45,7 +45,13 @@ impl Revoke {
             serde_json::Value::Array(ids) => ids.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
             _ => return None,
         };
-        let terminate = request.arguments.get("terminate").and_then(serde_json::Value::as_bool).unwrap_or(false);
+        // Celery tests `if terminate:`, and Flower sends `1`: any truthy value.
+        let terminate = match request.arguments.get("terminate") {
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::Number(n)) => n.as_f64().is_some_and(|n| n != 0.0),
+            Some(serde_json::Value::String(s)) => !s.is_empty(),
+            _ => false,
+        };
         Some(Revoke { task_ids, terminate })
     }
 }
@@ -168,6 +174,11 @@ mod tests {
         assert_eq!(parse(&one), Some(Revoke { task_ids: vec!["a".into()], terminate: false }));
         let many = broadcast(serde_json::json!({"method": "revoke", "arguments": {"task_id": ["a", "b"], "terminate": true}}));
         assert_eq!(parse(&many), Some(Revoke { task_ids: vec!["a".into(), "b".into()], terminate: true }));
+        // Flower's "terminate" button sends 1 (its strtobool), not true.
+        let flower = broadcast(serde_json::json!({"method": "revoke", "arguments": {"task_id": "a", "terminate": 1, "signal": "SIGTERM"}}));
+        assert_eq!(parse(&flower).map(|r| r.terminate), Some(true));
+        let zero = broadcast(serde_json::json!({"method": "revoke", "arguments": {"task_id": "a", "terminate": 0}}));
+        assert_eq!(parse(&zero).map(|r| r.terminate), Some(false));
         // The captured mingle `hello`, a request for named workers, and junk: ignored.
         let hello = crate::celery::fixture("pidbox-broadcast-hello.json");
         assert_eq!(parse(&hello), None);

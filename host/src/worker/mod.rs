@@ -177,21 +177,21 @@ impl Worker {
         };
         let outcome = match report.outcome {
             RunOutcome::Succeeded(result) => {
-                tracing::info!(job_id = %job.id, task = %job.task, plugin = %plugin.name, attempt = job.attempt, elapsed_ms, "job succeeded");
+                tracing::info!(job_id = %job.id, task = %job.task, plugin = %plugin.name, attempt = job.attempt, key = job.idempotency_key.as_deref(), elapsed_ms, "job succeeded");
                 Outcome::Succeeded { result }
             }
             RunOutcome::Failed { error, retryable, retry_after } => {
                 if retryable && job.attempt < job.max_retries {
                     let delay = retry_after.unwrap_or_else(|| self.backoff.delay(job.attempt));
                     tracing::warn!(
-                        job_id = %job.id, task = %job.task, plugin = %plugin.name, attempt = job.attempt,
+                        job_id = %job.id, task = %job.task, plugin = %plugin.name, attempt = job.attempt, key = job.idempotency_key.as_deref(),
                         kind = ?error.kind, retry_in_ms = delay.as_millis() as u64, "job failed, will retry: {}", error.message
                     );
                     let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
                     Outcome::Retry { error, at }
                 } else {
                     tracing::error!(
-                        job_id = %job.id, task = %job.task, plugin = %plugin.name, attempt = job.attempt,
+                        job_id = %job.id, task = %job.task, plugin = %plugin.name, attempt = job.attempt, key = job.idempotency_key.as_deref(),
                         kind = ?error.kind, "job failed, dead-lettered: {}", error.message
                     );
                     Outcome::Dead { error }
