@@ -183,7 +183,7 @@ async fn run(threads: usize) -> anyhow::Result<()> {
         block: Duration::from_millis(100),
         ..RedisOptions::new(&a.url)
     };
-    let broker = Arc::new(RedisBroker::connect(options).await?);
+    let broker = Arc::new(RedisBroker::connect(options.clone()).await?);
     {
         let mut c = broker.conn();
         let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{PREFIX}*")).query_async(&mut c).await?;
@@ -224,7 +224,27 @@ async fn run(threads: usize) -> anyhow::Result<()> {
     };
     let (redis_cpu_before, commands_before) = redis_cpu(&broker).await?;
     let host_cpu_before = process_cpu_s();
-    let handle = tokio::spawn(worker.run(stop_rx));
+    let shards: usize = std::env::var("BENCH_SHARDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let mut shard_threads = Vec::new();
+    let handle = if shards > 1 {
+        for i in 0..shards {
+            let (options, stop_rx) = (options.clone(), stop_rx.clone());
+            let mut w = worker.clone();
+            w.config.concurrency = a.concurrency / shards;
+            w.host = format!("bench-{i}");
+            shard_threads.push(std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("shard runtime");
+                rt.block_on(async move {
+                    let b: Arc<dyn Broker> = Arc::new(RedisBroker::connect(options).await.expect("shard broker"));
+                    w.broker = b;
+                    w.run(stop_rx).await
+                })
+            }));
+        }
+        tokio::spawn(async {})
+    } else {
+        tokio::spawn(worker.run(stop_rx))
+    };
     drain(&broker, Duration::from_secs(300)).await?;
     let host_cpu_us = (process_cpu_s() - host_cpu_before) * 1e6 / a.n as f64;
     let (redis_cpu_after, commands_after) = redis_cpu(&broker).await?;
@@ -305,6 +325,9 @@ async fn run(threads: usize) -> anyhow::Result<()> {
 
     let _ = stop_tx.send(true);
     handle.await?;
+    for t in shard_threads {
+        let _ = t.join();
+    }
     let r1 = |x: f64| (x * 10.0).round() / 10.0;
     let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
     println!(
