@@ -317,12 +317,15 @@ def on_event(event):
     if event.get("type") == "worker-heartbeat" and event.get("hostname", "").startswith("celer@"):
         beats.append(event)
         raise Heard()  # ends the capture
-with app.connection_for_read() as conn:
-    recv = app.events.Receiver(conn, handlers={"*": on_event})
-    try:
-        recv.capture(limit=None, timeout=6, wakeup=False)
-    except (Heard, socket.timeout):
-        pass
+def capture_events(handler, timeout):
+    """Feeds events to `handler` until it raises Heard or `timeout` passes."""
+    with app.connection_for_read() as conn:
+        recv = app.events.Receiver(conn, handlers={"*": handler})
+        try:
+            recv.capture(limit=None, timeout=timeout, wakeup=False)
+        except (Heard, socket.timeout):
+            pass
+capture_events(on_event, 6)
 check(bool(beats), "a celer host's worker-heartbeat reaches Celery's event receiver")
 check(isinstance(beats[0]["active"], int) and isinstance(beats[0]["processed"], int) and beats[0]["freq"] == 2.0, f"heartbeat fields: {beats[0]}")
 facts["heartbeat_from"] = beats[0]["hostname"]
@@ -362,14 +365,7 @@ def on_task(event):
         seen[event["type"]] = event
         if event["type"] == "task-succeeded":
             raise Heard()
-def listen():
-    with app.connection_for_read() as conn:
-        recv = app.events.Receiver(conn, handlers={"*": on_task})
-        try:
-            recv.capture(limit=None, timeout=10, wakeup=False)
-        except (Heard, socket.timeout):
-            pass
-listener = threading.Thread(target=listen)
+listener = threading.Thread(target=capture_events, args=(on_task, 10))
 listener.start()
 time.sleep(0.5)  # subscribed
 add.apply_async((4, 4), task_id=probe).get(timeout=T)

@@ -321,20 +321,8 @@ mod tests {
         let (prefix, queue) = (format!("celer-test-{unique}:"), format!("q-{unique}"));
         let follow_ups = FollowUps::new(conn.clone(), prefix.clone(), String::new(), 60, Default::default(), chords(&conn));
         let msg = protocol::TaskMessage {
-            id: format!("t-{unique}"),
-            task: "proj.tasks.add".into(),
-            args: json!([1, 2]),
-            kwargs: json!({}),
-            eta: None,
-            expires: None,
-            retries: 0,
-            root_id: None,
-            parent_id: None,
-            group: None,
-            group_index: None,
-            argsrepr: None,
-            kwargsrepr: None,
             workflow: protocol::Workflow { callbacks: vec![json!({"task": "proj.tasks.greet", "args": []})], ..Default::default() },
+            ..protocol::TaskMessage::for_tests(&format!("t-{unique}"), "proj.tasks.add", json!([1, 2]))
         };
         follow_ups.keep(&msg, &queue).await.expect("kept");
         let mut c = conn.clone();
@@ -409,20 +397,9 @@ mod tests {
             {"task": "t.add", "args": [1, 2], "options": {"task_id": "h1"}, "immutable": true}]}, "options": {"task_id": group}, "subtask_type": "group"});
         let chord = json!({"task": "celery.chord", "kwargs": {"header": header, "body": {"task": "t.tsum", "options": {"task_id": "cb"}}}, "options": {"task_id": group}, "subtask_type": "chord"});
         let msg = protocol::TaskMessage {
-            id: format!("t-{unique}"),
-            task: "t.add".into(),
-            args: json!([1, 1]),
-            kwargs: json!({}),
-            eta: None,
-            expires: None,
-            retries: 0,
             root_id: Some("root".into()),
-            parent_id: None,
-            group: None,
-            group_index: None,
-            argsrepr: None,
-            kwargsrepr: None,
             workflow: protocol::Workflow { chain: vec![json!({"task": "t.after"}), chord], ..Default::default() },
+            ..protocol::TaskMessage::for_tests(&format!("t-{unique}"), "t.add", json!([1, 1]))
         };
         f.keep(&msg, &queue).await.expect("kept");
         f.on_success(&msg.id, &json!(2), async { Ok(true) }).await.expect("started");

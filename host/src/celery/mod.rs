@@ -683,20 +683,10 @@ mod tests {
 
     fn message(id: &str, root: Option<&str>, parent: Option<&str>) -> TaskMessage {
         TaskMessage {
-            id: id.into(),
-            task: "proj.tasks.add".into(),
-            args: serde_json::json!([1, 2]),
-            kwargs: serde_json::json!({}),
-            eta: None,
-            expires: None,
             retries: 1,
             root_id: root.map(String::from),
             parent_id: parent.map(String::from),
-            group: None,
-            group_index: None,
-            argsrepr: None,
-            kwargsrepr: None,
-            workflow: protocol::Workflow::default(),
+            ..TaskMessage::for_tests(id, "proj.tasks.add", serde_json::json!([1, 2]))
         }
     }
 

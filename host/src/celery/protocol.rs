@@ -46,6 +46,29 @@ pub struct TaskMessage {
     pub workflow: Workflow,
 }
 
+#[cfg(test)]
+impl TaskMessage {
+    /// A message with an id, a task and its args, nothing else attached.
+    pub fn for_tests(id: &str, task: &str, args: Value) -> Self {
+        TaskMessage {
+            id: id.into(),
+            task: task.into(),
+            args,
+            kwargs: serde_json::json!({}),
+            eta: None,
+            expires: None,
+            retries: 0,
+            root_id: None,
+            parent_id: None,
+            group: None,
+            group_index: None,
+            argsrepr: None,
+            kwargsrepr: None,
+            workflow: Workflow::default(),
+        }
+    }
+}
+
 /// The canvas of a message (`embed` of the body): signatures as Celery
 /// sent them (`{"task", "args", "kwargs", "options", "immutable", …}`).
 #[derive(Debug, Clone, Default, PartialEq)]
