@@ -328,3 +328,28 @@ async fn a_redis_restart_mid_load_loses_no_acknowledged_job_and_consumption_resu
         assert!(last_success > last_fetch_error, "host{i} consumed again after the restart:\n{}", &log[log.len().saturating_sub(3000)..]);
     }
 }
+
+/// A cancel reaches a running job at once (the stop request is pushed to
+/// every host), not at its lease's next renewal: with a 30 s lease that
+/// renewal is 10 s away, and the job's 20 s timeout would end it first.
+#[test]
+fn a_cancel_stops_a_running_job_at_once_not_at_its_next_renewal() {
+    let prefix = prefix();
+    let config = TEST_CONFIG.replace("lease_ms = 1500", "lease_ms = 30000");
+    let env = Env::with_config(&config).var("CELER_BROKER_URL", services::REDIS_URL).var("CELER_BROKER_PREFIX", &prefix);
+    let manifest = std::fs::read_to_string(plugin_manifest("hostile")).expect("manifest").replace("timeout_s = 2", "timeout_s = 20");
+    env.install_files("hostile", &std::fs::read(plugin_wasm("hostile")).expect("wasm"), &manifest);
+    let _server = env.serve();
+    let id = env.enqueue("hostile.sleep", &["--kwargs", r#"{"ms":15000}"#]);
+    env.wait_state(&id, "running", Duration::from_secs(30));
+    // Past the first renewals' window: the stop must not ride on one.
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let out = env.celer(&["cancel", &id]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stop-requested"), "{}", String::from_utf8_lossy(&out.stdout));
+    let s = env.wait_state(&id, "cancelled", Duration::from_secs(8));
+    assert_eq!(s["error"]["kind"], "cancelled");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(3), "stopped {took:?} after the cancel; the next renewal was ~10 s away");
+    eprintln!("a running job stopped {took:?} after its cancel (lease 30 s)");
+}

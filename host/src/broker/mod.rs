@@ -170,6 +170,14 @@ pub trait Broker: Send + Sync {
         false
     }
 
+    /// Job ids whose stop was requested, as the requests are made (by any
+    /// host), so that the worker running one renews its lease at once and
+    /// learns of the request then, instead of at its next regular renewal.
+    /// `None`: this broker does not push them; renewals still carry them.
+    fn stop_requests(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
+
     /// Extends a lease while the job runs.
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<LeaseStatus, BrokerError>;
 

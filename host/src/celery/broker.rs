@@ -148,6 +148,10 @@ impl Broker for CeleryAwareBroker {
         self.inner.fetch_waits()
     }
 
+    fn stop_requests(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        self.inner.stop_requests()
+    }
+
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<LeaseStatus, BrokerError> {
         self.inner.renew(lease, ttl).await
     }

@@ -2,14 +2,16 @@
 //! task, instead of a timer task per job: a short job then costs no task
 //! spawn, timer or wake-up for its lease, and a host running many long jobs
 //! renews them all in one concurrent round. The same task forwards cancel
-//! requests and lease loss to the guests and publishes their progress.
+//! requests and lease loss to the guests and publishes their progress; when
+//! the broker pushes stop requests, it renews the named job's lease at once
+//! (which is how the stop is confirmed) instead of at its next turn.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::broker::{Broker, Lease, LeaseStatus};
 use crate::job::Progress;
@@ -74,24 +76,22 @@ impl RunningJobs {
         let tick = (ttl / 6).min(PROGRESS_EVERY);
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stops = broker.stop_requests();
         loop {
-            interval.tick().await;
+            tokio::select! {
+                _ = interval.tick() => {}
+                id = next_stop(&mut stops) => {
+                    let named = self.named(&id);
+                    join_all(named.into_iter().map(|(lease, control)| renew(broker.clone(), lease, control, ttl))).await;
+                    continue;
+                }
+            }
             // The worker's own handle is gone: it stopped.
             if Arc::strong_count(&self) == 1 {
                 return;
             }
-            let (renew, progress) = self.due(ttl);
-            let renewals = renew.into_iter().map(|(lease, control)| {
-                let broker = broker.clone();
-                async move {
-                    match broker.renew(&lease, ttl).await {
-                        Ok(LeaseStatus::Held { cancel_requested: true }) => control.stop(StopReason::Cancelled),
-                        Ok(LeaseStatus::Held { cancel_requested: false }) => {}
-                        Ok(LeaseStatus::Lost) => control.stop(StopReason::LeaseLost),
-                        Err(e) => tracing::warn!(job_id = %lease.job_id, error = %e, "cannot renew lease; will try again"),
-                    }
-                }
-            });
+            let (renew_now, progress) = self.due(ttl);
+            let renewals = renew_now.into_iter().map(|(lease, control)| renew(broker.clone(), lease, control, ttl));
             let published = progress.into_iter().map(|(lease, p)| {
                 let broker = broker.clone();
                 async move {
@@ -102,6 +102,12 @@ impl RunningJobs {
             });
             tokio::join!(join_all(renewals), join_all(published));
         }
+    }
+
+    /// The runs of job `id` on this host.
+    fn named(&self, id: &str) -> Vec<(Lease, Arc<JobControl>)> {
+        let Ok(jobs) = self.jobs.lock() else { return Vec::new() };
+        jobs.values().filter(|t| t.lease.job_id == id).map(|t| (t.lease.clone(), t.control.clone())).collect()
     }
 
     /// The leases to renew now (marked renewed) and the progress reports
@@ -122,6 +128,30 @@ impl RunningJobs {
             }
         }
         (renew, progress)
+    }
+}
+
+/// Renews one lease and passes on what the renewal says: a stop request,
+/// or that another worker owns the job now.
+async fn renew(broker: Arc<dyn Broker>, lease: Lease, control: Arc<JobControl>, ttl: Duration) {
+    match broker.renew(&lease, ttl).await {
+        Ok(LeaseStatus::Held { cancel_requested: true }) => control.stop(StopReason::Cancelled),
+        Ok(LeaseStatus::Held { cancel_requested: false }) => {}
+        Ok(LeaseStatus::Lost) => control.stop(StopReason::LeaseLost),
+        Err(e) => tracing::warn!(job_id = %lease.job_id, error = %e, "cannot renew lease; will try again"),
+    }
+}
+
+/// The next stop request pushed by the broker; never, when it pushes none.
+async fn next_stop(stops: &mut Option<broadcast::Receiver<String>>) -> String {
+    loop {
+        let Some(rx) = stops.as_mut() else { return std::future::pending().await };
+        match rx.recv().await {
+            Ok(id) => return id,
+            // Missed some: their jobs stop at their next renewal.
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => *stops = None,
+        }
     }
 }
 

@@ -61,6 +61,7 @@ pub mod conn;
 mod fetch;
 mod held;
 pub mod scripts;
+mod stops;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -167,17 +168,27 @@ struct Inner {
     /// Connections for blocking reads, one per concurrent waiter.
     waiters: Mutex<Vec<Conn>>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Stop requests heard from every host (see [`stops`]), and the task
+    /// that listens for them, started by the first worker that asks.
+    stops: tokio::sync::broadcast::Sender<String>,
+    stop_listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Ok(mut h) = self.heartbeat.lock()
-            && let Some(h) = h.take()
-        {
-            h.abort();
+        for task in [&self.heartbeat, &self.stop_listener] {
+            if let Ok(mut h) = task.lock()
+                && let Some(h) = h.take()
+            {
+                h.abort();
+            }
         }
     }
 }
+
+/// Stop requests a slow worker may fall behind by before it misses some
+/// (it then learns of them at the next renewal).
+const STOP_REQUESTS_BUFFER: usize = 1024;
 
 fn unavailable(e: ::redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(format!("redis: {e}"))
@@ -221,6 +232,8 @@ impl RedisBroker {
                 pacing: Mutex::new(HashMap::new()),
                 waiters: Mutex::new(Vec::new()),
                 heartbeat: Mutex::new(None),
+                stops: tokio::sync::broadcast::channel(STOP_REQUESTS_BUFFER).0,
+                stop_listener: Mutex::new(None),
             }),
         };
         // Fail now, with a clear message, when the URL is wrong.
@@ -756,6 +769,17 @@ impl Broker for RedisBroker {
         Ok(got)
     }
 
+    fn stop_requests(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        let heard = self.inner.stops.subscribe();
+        if let Ok(mut listener) = self.inner.stop_listener.lock()
+            && listener.is_none()
+        {
+            let (target, channel) = (self.inner.target.clone(), stops::channel(&self.inner.prefix));
+            *listener = Some(tokio::spawn(stops::listen(target, channel, self.inner.stops.clone())));
+        }
+        Some(heard)
+    }
+
     fn fetch_waits(&self) -> bool {
         !self.inner.block.is_zero()
     }
@@ -875,7 +899,10 @@ impl Broker for RedisBroker {
             .map_err(unavailable)?;
         Ok(match r.as_str() {
             "cancelled" => CancelOutcome::Cancelled,
-            "stop-requested" => CancelOutcome::StopRequested,
+            "stop-requested" => {
+                stops::publish(self.conn(), &stops::channel(&self.inner.prefix), id).await;
+                CancelOutcome::StopRequested
+            }
             "already-finished" => CancelOutcome::AlreadyFinished,
             _ => CancelOutcome::NotFound,
         })
