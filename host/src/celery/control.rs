@@ -91,7 +91,8 @@ impl Request {
     /// The request in a decoded body: a method is all it needs; fields of
     /// an unexpected shape are ignored, as kombu ignores them.
     fn of(body: &Value) -> Option<Request> {
-        let text = |k: &str| body.get(k).and_then(Value::as_str).map(String::from);
+        // kombu tests these by truthiness: an empty string is no value.
+        let text = |k: &str| body.get(k).and_then(Value::as_str).filter(|t| !t.is_empty()).map(String::from);
         let reply_to = body.get("reply_to").and_then(|r| {
             Some(ReplyTo {
                 exchange: r.get("exchange")?.as_str()?.to_string(),
@@ -449,7 +450,9 @@ fn masked(url: &str) -> String {
 }
 
 /// Listens for control requests until `stop`, reconnecting when Redis goes
-/// away. Requests are handled one at a time, in order.
+/// away. Requests that change something (revoke, events on or off) are
+/// handled one at a time, in the order they were sent; the others, which
+/// only read, each on its own.
 pub(super) async fn listen(control: Arc<Control>, mut stop: watch::Receiver<bool>) {
     let channel = channel(&control.url, &control.ctx.celery.key_prefix);
     while !*stop.borrow() {
@@ -481,9 +484,8 @@ pub(super) async fn listen(control: Arc<Control>, mut stop: watch::Receiver<bool
             if !request.is_for(control.events.hostname()) {
                 continue;
             }
-            // Revokes in the order they were sent; anything else (a scan
-            // of revoked ids, say) must not hold up the next request.
-            if request.method == "revoke" {
+            // A read (a scan of revoked ids, say) must not hold up the next request.
+            if matches!(request.method.as_str(), "revoke" | "enable_events" | "disable_events" | "heartbeat") {
                 control.handle(request).await;
             } else {
                 let control = control.clone();
@@ -519,6 +521,7 @@ mod tests {
         // Fields of an odd shape are ignored, not the request.
         assert!(req(json!({"method": "revoke", "reply_to": "nonsense", "destination": null})).is_for("celer@a"));
         assert_eq!(Request::of(&json!({"arguments": {}})), None);
+        assert!(req(json!({"method": "ping", "pattern": "", "matcher": "glob"})).is_for("celer@a"));
         assert!(!req(json!({"method": "ping", "pattern": "celer@.*", "matcher": "pcre"})).is_for("celer@a"));
         assert!(glob("*a*b?", "xxaYbZ") && !glob("a*", "ba") && glob("", "") && !glob("", "x"));
     }

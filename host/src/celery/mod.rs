@@ -269,6 +269,12 @@ pub async fn start(
 }
 
 impl Ctx {
+    /// Whether a job was made from this task's message already.
+    async fn has_job(&self, celery_id: &str) -> Result<bool, String> {
+        let mut c = self.conn.clone();
+        ::redis::cmd("EXISTS").arg(self.job_of(celery_id)).query_async(&mut c).await.map_err(|e| e.to_string())
+    }
+
     /// Ends a Celery task that will not run (revoked, or expired): REVOKED
     /// as its result, and its part of a chord counted (the chord fails).
     async fn end_revoked(&self, celery_id: &str, why: &str) -> Result<(), String> {
@@ -540,18 +546,17 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
     let revoked_event = |expired: bool| {
         events::TaskEvent::new("task-revoked", &msg.id, serde_json::json!({"terminated": false, "signum": null, "expired": expired}))
     };
-    if msg.expires.is_some_and(|t| t <= Utc::now()) {
-        tracing::info!(task_id = %msg.id, task = %msg.task, "Celery task expired before it could run: revoked");
-        ctx.events.tasks(vec![revoked_event(true)]).await;
+    let expired = msg.expires.is_some_and(|t| t <= Utc::now());
+    if (expired || ctx.revocations.contains(&msg.id).await?) && !ctx.has_job(&msg.id).await? {
+        let why = if expired { "expired" } else { "revoked" };
+        tracing::info!(task_id = %msg.id, task = %msg.task, why, "Celery task ended before it could run: revoked");
+        ctx.events.tasks(vec![revoked_event(expired)]).await;
         ctx.follow_ups.keep(&msg, queue).await?;
-        return ctx.end_revoked(&msg.id, "expired").await;
+        return ctx.end_revoked(&msg.id, why).await;
     }
-    if ctx.revocations.contains(&msg.id).await? {
-        tracing::info!(task_id = %msg.id, task = %msg.task, "Celery task was revoked before it arrived: not run");
-        ctx.events.tasks(vec![revoked_event(false)]).await;
-        ctx.follow_ups.keep(&msg, queue).await?;
-        return ctx.end_revoked(&msg.id, "revoked").await;
-    }
+    // A message handled before (recovered from an in-flight list) whose
+    // job exists goes on below and finds that job: the job's own expiry
+    // and the revoke already applied to it decide its fate.
     if !msg.workflow.unsupported.is_empty() {
         tracing::warn!(task_id = %msg.id, task = %msg.task, parts = ?msg.workflow.unsupported, "parts of this Celery canvas are not run by celer; the task and its links/chain are");
     }

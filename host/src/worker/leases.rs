@@ -81,8 +81,10 @@ impl RunningJobs {
             tokio::select! {
                 _ = interval.tick() => {}
                 id = next_stop(&mut stops) => {
-                    let named = self.named(&id);
-                    join_all(named.into_iter().map(|(lease, control)| renew(broker.clone(), lease, control, ttl))).await;
+                    // Off this loop: a slow broker must not hold up the regular round.
+                    for (lease, control) in self.named(&id) {
+                        tokio::spawn(renew(broker.clone(), lease, control, ttl));
+                    }
                     continue;
                 }
             }

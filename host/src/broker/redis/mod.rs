@@ -772,7 +772,7 @@ impl Broker for RedisBroker {
     fn stop_requests(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         let heard = self.inner.stops.subscribe();
         if let Ok(mut listener) = self.inner.stop_listener.lock()
-            && listener.is_none()
+            && listener.as_ref().is_none_or(tokio::task::JoinHandle::is_finished)
         {
             let (target, channel) = (self.inner.target.clone(), stops::channel(&self.inner.prefix));
             *listener = Some(tokio::spawn(stops::listen(target, channel, self.inner.stops.clone())));
