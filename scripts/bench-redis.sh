@@ -98,7 +98,7 @@ for task, threads in [(t, n) for t in ["noop", "json_transform"] for n in [2, 1]
     for ceiling in [r for r in rows if r.get("bench") == "redis_ceiling"]:
         print(f"  vs the raw Redis ceiling ({ceiling['clients']} client(s)): XADD {ceiling['xadd_p1']:.0f}/s unpipelined, "
               f"{ceiling['xadd_p16']:.0f}/s at -P 16; celer backlog = {c['backlog_per_s'] / ceiling['xadd_p1']:.2f}x "
-              f"one unpipelined XADD stream", file=sys.stderr)
+              f"that unpipelined XADD rate", file=sys.stderr)
     for label, peer in [("prefork x2 (as installed)", pick("celery", task, pool="prefork")),
                         ("2 solo workers (tuned)", pick("celery", task, pool="solo", workers=2))]:
         if not peer:
