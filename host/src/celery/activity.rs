@@ -25,10 +25,16 @@ pub struct Running {
 
 impl Running {
     /// The task as `inspect active` describes it (Celery's `Request.info()`);
-    /// `safe` (what Flower asks for) gives args and kwargs as Python reprs.
-    pub fn info(&self, hostname: &str, safe: bool) -> Value {
+    /// `safe` (what Flower asks for) gives args and kwargs as text: the
+    /// producer's own (`shown`: its `argsrepr` and `kwargsrepr`, which may
+    /// mask secrets), else Python reprs.
+    pub fn info(&self, hostname: &str, safe: bool, shown: (Option<String>, Option<String>)) -> Value {
         let (args, kwargs) = if safe {
-            (Value::String(py_args_repr(&self.args)), Value::String(py_repr(&self.kwargs)))
+            let (a, k) = shown;
+            (
+                Value::String(a.unwrap_or_else(|| py_args_repr(&self.args))),
+                Value::String(k.unwrap_or_else(|| py_repr(&self.kwargs))),
+            )
         } else {
             (self.args.clone(), self.kwargs.clone())
         };

@@ -184,7 +184,9 @@ impl Control {
             "stats" => self.stats(),
             "active" => {
                 let safe = args.get("safe").and_then(Value::as_bool).unwrap_or(false);
-                Value::Array(self.activity.running().iter().map(|r| r.info(hostname, safe)).collect())
+                let running = self.activity.running();
+                let shown = if safe { self.shown(&running).await } else { vec![(None, None); running.len()] };
+                Value::Array(running.iter().zip(shown).map(|(r, shown)| r.info(hostname, safe, shown)).collect())
             }
             // celer takes a job only when a slot is free, so nothing waits
             // reserved on a host; jobs waiting for their eta wait in the
@@ -210,7 +212,7 @@ impl Control {
                     .running()
                     .iter()
                     .filter(|r| ids.contains(&r.celery_id.as_str()))
-                    .map(|r| (r.celery_id.clone(), json!(["active", r.info(hostname, false)])))
+                    .map(|r| (r.celery_id.clone(), json!(["active", r.info(hostname, false, (None, None))])))
                     .collect();
                 Value::Object(found)
             }
@@ -243,6 +245,23 @@ impl Control {
                 json!({"error": format!("celer does not implement the control command {other:?}")})
             }
         }
+    }
+
+    /// The producers' `argsrepr` / `kwargsrepr` of running tasks (none
+    /// where the producer sent none, or they cannot be read).
+    async fn shown(&self, running: &[super::activity::Running]) -> Vec<(Option<String>, Option<String>)> {
+        if running.is_empty() {
+            return Vec::new();
+        }
+        let keys: Vec<String> = running.iter().map(|r| self.ctx.shown(&r.celery_id)).collect();
+        let mut c = self.ctx.conn.clone();
+        let found: Vec<Option<String>> = ::redis::cmd("MGET").arg(&keys).query_async(&mut c).await.unwrap_or_default();
+        let mut shown: Vec<_> = found
+            .into_iter()
+            .map(|v| v.and_then(|v| serde_json::from_str::<(Option<String>, Option<String>)>(&v).ok()).unwrap_or_default())
+            .collect();
+        shown.resize(running.len(), (None, None));
+        shown
     }
 
     fn stats(&self) -> Value {

@@ -269,6 +269,11 @@ pub async fn start(
 }
 
 impl Ctx {
+    /// The producer's `argsrepr` and `kwargsrepr` of a task, as JSON `[a, k]`.
+    fn shown(&self, celery_id: &str) -> String {
+        format!("{}celery:shown:{celery_id}", self.prefix)
+    }
+
     /// Whether a job was made from this task's message already.
     async fn has_job(&self, celery_id: &str) -> Result<bool, String> {
         let mut c = self.conn.clone();
@@ -574,18 +579,17 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
             // looked for: it came before the job existed, so the job is
             // stopped even if a worker took it meanwhile.
             let mut c = ctx.conn.clone();
-            let (revoked,): (bool,) = ::redis::pipe()
-                .cmd("SET")
-                .arg(ctx.job_of(&msg.id))
-                .arg(&enqueued.id)
-                .arg("EX")
-                .arg(ctx.celery.result_expires_s.max(1))
-                .ignore()
-                .cmd("EXISTS")
-                .arg(ctx.revocations.key(&msg.id))
-                .query_async(&mut c)
-                .await
-                .map_err(|e| e.to_string())?;
+            let ttl = ctx.celery.result_expires_s.max(1);
+            let mut pipe = ::redis::pipe();
+            pipe.cmd("SET").arg(ctx.job_of(&msg.id)).arg(&enqueued.id).arg("EX").arg(ttl).ignore();
+            // How the producer wants the arguments shown (an app may mask
+            // secrets there), for whichever host runs the job and is asked.
+            if msg.argsrepr.is_some() || msg.kwargsrepr.is_some() {
+                let shown = serde_json::json!([msg.argsrepr, msg.kwargsrepr]).to_string();
+                pipe.cmd("SET").arg(ctx.shown(&msg.id)).arg(shown).arg("EX").arg(ttl).ignore();
+            }
+            let (revoked,): (bool,) =
+                pipe.cmd("EXISTS").arg(ctx.revocations.key(&msg.id)).query_async(&mut c).await.map_err(|e| e.to_string())?;
             if revoked {
                 ctx.revoke_job(&msg.id, &enqueued.id, true).await?;
             }
