@@ -153,7 +153,12 @@ impl Broker for CeleryAwareBroker {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<LeaseStatus, BrokerError> {
-        self.inner.renew(lease, ttl).await
+        let status = self.inner.renew(lease, ttl).await?;
+        if status == LeaseStatus::Lost {
+            // Another host runs the task now; this run ends without an outcome.
+            self.activity.take(&lease.token);
+        }
+        Ok(status)
     }
 
     async fn progress(&self, lease: &Lease, done: u64, total: u64) -> Result<(), BrokerError> {
