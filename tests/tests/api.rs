@@ -3,9 +3,9 @@
 //! go out through plain `curl`, as any client's would.
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use celer_integration::Env;
+use celer_integration::{Env, TEST_CONFIG, plugin_manifest, plugin_wasm};
 use serde_json::{Value, json};
 
 /// `curl -X METHOD URL [-d BODY] [-H …]` → (status, body).
@@ -108,4 +108,31 @@ fn a_token_guards_everything_but_healthz() {
     assert_eq!(http("GET", &format!("{base}/api/queues"), None, Some("s3cret")).0, 200);
     let (code, _) = http("POST", &format!("{base}/api/jobs"), Some(r#"{"task":"hello.noop"}"#), None);
     assert_eq!(code, 401);
+}
+
+/// `DELETE /api/jobs/{id}` stops a running job at once (the worker of the
+/// host that serves the API hears the request), not at its lease's next
+/// renewal: 10 s away with this 30 s lease, and the job's 20 s timeout would
+/// end it first.
+#[test]
+fn deleting_a_running_job_stops_it_at_once() {
+    let config = TEST_CONFIG.replace("lease_ms = 1500", "lease_ms = 30000");
+    assert_ne!(config, TEST_CONFIG, "the test config names its lease");
+    let env = Env::with_config(&config);
+    let shipped = std::fs::read_to_string(plugin_manifest("hostile")).expect("manifest");
+    let manifest = shipped.replace("timeout_s = 2\n", "timeout_s = 20\n");
+    assert_ne!(manifest, shipped, "hostile's manifest names its timeout");
+    env.install_files("hostile", &std::fs::read(plugin_wasm("hostile")).expect("wasm"), &manifest);
+    let _server = env.serve();
+    let base = format!("http://127.0.0.1:{}", env.port);
+    let id = env.enqueue("hostile.sleep", &["--kwargs", r#"{"ms":15000}"#]);
+    env.wait_state(&id, "running", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let (code, body) = http("DELETE", &format!("{base}/api/jobs/{id}"), None, None);
+    assert_eq!((code, json_of(&body)["outcome"].clone()), (200, json!("stop-requested")), "{body}");
+    let s = env.wait_state(&id, "cancelled", Duration::from_secs(8));
+    assert_eq!(s["error"]["kind"], "cancelled");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(3), "stopped {took:?} after the DELETE; the next renewal was ~10 s away");
 }

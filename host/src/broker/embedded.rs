@@ -168,6 +168,10 @@ pub struct EmbeddedBroker {
     /// lock and sleeping in its busy handler (which cut throughput by 10×).
     /// Other processes still meet the busy timeout, as they must.
     writer: SqlitePool,
+    /// Stop requests made through this process (the HTTP API of the host
+    /// that runs the job), so its worker stops the job at once; one made
+    /// by another process (`celer cancel`) arrives with the next renewal.
+    stops: tokio::sync::broadcast::Sender<String>,
 }
 
 impl EmbeddedBroker {
@@ -216,7 +220,7 @@ impl EmbeddedBroker {
             .connect_with(options)
             .await
             .map_err(|e| BrokerError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        Ok(EmbeddedBroker { pool, writer })
+        Ok(EmbeddedBroker { pool, writer, stops: tokio::sync::broadcast::channel(1024).0 })
     }
 
     /// Like [`EmbeddedBroker::open`], from a `sqlite://path` or
@@ -302,6 +306,10 @@ async fn migrate(pool: &SqlitePool) -> Result<(), BrokerError> {
 
 #[async_trait]
 impl Broker for EmbeddedBroker {
+    fn stop_requests(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        Some(self.stops.subscribe())
+    }
+
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued, BrokerError> {
         job.validate().map_err(BrokerError::Invalid)?;
         let now = now_ms();
@@ -564,6 +572,10 @@ impl Broker for EmbeddedBroker {
             }
         };
         tx.commit().await.map_err(db)?;
+        if outcome == CancelOutcome::StopRequested {
+            // No worker of this process listening: nothing runs it here.
+            let _ = self.stops.send(id.to_string());
+        }
         Ok(outcome)
     }
 
