@@ -136,9 +136,10 @@ impl Broker for CeleryAwareBroker {
             }
         }
         if !started.is_empty() {
-            // Off the fetch's path: the jobs are handed out without waiting.
-            let events = self.events.clone();
-            tokio::spawn(async move { events.tasks(started).await });
+            // Stamped now, so they order before the tasks' later events;
+            // sent off the fetch's path, so the jobs go out without waiting.
+            let (events, stamped) = (self.events.clone(), self.events.stamp(started));
+            tokio::spawn(async move { events.publish(stamped).await });
         }
         self.write_started(&got).await;
         Ok(got)

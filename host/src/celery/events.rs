@@ -44,6 +44,9 @@ pub struct TaskEvent {
     pub fields: Map<String, Value>,
 }
 
+/// Task events turned into messages: (channel, message).
+pub struct Stamped(Vec<(String, String)>);
+
 impl TaskEvent {
     pub fn new(kind: &'static str, uuid: &str, fields: Value) -> Self {
         let fields = match fields {
@@ -80,16 +83,36 @@ impl Events {
 
     /// Publishes task events (one round trip) when task events are on.
     pub async fn tasks(&self, events: Vec<TaskEvent>) {
-        if !self.task_events_on() || events.is_empty() {
+        self.publish(self.stamp(events)).await;
+    }
+
+    /// The events as messages, stamped now (clock and time), ready to be
+    /// published later; none when task events are off.
+    pub fn stamp(&self, events: Vec<TaskEvent>) -> Stamped {
+        if !self.task_events_on() {
+            return Stamped(Vec::new());
+        }
+        let messages = events
+            .into_iter()
+            .map(|e| {
+                let mut body = self.common();
+                body.insert("uuid".into(), Value::String(e.uuid));
+                body.extend(e.fields);
+                self.finish(&mut body, e.kind);
+                (self.channel(e.kind), self.message(e.kind, &Value::Object(body)))
+            })
+            .collect();
+        Stamped(messages)
+    }
+
+    /// Publishes stamped events (one round trip).
+    pub async fn publish(&self, stamped: Stamped) {
+        if stamped.0.is_empty() {
             return;
         }
         let mut pipe = ::redis::pipe();
-        for e in events {
-            let mut body = self.common();
-            body.insert("uuid".into(), Value::String(e.uuid));
-            body.extend(e.fields);
-            self.finish(&mut body, e.kind);
-            pipe.cmd("PUBLISH").arg(self.channel(e.kind)).arg(self.message(e.kind, &Value::Object(body))).ignore();
+        for (channel, message) in stamped.0 {
+            pipe.cmd("PUBLISH").arg(channel).arg(message).ignore();
         }
         let mut c = self.conn.clone();
         if let Err(e) = pipe.query_async::<()>(&mut c).await {
