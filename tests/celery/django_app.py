@@ -179,6 +179,18 @@ wait_running(again)
 again.revoke()
 expect_revoked(again, "a revoked task whose running attempt asked for a retry")
 
+# 5a. A producer's time_limit stops the run then (within the manifest's
+# own limit, 2 s for this plugin), as TimeLimitExceeded.
+t_limit = time.time()
+limited = slow.apply_async(kwargs={"ms": 1900}, time_limit=1)
+while app.backend.get_task_meta(limited.id)["status"] not in ("RETRY", "FAILURE") and time.time() - t_limit < T:
+    time.sleep(0.02)
+facts["time_limit_hit_after_s"] = round(time.time() - t_limit, 3)
+check(time.time() - t_limit < 1.7, f"stopped at its 1 s time limit, not the plugin's 2 s: {time.time() - t_limit:.3f} s")
+meta = app.backend.get_task_meta(limited.id)
+check(meta["result"] is not None and "TimeLimitExceeded" in str(meta["result"]), f"TimeLimitExceeded: {meta}")
+limited.revoke()  # no more attempts
+
 # 5b'. While it runs: STARTED (celer runs with [celery] track_started =
 # true, Celery's task_track_started) naming the host, then PROGRESS with
 # what the plugin reported (the custom state Django progress bars read).

@@ -540,14 +540,14 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
             return dead_letter(ctx, queue, raw, &rejected.reason, rejected.task_id.as_deref(), rejected.task.as_deref()).await;
         }
     };
-    if ctx.registry.lookup(&msg.task).is_none() {
+    let Some(plugin) = ctx.registry.lookup(&msg.task) else {
         let reason = format!("unknown task {:?}: no loaded plugin serves it or has it as an alias", msg.task);
         tracing::warn!(task_id = %msg.id, "Celery message rejected: {reason}");
         dead_letter(ctx, queue, raw, &reason, Some(&msg.id), Some(&msg.task)).await?;
         // What a Celery worker stores for an unregistered task.
         let e = Exception::new("NotRegistered", "celery.exceptions", format!("'{}'", msg.task));
         return write_failure(ctx, &msg, e).await;
-    }
+    };
     let revoked_event = |expired: bool| {
         events::TaskEvent::new("task-revoked", &msg.id, serde_json::json!({"terminated": false, "signum": null, "expired": expired}))
     };
@@ -567,7 +567,12 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
     }
     // Before the job exists: it may succeed (and look for them) at once.
     ctx.follow_ups.keep(&msg, queue).await?;
-    let job = to_job(&msg, queue);
+    let mut job = to_job(&msg, queue);
+    // The producer's time limit, within the operator's (the manifest's).
+    if let Some(limit) = msg.time_limit {
+        let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
+        job.timeout_ms = Some(ms.min(plugin.limits.timeout_ms));
+    }
     match ctx.broker.enqueue(job).await {
         Ok(enqueued) => {
             if ctx.events.task_events_on() {

@@ -38,6 +38,10 @@ pub struct TaskMessage {
     pub group: Option<String>,
     /// Its place in that group (`headers.group_index`).
     pub group_index: Option<u64>,
+    /// The shorter of Celery's soft and hard time limits (`headers.timelimit`,
+    /// from `apply_async(time_limit=…)` or the task's own `time_limit`):
+    /// the run is stopped then, and fails with `TimeLimitExceeded`.
+    pub time_limit: Option<std::time::Duration>,
     /// How the producer wants its args and kwargs shown (`headers.argsrepr`,
     /// `kwargsrepr`; an app may mask secrets there).
     pub argsrepr: Option<String>,
@@ -62,6 +66,7 @@ impl TaskMessage {
             parent_id: None,
             group: None,
             group_index: None,
+            time_limit: None,
             argsrepr: None,
             kwargsrepr: None,
             workflow: Workflow::default(),
@@ -219,6 +224,11 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
         parent_id: header_str("parent_id"),
         group,
         group_index: headers.and_then(|h| h.get("group_index")).and_then(Value::as_u64),
+        time_limit: headers
+            .and_then(|h| h.get("timelimit"))
+            .and_then(Value::as_array)
+            .and_then(|limits| limits.iter().filter_map(Value::as_f64).filter(|s| *s > 0.0).min_by(f64::total_cmp))
+            .map(|s| std::time::Duration::from_secs_f64(s.min(1e9))),
         argsrepr: header_str("argsrepr"),
         kwargsrepr: header_str("kwargsrepr"),
         workflow,
@@ -372,6 +382,7 @@ mod tests {
         assert!(bad_body.reason.contains("protocol v2"), "{}", bad_body.reason);
         let ok = decode(&message("application/json", &b64(json!([[1], {"k": 2}, {"callbacks": null}])))).unwrap();
         assert_eq!((ok.retries, ok.parent_id.as_deref(), ok.root_id.as_deref()), (2, Some("p"), Some("r")));
+        assert_eq!(ok.time_limit, None);
         let chained = decode(&message("application/json", &b64(json!([[], {}, {"chain": [{"task": "t"}], "errbacks": [{"task": "e"}]}])))).unwrap();
         assert_eq!(chained.workflow.chain, vec![json!({"task": "t"})]);
         assert!(chained.workflow.has_follow_ups());
@@ -391,6 +402,22 @@ mod tests {
         assert_eq!(middle.workflow.unsupported, vec!["a group or chord in a chain or link"]);
         let bad = decode(&message("application/json", &b64(json!([[], {}, {"callbacks": [1]}])))).unwrap_err();
         assert!(bad.reason.contains("embed.callbacks"), "{}", bad.reason);
+    }
+
+    /// `headers.timelimit` is `[soft, hard]`, either may be null: the run's
+    /// deadline is the shorter one given.
+    #[test]
+    fn the_shorter_time_limit_is_the_deadline() {
+        let with = |limits: Value| {
+            let body = base64::engine::general_purpose::STANDARD.encode(json!([[], {}, {}]).to_string());
+            let raw = json!({"body": body, "content-type": "application/json", "headers": {"task": "t", "id": "i", "timelimit": limits},
+                "properties": {"body_encoding": "base64"}});
+            decode(raw.to_string().as_bytes()).unwrap().time_limit
+        };
+        use std::time::Duration;
+        assert_eq!(with(json!([null, 30])), Some(Duration::from_secs(30)));
+        assert_eq!(with(json!([5.5, 30])), Some(Duration::from_millis(5500)));
+        assert_eq!(with(json!([null, null])), None);
     }
 
     /// A chord's header task as Celery 5.7's client sends it (headers
