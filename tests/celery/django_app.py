@@ -191,6 +191,21 @@ meta = app.backend.get_task_meta(limited.id)
 check(meta["result"] is not None and "TimeLimitExceeded" in str(meta["result"]), f"TimeLimitExceeded: {meta}")
 limited.revoke()  # no more attempts
 
+# 5a'. Priorities (on Redis, kombu serves 0 first and 9 last): a priority-0
+# task sent after a backlog of priority-9 ones of the same plugin (2 at a
+# time) overtakes most of them, as with a Celery worker.
+backlog = [slow.apply_async(kwargs={"ms": 300}, priority=9) for _ in range(8)]
+deadline = time.time() + T
+while not all(store.exists(f"{PREFIX}celery:job:{r.id}") for r in backlog) and time.time() < deadline:
+    time.sleep(0.01)
+urgent = slow.apply_async(kwargs={"ms": 300}, priority=0)
+urgent.get(timeout=T)
+[r.get(timeout=T) for r in backlog]
+done_at = lambda r: datetime.fromisoformat(app.backend.get_task_meta(r.id)["date_done"])
+after = sum(done_at(r) > done_at(urgent) for r in backlog)
+facts["priority_9_done_after_the_urgent"] = after
+check(after >= 2, f"the priority-0 task overtook the priority-9 backlog (in FIFO order it would end last): {after} of 8 ended after it")
+
 # 5b'. While it runs: STARTED (celer runs with [celery] track_started =
 # true, Celery's task_track_started) naming the host, then PROGRESS with
 # what the plugin reported (the custom state Django progress bars read).

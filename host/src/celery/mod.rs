@@ -638,6 +638,9 @@ fn received_event(msg: &TaskMessage) -> events::TaskEvent {
 pub fn to_job(msg: &TaskMessage, queue: &str) -> NewJob {
     let mut job = NewJob::new(msg.task.clone(), msg.args.clone(), msg.kwargs.clone());
     job.queue = queue.to_string();
+    // kombu on Redis serves priority 0 first and 9 last; celer serves the
+    // highest number first: 0 stays 0 (native jobs' default), 9 is -9.
+    job.priority = -i32::from(msg.priority);
     job.eta = msg.eta;
     job.expires_at = msg.expires;
     // The attempts Celery already spent count against the retry budget.
@@ -714,6 +717,8 @@ mod tests {
         // Celery names a first task its own root: celer reads that as "no root".
         let first = to_job(&message("a", Some("a"), None), "celery");
         assert_eq!((first.root_id, first.parent_id), (None, None));
+        // kombu's 0 (served first on Redis) stays celer's default; 9 goes last.
+        assert_eq!((job.priority, to_job(&TaskMessage { priority: 9, ..message("p", None, None) }, "celery").priority), (0, -9));
     }
 
     /// A progress report that arrives after the task ended (its keeper

@@ -38,6 +38,8 @@ pub struct TaskMessage {
     pub group: Option<String>,
     /// Its place in that group (`headers.group_index`).
     pub group_index: Option<u64>,
+    /// `properties.priority`, 0–9; on Redis kombu serves 0 first.
+    pub priority: u8,
     /// The shorter of Celery's soft and hard time limits (`headers.timelimit`,
     /// from `apply_async(time_limit=…)` or the task's own `time_limit`):
     /// the run is stopped then, and fails with `TimeLimitExceeded`.
@@ -66,6 +68,7 @@ impl TaskMessage {
             parent_id: None,
             group: None,
             group_index: None,
+            priority: 0,
             time_limit: None,
             argsrepr: None,
             kwargsrepr: None,
@@ -224,6 +227,11 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
         parent_id: header_str("parent_id"),
         group,
         group_index: headers.and_then(|h| h.get("group_index")).and_then(Value::as_u64),
+        priority: msg
+            .get("properties")
+            .and_then(|p| p.get("priority"))
+            .and_then(Value::as_u64)
+            .map_or(0, |p| u8::try_from(p.min(9)).unwrap_or(9)),
         time_limit: headers
             .and_then(|h| h.get("timelimit"))
             .and_then(Value::as_array)
@@ -382,7 +390,7 @@ mod tests {
         assert!(bad_body.reason.contains("protocol v2"), "{}", bad_body.reason);
         let ok = decode(&message("application/json", &b64(json!([[1], {"k": 2}, {"callbacks": null}])))).unwrap();
         assert_eq!((ok.retries, ok.parent_id.as_deref(), ok.root_id.as_deref()), (2, Some("p"), Some("r")));
-        assert_eq!(ok.time_limit, None);
+        assert_eq!((ok.time_limit, ok.priority), (None, 0));
         let chained = decode(&message("application/json", &b64(json!([[], {}, {"chain": [{"task": "t"}], "errbacks": [{"task": "e"}]}])))).unwrap();
         assert_eq!(chained.workflow.chain, vec![json!({"task": "t"})]);
         assert!(chained.workflow.has_follow_ups());
