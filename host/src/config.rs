@@ -210,6 +210,11 @@ pub struct CeleryConfig {
     /// command (which Flower sends) turns them on at run time.
     /// `CELER_CELERY_TASK_EVENTS`.
     pub task_events: bool,
+    /// The name this host answers to as a Celery worker (`celery inspect
+    /// ping -d <name>`, Flower), like `celery worker -n`: `%h` is the
+    /// machine's hostname, `%n` its part before the first dot. Default
+    /// `celer@<host id>`, unique per process. `CELER_CELERY_WORKER_NAME`.
+    pub worker_name: Option<String>,
     /// The app's `task_routes` as task name → queue (a name may end in
     /// `*`): where follow-ups (links, chains, errbacks) whose signature
     /// names no queue are sent; otherwise to the queue their parent came
@@ -227,6 +232,7 @@ impl Default for CeleryConfig {
             result_expires_s: 86_400,
             track_started: false,
             task_events: false,
+            worker_name: None,
             routes: std::collections::BTreeMap::new(),
         }
     }
@@ -402,6 +408,9 @@ impl Config {
         }
         if let Some(v) = get("CELER_CELERY_TRACK_STARTED") {
             self.celery.track_started = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+        }
+        if let Some(v) = get("CELER_CELERY_WORKER_NAME") {
+            self.celery.worker_name = Some(v);
         }
         if let Some(v) = get("CELER_CELERY_TASK_EVENTS") {
             self.celery.task_events = matches!(v.as_str(), "1" | "true" | "yes" | "on");

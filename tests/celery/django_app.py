@@ -15,7 +15,7 @@ manifest maps:
 
 Environment: CELERY_URL (broker and result backend), CELERY_QUEUE (the
 queue, unique per test run), CELER_PREFIX (the host's key prefix),
-CELER_WORKER (the host's Celery worker name, celer@<host id>). Exits non-zero with a message on the first
+CELER_WORKER (the host's Celery worker name, from [celery] worker_name). Exits non-zero with a message on the first
 failed check; prints one JSON line of facts for the Rust side.
 """
 import base64
@@ -32,6 +32,7 @@ from celery.exceptions import TaskRevokedError
 URL = os.environ["CELERY_URL"]
 QUEUE = os.environ["CELERY_QUEUE"]
 PREFIX = os.environ["CELER_PREFIX"]  # celer's key prefix: its own keys, to watch progress
+ME = os.environ["CELER_WORKER"]  # the host's Celery worker name ([celery] worker_name)
 
 app = Celery("proj", broker=URL, backend=URL)
 app.conf.task_default_queue = QUEUE
@@ -224,7 +225,7 @@ while not p.ready() and time.time() < deadline:
         progress_info = info
     time.sleep(0.02)
 check(p.get(timeout=T)["slept_ms"] == 1500, "the reporting task's result")
-check(started_info is not None and started_info["hostname"].startswith("celer@") and isinstance(started_info["pid"], int), f"STARTED with pid and hostname, saw {states} {started_info}")
+check(started_info is not None and started_info["hostname"] == ME and isinstance(started_info["pid"], int), f"STARTED with pid and hostname, saw {states} {started_info}")
 check(progress_info is not None and progress_info["total"] == 3 and 1 <= progress_info["current"] <= 3, f"PROGRESS with current/total, saw {states} {progress_info}")
 check(p.state == "SUCCESS", "a late progress report does not hide SUCCESS")
 facts["running_states"] = sorted(states)
@@ -341,7 +342,7 @@ beats = []
 class Heard(Exception):
     pass
 def on_event(event):
-    if event.get("type") == "worker-heartbeat" and event.get("hostname", "").startswith("celer@"):
+    if event.get("type") == "worker-heartbeat" and event.get("hostname") == ME:
         beats.append(event)
         raise Heard()  # ends the capture
 def capture_events(handler, timeout):
@@ -358,11 +359,10 @@ check(isinstance(beats[0]["active"], int) and isinstance(beats[0]["processed"], 
 facts["heartbeat_from"] = beats[0]["hostname"]
 
 # 8. Remote control, as `celery inspect` and Flower use it: the host
-# answers as the worker celer@<host id> (celer hosts of other tests on
+# answers as its worker name ([celery] worker_name; celer hosts of other tests on
 # this Redis answer broadcasts too: only ours is looked at).
 import threading
 import uuid
-ME = os.environ["CELER_WORKER"]
 def reply_of(replies):
     return next((r[ME] for r in replies or [] if ME in r), None)
 check(reply_of(app.control.ping(timeout=2)) == {"ok": "pong"}, "ping answers pong")

@@ -68,9 +68,12 @@ fn a_django_app_gets_its_results_from_celer() {
     let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
     let queue = format!("celery-test-{id}");
     let prefix = format!("celer-celery-test-{id}:");
-    let host_id = format!("django-{id}");
-    let config = TEST_CONFIG.replacen("[worker]\n", &format!("[worker]\nhost_id = \"{host_id}\"\n"), 1);
-    let config = format!("{config}\n[celery]\nenabled = true\ntrack_started = true\nqueues = [\"{queue}\"]\n");
+    // The Celery worker name, as `celery worker -n django-<id>@%n` would set it.
+    let short_hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname").trim().split('.').next().unwrap_or_default().to_string();
+    let worker = format!("django-{id}@{short_hostname}");
+    let config = format!(
+        "{TEST_CONFIG}\n[celery]\nenabled = true\ntrack_started = true\nqueues = [\"{queue}\"]\nworker_name = \"django-{id}@%n\"\n"
+    );
     let env = Env::with_config(&config)
         .var("CELER_BROKER_URL", services::REDIS_URL)
         .var("CELER_BROKER_PREFIX", &prefix);
@@ -92,7 +95,7 @@ fn a_django_app_gets_its_results_from_celer() {
         .env("CELERY_URL", services::REDIS_URL)
         .env("CELERY_QUEUE", &queue)
         .env("CELER_PREFIX", &prefix)
-        .env("CELER_WORKER", format!("celer@{host_id}"))
+        .env("CELER_WORKER", &worker)
         .output()
         .expect("run the Celery producer");
     assert!(

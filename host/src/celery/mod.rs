@@ -207,7 +207,7 @@ pub async fn start(
         chord::Chords::new(conn.clone(), results.clone(), config.celery.result_expires_s),
     );
     let activity = Arc::new(activity::Activity::default());
-    let hostname = format!("celer@{host}");
+    let hostname = worker_name(config.celery.worker_name.as_deref(), &host);
     let events_channel = control::fanout_channel(&url, &config.celery.key_prefix, "celeryev");
     let events = Arc::new(events::Events::new(
         conn.clone(),
@@ -615,6 +615,15 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
     }
 }
 
+/// This host's name as a Celery worker: the configured one with `%h`
+/// (hostname) and `%n` (its first label) filled in, else `celer@<host id>`.
+fn worker_name(configured: Option<&str>, host_id: &str) -> String {
+    let Some(name) = configured.filter(|n| !n.trim().is_empty()) else { return format!("celer@{host_id}") };
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+    let short = hostname.split('.').next().unwrap_or(&hostname).to_string();
+    name.replace("%h", &hostname).replace("%n", &short)
+}
+
 /// `task-received`: the task, as the Celery tools list it.
 fn received_event(msg: &TaskMessage) -> events::TaskEvent {
     let time = |t: Option<chrono::DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, false));
@@ -705,6 +714,15 @@ mod tests {
             parent_id: parent.map(String::from),
             ..TaskMessage::for_tests(id, "proj.tasks.add", serde_json::json!([1, 2]))
         }
+    }
+
+    #[test]
+    fn the_worker_name_is_configurable_like_celery_worker_n() {
+        assert_eq!(worker_name(None, "web-1-42"), "celer@web-1-42");
+        assert_eq!(worker_name(Some("  "), "web-1-42"), "celer@web-1-42");
+        let named = worker_name(Some("celer@%h"), "web-1-42");
+        assert!(named.starts_with("celer@") && !named.contains("%h") && named.len() > "celer@".len(), "{named}");
+        assert_eq!(worker_name(Some("jobs@static"), "x"), "jobs@static");
     }
 
     #[test]
