@@ -404,16 +404,16 @@ impl Config {
             self.celery.url = Some(v);
         }
         if let Some(v) = get("CELER_CELERY_ENABLED") {
-            self.celery.enabled = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+            self.celery.enabled = truthy(&v);
         }
         if let Some(v) = get("CELER_CELERY_TRACK_STARTED") {
-            self.celery.track_started = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+            self.celery.track_started = truthy(&v);
         }
         if let Some(v) = get("CELER_CELERY_WORKER_NAME") {
             self.celery.worker_name = Some(v);
         }
         if let Some(v) = get("CELER_CELERY_TASK_EVENTS") {
-            self.celery.task_events = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+            self.celery.task_events = truthy(&v);
         }
         if let Some(v) = get("CELER_CONCURRENCY") {
             self.worker.concurrency = v.parse().map_err(|_| ConfigError::Env {
@@ -479,12 +479,20 @@ impl Config {
     /// This host's name in leases and job status.
     pub fn host_id(&self) -> String {
         self.worker.host_id.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "host".into());
+            let host = machine_hostname().unwrap_or_else(|| "host".into());
             format!("{host}-{}", std::process::id())
         })
     }
+}
+
+/// An on/off environment value: `1`, `true`, `yes` or `on` is on.
+fn truthy(v: &str) -> bool {
+    matches!(v, "1" | "true" | "yes" | "on")
+}
+
+/// The machine's hostname, when it can be read.
+pub fn machine_hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string())
 }
 
 #[cfg(test)]

@@ -104,6 +104,20 @@ impl Env {
         Env { dir, plugins, data, config, vars: Vec::new(), port }
     }
 
+    /// An installation with a 30 s lease (its next renewal 10 s away) and
+    /// `hostile` allowed 20 s per job: for showing that a cancel reaches a
+    /// running job at once rather than at a renewal.
+    pub fn with_long_lease() -> Env {
+        let config = TEST_CONFIG.replace("lease_ms = 1500", "lease_ms = 30000");
+        assert_ne!(config, TEST_CONFIG, "the test config names its lease");
+        let env = Env::with_config(&config);
+        let shipped = std::fs::read_to_string(plugin_manifest("hostile")).expect("manifest");
+        let manifest = shipped.replace("timeout_s = 2\n", "timeout_s = 20\n");
+        assert_ne!(manifest, shipped, "hostile's manifest names its timeout");
+        env.install_files("hostile", &std::fs::read(plugin_wasm("hostile")).expect("wasm"), &manifest);
+        env
+    }
+
     /// Sets an environment variable for every `celer` this Env runs
     /// (e.g. a backend URL).
     pub fn var(mut self, key: &str, value: &str) -> Env {

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use celer_integration::{Env, TEST_CONFIG, plugin_manifest, plugin_wasm};
+use celer_integration::Env;
 use serde_json::{Value, json};
 
 /// `curl -X METHOD URL [-d BODY] [-H …]` → (status, body).
@@ -116,13 +116,7 @@ fn a_token_guards_everything_but_healthz() {
 /// end it first.
 #[test]
 fn deleting_a_running_job_stops_it_at_once() {
-    let config = TEST_CONFIG.replace("lease_ms = 1500", "lease_ms = 30000");
-    assert_ne!(config, TEST_CONFIG, "the test config names its lease");
-    let env = Env::with_config(&config);
-    let shipped = std::fs::read_to_string(plugin_manifest("hostile")).expect("manifest");
-    let manifest = shipped.replace("timeout_s = 2\n", "timeout_s = 20\n");
-    assert_ne!(manifest, shipped, "hostile's manifest names its timeout");
-    env.install_files("hostile", &std::fs::read(plugin_wasm("hostile")).expect("wasm"), &manifest);
+    let env = Env::with_long_lease();
     let _server = env.serve();
     let base = format!("http://127.0.0.1:{}", env.port);
     let id = env.enqueue("hostile.sleep", &["--kwargs", r#"{"ms":15000}"#]);

@@ -220,7 +220,7 @@ impl EmbeddedBroker {
             .connect_with(options)
             .await
             .map_err(|e| BrokerError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        Ok(EmbeddedBroker { pool, writer, stops: tokio::sync::broadcast::channel(1024).0 })
+        Ok(EmbeddedBroker { pool, writer, stops: tokio::sync::broadcast::channel(super::STOP_REQUESTS_BUFFER).0 })
     }
 
     /// Like [`EmbeddedBroker::open`], from a `sqlite://path` or

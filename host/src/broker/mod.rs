@@ -151,6 +151,10 @@ pub struct FetchRequest<'a> {
     pub lease: Duration,
 }
 
+/// Stop requests a slow worker may fall behind by before it misses some
+/// (it then learns of them at the job's next lease renewal).
+pub(crate) const STOP_REQUESTS_BUFFER: usize = 1024;
+
 /// The operations a worker, the CLI and the API need from a broker.
 #[async_trait]
 pub trait Broker: Send + Sync {

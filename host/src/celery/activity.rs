@@ -59,9 +59,10 @@ pub struct Activity {
 }
 
 impl Activity {
-    pub fn start(&self, token: String, task: Running) {
+    /// Records tasks just leased (by lease token), under one lock.
+    pub fn start_all(&self, tasks: impl IntoIterator<Item = (String, Running)>) {
         if let Ok(mut m) = self.running.lock() {
-            m.insert(token, task);
+            m.extend(tasks);
         }
     }
 

@@ -118,22 +118,29 @@ impl Broker for CeleryAwareBroker {
 
     async fn fetch(&self, req: FetchRequest<'_>) -> Result<Vec<Delivery>, BrokerError> {
         let got = self.inner.fetch(req).await?;
-        let mut started = Vec::new();
-        for d in &got {
-            if let Some(id) = celery_id(d.job.idempotency_key.as_deref()) {
+        let now = SystemTime::now();
+        let running: Vec<(String, Running)> = got
+            .iter()
+            .filter_map(|d| {
+                let id = celery_id(d.job.idempotency_key.as_deref())?;
                 let running = Running {
                     celery_id: id.to_string(),
                     task: d.job.task.clone(),
                     args: d.job.args.clone(),
                     kwargs: d.job.kwargs.clone(),
                     queue: d.job.queue.clone(),
-                    started: SystemTime::now(),
+                    started: now,
                 };
-                self.activity.start(d.lease.token.clone(), running);
-                if self.events.task_events_on() {
-                    started.push(TaskEvent::new("task-started", id, serde_json::json!({})));
-                }
-            }
+                Some((d.lease.token.clone(), running))
+            })
+            .collect();
+        let started: Vec<TaskEvent> = if self.events.task_events_on() {
+            running.iter().map(|(_, r)| TaskEvent::new("task-started", &r.celery_id, serde_json::json!({}))).collect()
+        } else {
+            Vec::new()
+        };
+        if !running.is_empty() {
+            self.activity.start_all(running);
         }
         if !started.is_empty() {
             // Stamped now, so they order before the tasks' later events;
@@ -216,23 +223,20 @@ impl Broker for CeleryAwareBroker {
                 let status = if matches!(outcome, Outcome::Retry { .. }) { Status::Retry } else { Status::Failure };
                 (status, result::Outcome::Failure(e, Some(tb)))
             }
-            Outcome::Cancelled { error } => {
-                (Status::Revoked, result::Outcome::Failure(Exception::new("TaskRevokedError", "celery.exceptions", error.message.clone()), None))
-            }
+            Outcome::Cancelled { error } => (Status::Revoked, result::Outcome::Failure(Exception::revoked(&error.message), None)),
         };
         let doc = result::meta(&origin.celery_id, status, &stored, Utc::now());
         if let Err(e) = self.results.write(&origin.celery_id, &doc).await {
             tracing::error!(job_id = %lease.job_id, celery_id = %origin.celery_id, error = %e, "cannot write the Celery result");
         }
-        if let Outcome::Dead { error } | Outcome::Cancelled { error } = &outcome {
+        if let (Outcome::Dead { .. } | Outcome::Cancelled { .. }, result::Outcome::Failure(e, _)) = (&outcome, &stored) {
             // Errbacks and the chord's count only once the failure is
             // recorded and stored (as a Celery worker calls them after
             // storing it): a stale run that failed must not send them, nor
             // drop the workflow the run that took over needs; and the
             // chord's failure never shows before its part's own.
             let revoked = matches!(outcome, Outcome::Cancelled { .. });
-            let e = if revoked { Exception::new("TaskRevokedError", "celery.exceptions", error.message.clone()) } else { Exception::of(error) };
-            if let Err(e) = self.follow_ups.on_failure(&origin.celery_id, &e, revoked).await {
+            if let Err(e) = self.follow_ups.on_failure(&origin.celery_id, e, revoked).await {
                 tracing::error!(job_id = %lease.job_id, celery_id = %origin.celery_id, error = %e, "cannot send the Celery errbacks or count the chord part");
             }
         }

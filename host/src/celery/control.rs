@@ -12,10 +12,9 @@
 //! Flower 2.2).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use base64::Engine;
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -23,6 +22,7 @@ use super::Ctx;
 use super::activity::Activity;
 use super::events::Events;
 use super::revoke::Revoke;
+use crate::broker::redis::pubsub;
 
 /// The pub/sub channel of `celery.pidbox` for a Redis URL's database.
 pub fn channel(url: &str, key_prefix: &str) -> String {
@@ -395,20 +395,8 @@ impl Control {
             return Ok(());
         }
         let body = json!({ self.events.hostname(): result }).to_string();
-        let message = json!({
-            "body": base64::engine::general_purpose::STANDARD.encode(body),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {"ticket": ticket, "clock": self.events.tick()},
-            "properties": {
-                "delivery_mode": 1,
-                "delivery_info": {"exchange": reply_to.exchange, "routing_key": reply_to.routing_key},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": uuid::Uuid::new_v4().to_string(),
-            },
-        })
-        .to_string();
+        let headers = json!({"ticket": ticket, "clock": self.events.tick()});
+        let message = super::protocol::transient(&body, headers, &reply_to.exchange, &reply_to.routing_key);
         let mut pipe = ::redis::pipe();
         for q in &queues {
             pipe.cmd("LPUSH").arg(q).arg(&message).ignore();
@@ -472,46 +460,25 @@ fn masked(url: &str) -> String {
 /// away. Requests that change something (revoke, events on or off) are
 /// handled one at a time, in the order they were sent; the others, which
 /// only read, each on its own.
-pub(super) async fn listen(control: Arc<Control>, mut stop: watch::Receiver<bool>) {
+pub(super) async fn listen(control: Arc<Control>, stop: watch::Receiver<bool>) {
     let channel = channel(&control.url, &control.ctx.celery.key_prefix);
-    while !*stop.borrow() {
-        let subscribed = async {
-            let client = ::redis::Client::open(control.url.as_str())?;
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, ::redis::RedisError>(pubsub)
-        };
-        let pubsub = match subscribed.await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, channel, "Celery remote control: cannot subscribe; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stop.changed() => return,
-                }
-            }
-        };
-        let mut messages = pubsub.into_on_message();
-        loop {
-            let message = tokio::select! {
-                m = messages.next() => m,
-                _ = stop.changed() => return,
-            };
-            // The connection dropped: subscribe again.
-            let Some(message) = message else { break };
-            let Some(request) = Request::parse(message.get_payload_bytes()) else { continue };
+    let purpose = pubsub::Purpose { what: "Celery remote control", meanwhile: "inspect, ping and revoke go unanswered" };
+    pubsub::listen(vec![control.url.clone()], channel, purpose, Some(stop), |payload| {
+        let control = control.clone();
+        async move {
+            let Some(request) = Request::parse(&payload) else { return };
             if !request.is_for(control.events.hostname()) {
-                continue;
+                return;
             }
             // A read (a scan of revoked ids, say) must not hold up the next request.
             if matches!(request.method.as_str(), "revoke" | "enable_events" | "disable_events" | "heartbeat") {
                 control.handle(request).await;
             } else {
-                let control = control.clone();
                 tokio::spawn(async move { control.handle(request).await });
             }
         }
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use base64::Engine;
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
 use super::activity::Activity;
+use super::protocol;
 use crate::broker::redis::conn::Conn;
 
 /// How often a heartbeat goes out (Celery's default `freq`).
@@ -46,6 +46,15 @@ pub struct TaskEvent {
 
 /// Task events turned into messages: (channel, message).
 pub struct Stamped(Vec<(String, String)>);
+
+impl Stamped {
+    /// Adds their PUBLISHes (replies ignored) to a pipeline that goes out anyway.
+    pub fn add_to(self, pipe: &mut ::redis::Pipeline) {
+        for (channel, message) in self.0 {
+            pipe.cmd("PUBLISH").arg(channel).arg(message).ignore();
+        }
+    }
+}
 
 impl TaskEvent {
     pub fn new(kind: &'static str, uuid: &str, fields: Value) -> Self {
@@ -111,9 +120,7 @@ impl Events {
             return;
         }
         let mut pipe = ::redis::pipe();
-        for (channel, message) in stamped.0 {
-            pipe.cmd("PUBLISH").arg(channel).arg(message).ignore();
-        }
+        stamped.add_to(&mut pipe);
         let mut c = self.conn.clone();
         if let Err(e) = pipe.query_async::<()>(&mut c).await {
             tracing::debug!(error = %e, "Celery task events not sent");
@@ -172,20 +179,7 @@ impl Events {
 
     /// The kombu message around an event body.
     fn message(&self, kind: &str, body: &Value) -> String {
-        json!({
-            "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {"hostname": self.hostname},
-            "properties": {
-                "delivery_mode": 1,
-                "delivery_info": {"exchange": "celeryev", "routing_key": kind.replacen('-', ".", 1)},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": uuid::Uuid::new_v4().to_string(),
-            },
-        })
-        .to_string()
+        protocol::transient(&body.to_string(), json!({"hostname": self.hostname}), "celeryev", &kind.replacen('-', ".", 1))
     }
 }
 
@@ -219,6 +213,8 @@ fn loadavg() -> [f64; 3] {
 
 #[cfg(test)]
 mod tests {
+    use base64::Engine;
+
     use super::*;
 
     fn fixture(name: &str) -> Value {

@@ -95,31 +95,17 @@ impl ResultWriter {
     }
 
     pub async fn write(&self, task_id: &str, doc: &str) -> Result<(), ::redis::RedisError> {
-        let key = format!("celery-task-meta-{task_id}");
-        let mut c = self.conn.clone();
-        ::redis::pipe()
-            .atomic()
-            .cmd("SETEX")
-            .arg(&key)
-            .arg(self.expires_s)
-            .arg(doc)
-            .ignore()
-            .cmd("PUBLISH")
-            .arg(&key)
-            .arg(doc)
-            .ignore()
-            .query_async(&mut c)
-            .await
+        self.write_all(&[(task_id, doc)]).await
     }
 
     /// Writes several results (task id, document) in one MULTI.
-    pub async fn write_all(&self, docs: &[(String, String)]) -> Result<(), ::redis::RedisError> {
+    pub async fn write_all<I: AsRef<str>, D: AsRef<str>>(&self, docs: &[(I, D)]) -> Result<(), ::redis::RedisError> {
         let mut pipe = ::redis::pipe();
         pipe.atomic();
         for (task_id, doc) in docs {
-            let key = format!("celery-task-meta-{task_id}");
-            pipe.cmd("SETEX").arg(&key).arg(self.expires_s).arg(doc).ignore();
-            pipe.cmd("PUBLISH").arg(&key).arg(doc).ignore();
+            let key = format!("celery-task-meta-{}", task_id.as_ref());
+            pipe.cmd("SETEX").arg(&key).arg(self.expires_s).arg(doc.as_ref()).ignore();
+            pipe.cmd("PUBLISH").arg(&key).arg(doc.as_ref()).ignore();
         }
         let mut c = self.conn.clone();
         pipe.query_async(&mut c).await
@@ -141,11 +127,10 @@ impl ResultWriter {
         inv.invoke_async(&mut c).await
     }
 
-    /// Stores REVOKED as the task's result, as a Celery worker does for a
-    /// revoked or expired task (`why`: "revoked", "expired").
-    pub async fn write_revoked(&self, task_id: &str, why: &str) -> Result<(), String> {
-        let e = Exception::new("TaskRevokedError", "celery.exceptions", why);
-        let doc = result::meta(task_id, Status::Revoked, &result::Outcome::Failure(e, None), Utc::now());
+    /// Stores REVOKED with `e` (a `TaskRevokedError`) as the task's result,
+    /// as a Celery worker does for a revoked or expired task.
+    async fn write_revoked(&self, task_id: &str, e: &Exception) -> Result<(), String> {
+        let doc = result::meta(task_id, Status::Revoked, &result::Outcome::Failure(e.clone(), None), Utc::now());
         self.write(task_id, &doc).await.map_err(|e| e.to_string())
     }
 }
@@ -283,8 +268,8 @@ impl Ctx {
     /// Ends a Celery task that will not run (revoked, or expired): REVOKED
     /// as its result, and its part of a chord counted (the chord fails).
     async fn end_revoked(&self, celery_id: &str, why: &str) -> Result<(), String> {
-        self.results.write_revoked(celery_id, why).await?;
-        let e = Exception::new("TaskRevokedError", "celery.exceptions", why);
+        let e = Exception::revoked(why);
+        self.results.write_revoked(celery_id, &e).await?;
         self.follow_ups.on_failure(celery_id, &e, true).await
     }
 
@@ -575,9 +560,6 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
     }
     match ctx.broker.enqueue(job).await {
         Ok(enqueued) => {
-            if ctx.events.task_events_on() {
-                ctx.events.tasks(vec![received_event(&msg)]).await;
-            }
             // The job is remembered so that a revoke can find it (as long
             // as the result lives); in the same round trip, in this order,
             // a revoke heard since the check above (it found no job) is
@@ -592,6 +574,9 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
             if msg.argsrepr.is_some() || msg.kwargsrepr.is_some() {
                 let shown = serde_json::json!([msg.argsrepr, msg.kwargsrepr]).to_string();
                 pipe.cmd("SET").arg(ctx.shown(&msg.id)).arg(shown).arg("EX").arg(ttl).ignore();
+            }
+            if ctx.events.task_events_on() {
+                ctx.events.stamp(vec![received_event(&msg)]).add_to(&mut pipe);
             }
             let (revoked,): (bool,) =
                 pipe.cmd("EXISTS").arg(ctx.revocations.key(&msg.id)).query_async(&mut c).await.map_err(|e| e.to_string())?;
@@ -619,7 +604,7 @@ async fn handle(ctx: &Ctx, queue: &str, raw: &[u8]) -> Result<(), String> {
 /// (hostname) and `%n` (its first label) filled in, else `celer@<host id>`.
 fn worker_name(configured: Option<&str>, host_id: &str) -> String {
     let Some(name) = configured.filter(|n| !n.trim().is_empty()) else { return format!("celer@{host_id}") };
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+    let hostname = crate::config::machine_hostname().unwrap_or_else(|| "localhost".into());
     let short = hostname.split('.').next().unwrap_or(&hostname).to_string();
     name.replace("%h", &hostname).replace("%n", &short)
 }

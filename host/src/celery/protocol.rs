@@ -323,6 +323,27 @@ pub fn encode(o: &Outgoing<'_>) -> String {
     .to_string()
 }
 
+/// A transient kombu message (an event, a control reply): `body` (JSON
+/// text) base64-encoded in the envelope every kombu message has, delivery
+/// mode 1, as Celery's workers send them (captured in
+/// `shared/fixtures/celery-protocol/event-*.json`).
+pub fn transient(body: &str, headers: Value, exchange: &str, routing_key: &str) -> String {
+    serde_json::json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(body),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": uuid::Uuid::new_v4().to_string(),
+        },
+    })
+    .to_string()
+}
+
 /// ISO-8601 as Celery writes it (`2026-11-22T17:37:35.310600+00:00`); a
 /// time without offset is UTC (Celery's `enable_utc`).
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {

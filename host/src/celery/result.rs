@@ -65,6 +65,11 @@ impl Exception {
         Exception { exc_type: exc_type.into(), exc_module: exc_module.into(), message: message.into() }
     }
 
+    /// What a revoked (or expired) task stores: Celery's `TaskRevokedError`.
+    pub fn revoked(why: &str) -> Exception {
+        Exception::new("TaskRevokedError", "celery.exceptions", why)
+    }
+
     /// The exception a Django app sees for a celer failure. Celery's own
     /// classes where one fits (the client can import them); otherwise a
     /// `celer.exceptions.<Name>`, which Celery's client recreates as an

@@ -60,6 +60,7 @@
 pub mod conn;
 mod fetch;
 mod held;
+pub mod pubsub;
 pub mod scripts;
 mod stops;
 
@@ -186,10 +187,6 @@ impl Drop for Inner {
     }
 }
 
-/// Stop requests a slow worker may fall behind by before it misses some
-/// (it then learns of them at the next renewal).
-const STOP_REQUESTS_BUFFER: usize = 1024;
-
 fn unavailable(e: ::redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(format!("redis: {e}"))
 }
@@ -232,7 +229,7 @@ impl RedisBroker {
                 pacing: Mutex::new(HashMap::new()),
                 waiters: Mutex::new(Vec::new()),
                 heartbeat: Mutex::new(None),
-                stops: tokio::sync::broadcast::channel(STOP_REQUESTS_BUFFER).0,
+                stops: tokio::sync::broadcast::channel(super::STOP_REQUESTS_BUFFER).0,
                 stop_listener: Mutex::new(None),
             }),
         };
@@ -628,8 +625,10 @@ async fn write_unchecked(mut c: Conn, qp: &str, ttl_s: u64, reqs: &[CompleteReq]
         let w = &r.write;
         let Some(held) = &w.held else { continue };
         let jk = format!("{qp}j:{}", w.job_id);
-        let mut fields = vec![("state", "succeeded".to_string()), ("result", w.result.clone()), ("fin", w.finished_us.to_string())];
-        fields.extend(RECORD_FIELDS.iter().zip(&w.record).filter_map(|(k, v)| v.clone().map(|v| (*k, v))));
+        // Borrowed, not copied: the result and the log can be large.
+        let fin = w.finished_us.to_string();
+        let mut fields: Vec<(&str, &str)> = vec![("state", "succeeded"), ("result", &w.result), ("fin", &fin)];
+        fields.extend(RECORD_FIELDS.iter().zip(&w.record).filter_map(|(k, v)| v.as_deref().map(|v| (*k, v))));
         pipe.hset_multiple(&jk, &fields).ignore();
         if held.attempt > 0 {
             pipe.hdel(&jk, &["ek", "em"]).ignore();
@@ -842,7 +841,8 @@ impl Broker for RedisBroker {
                 ("cancelled", String::new(), kind_text(error.kind), error.message.clone(), 0)
             }
         };
-        let held = self.inner.held.take(&lease.token).filter(HeldLease::certainly_held);
+        // Whether it is still certainly held is judged when the batch is sent.
+        let held = self.inner.held.take(&lease.token);
         let write = Write {
             token: lease.token.clone(),
             job_id: lease.job_id.clone(),
