@@ -316,6 +316,15 @@ fan = chain(add.s(1, 1), group(add.si(5, 5), add.si(6, 6))).apply_async()
 check(fan.get(timeout=T) == [{"sum": 10}, {"sum": 12}], f"chain(..., group(...)): {fan}")
 chained_chord = chain(add.s(1, 1), chord([add.si(1, 2), add.si(3, 4)], tsum.s())).apply_async()
 check(chained_chord.get(timeout=T) == {"sum": 10}, "chain(..., chord(...)) runs the chord after the first task")
+# A group followed by more than one step: the client makes it a chord whose
+# callback is a chain; the chain runs on the header's results, step by step.
+mid = tsum.s()
+mid.freeze()
+fan_in = (group(add.s(1, 2), add.s(3, 4)) | mid | add.si(100, 1)).apply_async()
+check(fan_in.get(timeout=T) == {"sum": 101}, f"group | tsum | add: the chain after the chord ran: {fan_in.state}")
+check(app.AsyncResult(mid.id).get(timeout=T) == {"sum": 10}, "group | tsum | add: tsum got the header's results")
+outer = chain(add.s(1, 1), group(add.si(1, 2), add.si(3, 4)) | tsum.s() | add.si(7, 7)).apply_async()
+check(outer.get(timeout=T) == {"sum": 14}, "chain(a, group | tsum | add): the chord with a chain callback starts after a")
 
 # 6. Malformed messages go to celer's dead letters; the host keeps consuming.
 good = json.loads(json.dumps({

@@ -21,6 +21,9 @@
 //!   header nests groups (celer does not join those; the callback fails
 //!   with a `ChordError` that says so).
 //!
+//! The callback may be a chain (`group(…) | a.s() | b.s()`): its first
+//! task is sent carrying the rest.
+//!
 //! Sending the callback and clearing the keys is one script, so a run that
 //! dies between them cannot leave a chord fired twice. A successful part is
 //! recorded before its own outcome (a run that dies before recording runs
@@ -38,7 +41,7 @@ use serde_json::{Value, json};
 
 use super::ResultWriter;
 use super::follow_ups::{FollowUps, Kept};
-use super::protocol::Fanout;
+use super::protocol::{self, Fanout};
 use super::result::{self, Exception, Status, py_repr};
 use crate::broker::redis::conn::Conn;
 
@@ -244,8 +247,17 @@ impl Chords {
         if !callback_id.is_empty() {
             docs.push((callback_id.to_string(), result::meta(callback_id, Status::Failure, &result::Outcome::Failure(e.clone(), Some(traceback)), now)));
         }
-        let chain = callback.pointer("/options/chain").and_then(Value::as_array).cloned().unwrap_or_default();
-        for id in chain.iter().filter_map(|sig| sig.pointer("/options/task_id").and_then(Value::as_str)) {
+        // What would have run after it: the rest of its chain, and the
+        // steps of a callback that is itself a chain.
+        let chain = match protocol::unchain(callback, &[]) {
+            Some((first, mut rest)) => {
+                rest.push(first.clone());
+                rest
+            }
+            None => callback.pointer("/options/chain").and_then(Value::as_array).cloned().unwrap_or_default(),
+        };
+        let ids = chain.iter().filter_map(|sig| sig.pointer("/options/task_id").and_then(Value::as_str));
+        for id in ids.filter(|id| *id != callback_id) {
             docs.push((id.to_string(), result::meta(id, Status::Failure, &result::Outcome::Failure(e.clone(), None), now)));
         }
         let written = self.results.write_all(&docs).await.map_err(|e| e.to_string());

@@ -250,8 +250,13 @@ impl FollowUps {
     /// the failed task's id) leads its args unless it is immutable. The
     /// signature's options give its id, queue, countdown, links, the rest
     /// of its chain (unless `chain` is given), its group and chord, and
-    /// may override the root and parent ids.
+    /// may override the root and parent ids. A chain signature (a chord's
+    /// callback `a | b`) is sent as its first task carrying the rest.
     pub(super) fn message(&self, sig: &Value, chain: Vec<Value>, first: &Value, parent: &str, kept: &Kept, role: &str) -> (String, String) {
+        let (sig, chain) = match protocol::unchain(sig, &chain) {
+            Some((task, chain)) => (task, chain),
+            None => (sig, chain),
+        };
         let options = sig.get("options").cloned().unwrap_or(json!({}));
         let immutable = sig.get("immutable").and_then(Value::as_bool).unwrap_or(false);
         let mut args: Vec<Value> = sig.get("args").and_then(Value::as_array).cloned().unwrap_or_default();

@@ -190,7 +190,7 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
         chord: None,
     };
     match (chord, &group) {
-        (Some(sig), Some(_)) if sig.get("subtask_type").is_none_or(Value::is_null) => workflow.chord = Some(sig),
+        (Some(sig), Some(_)) if sendable_callback(&sig) => workflow.chord = Some(sig),
         (Some(_), Some(_)) => workflow.unsupported.push("a chord whose callback is a group or chord"),
         (Some(_), None) => workflow.unsupported.push("a chord header task without a group id"),
         (None, _) => {}
@@ -199,9 +199,7 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
     // start (nested canvases, or a group with more of the chain after it),
     // is not something celer can send: none of the follow-ups run then,
     // rather than a part of them.
-    let canvas = |s: &Value| s.get("subtask_type").is_some_and(|t| !t.is_null());
-    let startable = |(i, s): (usize, &Value)| !canvas(s) || fanout(s).is_some_and(|f| f.body.is_some() || i == 0);
-    if workflow.callbacks.iter().chain(&workflow.errbacks).any(canvas) || !workflow.chain.iter().enumerate().all(startable) {
+    if workflow.callbacks.iter().chain(&workflow.errbacks).any(is_canvas) || !startable_chain(&workflow.chain) {
         workflow.chain.clear();
         workflow.callbacks.clear();
         workflow.errbacks.clear();
@@ -255,10 +253,52 @@ pub struct Fanout<'a> {
     pub body: Option<&'a Value>,
 }
 
+/// A group, chord or chain signature rather than a task's.
+fn is_canvas(sig: &Value) -> bool {
+    sig.get("subtask_type").is_some_and(|t| !t.is_null())
+}
+
+/// A task's own signature (no canvas).
+fn is_plain(sig: &Value) -> bool {
+    sig.get("task").is_some_and(Value::is_string) && !is_canvas(sig)
+}
+
+/// Whether celer can run every step of a message's `chain` (in message
+/// order: the next step last): tasks, and groups or chords it can start,
+/// a bare group only as the chain's end (Celery's client turns a group
+/// with more after it into a chord).
+fn startable_chain(chain: &[Value]) -> bool {
+    chain.iter().enumerate().all(|(i, s)| !is_canvas(s) || fanout(s).is_some_and(|f| f.body.is_some() || i == 0))
+}
+
+/// A chord callback celer can send: a task, or a chain that starts with
+/// one (`group(…) | a.s() | b.s()` is a chord whose callback is the chain
+/// `a | b`).
+fn sendable_callback(sig: &Value) -> bool {
+    is_plain(sig) || unchain(sig, &[]).is_some_and(|(first, rest)| is_plain(first) && startable_chain(&rest))
+}
+
+/// A chain signature as the message of its first task: that task, and the
+/// chain its message carries (message order, the next step last): the
+/// chain's other tasks, then what follows the chain itself (`after`, or
+/// the chain signature's own `options.chain`). `None` when `sig` is no
+/// chain, or an empty one.
+pub fn unchain<'a>(sig: &'a Value, after: &[Value]) -> Option<(&'a Value, Vec<Value>)> {
+    if sig.get("subtask_type").and_then(Value::as_str) != Some("chain") {
+        return None;
+    }
+    let (first, more) = sig.pointer("/kwargs/tasks").and_then(Value::as_array)?.split_first()?;
+    let mut chain = match after.is_empty() {
+        true => sig.pointer("/options/chain").and_then(Value::as_array).cloned().unwrap_or_default(),
+        false => after.to_vec(),
+    };
+    chain.extend(more.iter().rev().cloned());
+    Some((first, chain))
+}
+
 /// The group or chord `sig` is, if celer can start it: plain task
-/// signatures in the group (or header) and a plain callback.
+/// signatures in the group (or header) and a callback it can send.
 pub fn fanout(sig: &Value) -> Option<Fanout<'_>> {
-    let plain = |s: &Value| s.get("task").is_some_and(Value::is_string) && s.get("subtask_type").is_none_or(Value::is_null);
     fn id_of(s: &Value) -> Option<&str> {
         s.pointer("/options/task_id").and_then(Value::as_str)
     }
@@ -269,12 +309,12 @@ pub fn fanout(sig: &Value) -> Option<Fanout<'_>> {
         "group" => (id_of(sig)?, tasks_of(sig)?, None),
         "chord" => {
             let header = sig.pointer("/kwargs/header")?;
-            let body = sig.pointer("/kwargs/body").filter(|b| plain(b))?;
+            let body = sig.pointer("/kwargs/body").filter(|b| sendable_callback(b))?;
             (id_of(sig).or_else(|| id_of(header))?, tasks_of(header)?, Some(body))
         }
         _ => return None,
     };
-    tasks.iter().all(plain).then_some(Fanout { group_id, tasks, body })
+    tasks.iter().all(is_plain).then_some(Fanout { group_id, tasks, body })
 }
 
 /// A task message celer sends (a follow-up of Celery's canvas), in the
@@ -479,6 +519,41 @@ mod tests {
         nested["kwargs"]["header"]["kwargs"]["tasks"][0]["subtask_type"] = json!("chain");
         assert_eq!(fanout(&nested), None);
         assert_eq!(fanout(&body), None);
+    }
+
+    /// `group(a, b) | c | d`: Celery 5.7's client sends a chord whose
+    /// callback is the chain `c | d` (captured from the real client). Its
+    /// first task is sent carrying the rest, then what follows the chain.
+    #[test]
+    fn a_chord_callback_that_is_a_chain_is_sent_as_its_first_task() {
+        let c = json!({"task": "t.c", "args": [], "kwargs": {}, "options": {"task_id": "id-c"}, "subtask_type": null, "immutable": false});
+        let d = json!({"task": "t.d", "args": [], "kwargs": {}, "options": {"task_id": "id-d", "group_id": "g"}, "subtask_type": null, "immutable": false});
+        let callback = json!({"task": "celery.chain", "args": [], "kwargs": {"tasks": [c, d]}, "options": {"task_id": "id-d"}, "subtask_type": "chain", "immutable": false});
+        let raw = |chord: &Value| {
+            let body = base64::engine::general_purpose::STANDARD.encode(json!([[1, 2], {}, {"chord": chord}]).to_string());
+            json!({"body": body, "content-type": "application/json", "content-encoding": "utf-8", "properties": {"body_encoding": "base64"},
+                   "headers": {"task": "t.add", "id": "h0", "group": "g", "group_index": 0}})
+            .to_string()
+        };
+        let m = decode(raw(&callback).as_bytes()).expect("decodes");
+        assert_eq!(m.workflow.chord.as_ref(), Some(&callback));
+        assert!(m.workflow.unsupported.is_empty(), "{:?}", m.workflow.unsupported);
+
+        let (first, chain) = unchain(&callback, &[]).expect("a chain");
+        assert_eq!((first, chain), (&c, vec![d.clone()]));
+        // What follows the chain runs after its last step (message order: next step last).
+        let after = json!({"task": "t.after"});
+        assert_eq!(unchain(&callback, std::slice::from_ref(&after)).map(|(_, chain)| chain), Some(vec![after.clone(), d.clone()]));
+        let mut followed = callback.clone();
+        followed["options"]["chain"] = json!([after]);
+        assert_eq!(unchain(&followed, &[]).map(|(_, chain)| chain), Some(vec![after, d]));
+        assert_eq!(unchain(&c, &[]), None);
+
+        // A chain that starts with a group is not a callback celer sends.
+        let mut grouped = callback.clone();
+        grouped["kwargs"]["tasks"][0]["subtask_type"] = json!("group");
+        let m = decode(raw(&grouped).as_bytes()).expect("decodes");
+        assert_eq!((m.workflow.chord, m.workflow.unsupported), (None, vec!["a chord whose callback is a group or chord"]));
     }
 
     #[test]
