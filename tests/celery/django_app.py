@@ -416,4 +416,8 @@ check(succeeded["result"] == "{'sum': 8}" and isinstance(succeeded["runtime"], f
 check(reply_of(app.control.disable_events(reply=True, destination=[ME], timeout=3)) == {"ok": "task events disabled"}, "disable_events")
 facts["task_events"] = sorted(seen)
 
+# 10. `celery control shutdown`, as deploys roll workers: the host answers,
+# drains and exits 0 (the Rust side waits for its exit).
+check(reply_of(app.control.shutdown(reply=True, destination=[ME], timeout=3)) == {"ok": "shutting down"}, "shutdown")
+
 print(json.dumps(facts))

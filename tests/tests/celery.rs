@@ -106,6 +106,18 @@ fn a_django_app_gets_its_results_from_celer() {
         host.log()
     );
     eprintln!("producer: {}", String::from_utf8_lossy(&out.stdout));
+    // Its last request was `celery control shutdown`: the host drains and exits 0.
+    let mut host = host;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = host.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the host did not exit after `celery control shutdown`:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit after a remote shutdown: {status}\n{}", host.log());
+    assert!(host.log().contains("shutdown requested by a Celery control command"), "{}", host.log());
 
     // The four malformed messages, each with its reason.
     let dead = redis_cli(&["XRANGE", &format!("{prefix}celery:dead"), "-", "+"]);

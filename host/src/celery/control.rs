@@ -162,6 +162,8 @@ pub(super) struct Control {
     pub url: String,
     pub concurrency: usize,
     pub started: Instant,
+    /// Asks the whole host to stop as SIGTERM does (`celery control shutdown`).
+    pub shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 /// At most this many revoked ids in a `revoked` answer.
@@ -233,6 +235,15 @@ impl Control {
             "heartbeat" => {
                 self.events.worker("worker-heartbeat").await;
                 Value::Null
+            }
+            // A warm shutdown, as a Celery worker does it: no new jobs,
+            // running ones get the grace period. The service manager
+            // decides whether it comes back (deploys use this to roll
+            // workers).
+            "shutdown" => {
+                tracing::warn!(worker = hostname, "shutdown requested by a Celery control command: draining, then exiting");
+                let _ = self.shutdown.send(true);
+                json!({"ok": "shutting down"})
             }
             // A Python worker starting up asks the others for the ids they revoked.
             "hello" => match self.revoked_ids().await {

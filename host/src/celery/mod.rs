@@ -173,8 +173,9 @@ pub async fn start(
     broker: Arc<dyn Broker>,
     registry: Arc<Registry>,
     host: String,
-    stop: watch::Receiver<bool>,
+    shutdown: watch::Sender<bool>,
 ) -> Result<Arc<dyn Broker>, String> {
+    let stop = shutdown.subscribe();
     let url = config.celery_url().ok_or("[celery] needs a Redis URL ([celery] url or a redis:// broker)")?;
     let target = Target::parse(&url)?;
     if target.is_cluster() {
@@ -232,6 +233,7 @@ pub async fn start(
         url: url.clone(),
         concurrency: config.worker.concurrency,
         started: std::time::Instant::now(),
+        shutdown,
     });
     tokio::spawn(control::listen(control, stop.clone()));
     for queue in &ctx.celery.queues {

@@ -78,10 +78,11 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
         }
         tokio::spawn(celer::api::serve(listener, celer::api::router(api), stop_rx.clone()));
     }
+    let on_signal = stop_tx.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutdown requested; send the signal again to exit at once");
-        let _ = stop_tx.send(true);
+        let _ = on_signal.send(true);
         wait_for_signal().await;
         tracing::warn!("second signal: exiting now; running jobs run again once their leases expire");
         std::process::exit(130);
@@ -120,7 +121,7 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
                         worker_config.queues.push(q.clone());
                     }
                 }
-                celer::celery::start(&config, broker, registry.clone(), config.host_id(), stop_rx.clone())
+                celer::celery::start(&config, broker, registry.clone(), config.host_id(), stop_tx.clone())
                     .await
                     .map_err(CliError::Failed)?
             }
