@@ -6,7 +6,7 @@
 # ../shared/bench/README.md for how the Celery side measures.
 #
 #   scripts/bench-redis.sh            (make bench runs it)
-#   BENCH_N=20000 BENCH_M=500 BENCH_TASKS="noop json_transform" BENCH_CELERY=0|1
+#   BENCH_N=20000 BENCH_M=500 BENCH_TASKS="noop json_transform" BENCH_CELERY=0|1 BENCH_CELER_SHARDS="auto 1"
 #
 # Its own Redis on BENCH_REDIS_PORT (6399, as the Celery bench), no
 # persistence; stopped afterwards if this script started it.
@@ -40,14 +40,17 @@ cp tests/plugins/bench/celer-plugin.toml "$work/plugins/bench.toml"
 cargo bench -p celer --bench redis_throughput --no-run >&2 2>/dev/null || cargo bench -p celer --bench redis_throughput --no-run >&2
 
 results="$work/results.jsonl"
-# celer's runtime: 2 threads as `celer serve` runs it; 1 (tokio's current-thread
-# runtime) as an experiment: it saves the cross-thread wake-ups (see docs/redis.md).
+# celer's worker as `celer serve` runs it: one shard per core (each on a
+# thread of its own, with its own Redis connection); and one shard on a
+# 2-thread runtime (what serve ran before shards) for comparison.
 for task in $tasks; do
-  for threads in ${BENCH_CELER_THREADS:-2 1}; do
-    echo "== celer on Redis: $task (release build, in-process producer + host, concurrency 32, $threads runtime thread(s)) ==" >&2
-    BENCH_THREADS=$threads env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE cargo bench -q -p celer --bench redis_throughput -- "$work/plugins" "$url" --task "$task" --n "$n" --m "$m" | tail -1 | tee -a "$results"
+  for shards in ${BENCH_CELER_SHARDS:-auto 1}; do
+    echo "== celer on Redis: $task (release build, in-process producer + host, concurrency 32, worker shards: $shards) ==" >&2
+    if [ "$shards" = auto ]; then unset BENCH_SHARDS; else export BENCH_SHARDS=$shards; fi
+    BENCH_THREADS=2 env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE cargo bench -q -p celer --bench redis_throughput -- "$work/plugins" "$url" --task "$task" --n "$n" --m "$m" | tail -1 | tee -a "$results"
   done
 done
+unset BENCH_SHARDS
 
 if [ "${BENCH_CELERY:-1}" = 1 ] && [ -f "$celery_bench/run.py" ]; then
   scripts/services.sh up celery >&2
@@ -83,11 +86,12 @@ def pick(system, task, **kw):
         if r["system"] == system and r["task"] == f"bench.{task}" and all(r.get(k) == v for k, v in kw.items()):
             return r
 print("\n== celer on Redis vs Celery 5.7 on the same Redis (ratios: celer / Celery) ==", file=sys.stderr)
-for task, threads in [(t, n) for t in ["noop", "json_transform"] for n in [2, 1]]:
-    c = pick("celer", task, runtime_threads=threads)
+celer_rows = [r for r in rows if r["system"] == "celer"]
+for task, shards in [(t, n) for t in ["noop", "json_transform"] for n in sorted({r["worker_shards"] for r in celer_rows}, reverse=True)]:
+    c = pick("celer", task, worker_shards=shards)
     if not c:
         continue
-    print(f"{task} ({threads} runtime thread{'s' if threads > 1 else ''}): celer backlog {c['backlog_per_s']:.0f}/s, live {c['live_per_s']:.0f}/s "
+    print(f"{task} ({shards} worker shard{'s' if shards > 1 else ''}): celer backlog {c['backlog_per_s']:.0f}/s, live {c['live_per_s']:.0f}/s "
           f"(32 producers {c['live_32_producers_per_s']:.0f}/s), start p50 {c['start_p50_ms']} ms p99 {c['start_p99_ms']} ms", file=sys.stderr)
     # Where the time goes in the backlog phase (CPU per job on each side).
     cmds = c.get("backlog_redis_commands", [])
@@ -104,7 +108,7 @@ for task, threads in [(t, n) for t in ["noop", "json_transform"] for n in [2, 1]
         if not peer:
             continue
         ratio = {
-            "bench": f"redis_vs_celery_{task}", "against": label, "celer_runtime_threads": threads,
+            "bench": f"redis_vs_celery_{task}", "against": label, "celer_worker_shards": shards,
             "backlog_ratio": round(c["backlog_per_s"] / peer["backlog_per_s"], 2),
             "live_ratio": round(c["live_per_s"] / peer["live_per_s"], 2),
             "start_p50_ratio": round(peer["start_p50_ms"] / max(c["start_p50_ms"], 1e-6), 2),

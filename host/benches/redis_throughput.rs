@@ -28,7 +28,7 @@ use celer::config::{SandboxConfig, WorkerConfig};
 use celer::job::NewJob;
 use celer::runtime::Runtime;
 use celer::runtime::registry::Registry;
-use celer::worker::Worker;
+use celer::worker::{ShardBroker, Worker};
 use serde_json::{Value, json};
 
 /// The allocator `celer serve` runs with (see `src/main.rs`).
@@ -160,7 +160,10 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// `BENCH_THREADS` (default 2, the cores here; 1 = tokio's current-thread runtime).
+/// `BENCH_THREADS` (default 2, the cores here; 1 = tokio's current-thread
+/// runtime): the runtime of the producer, and of the worker when it runs
+/// one shard. `BENCH_SHARDS`: worker shards (default: one per core, as
+/// `celer serve`).
 fn main() -> anyhow::Result<()> {
     let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let runtime = match threads {
@@ -224,27 +227,17 @@ async fn run(threads: usize) -> anyhow::Result<()> {
     };
     let (redis_cpu_before, commands_before) = redis_cpu(&broker).await?;
     let host_cpu_before = process_cpu_s();
-    let shards: usize = std::env::var("BENCH_SHARDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let mut shard_threads = Vec::new();
-    let handle = if shards > 1 {
-        for i in 0..shards {
-            let (options, stop_rx) = (options.clone(), stop_rx.clone());
-            let mut w = worker.clone();
-            w.config.concurrency = a.concurrency / shards;
-            w.host = format!("bench-{i}");
-            shard_threads.push(std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("shard runtime");
-                rt.block_on(async move {
-                    let b: Arc<dyn Broker> = Arc::new(RedisBroker::connect(options).await.expect("shard broker"));
-                    w.broker = b;
-                    w.run(stop_rx).await
-                })
-            }));
-        }
-        tokio::spawn(async {})
-    } else {
-        tokio::spawn(worker.run(stop_rx))
+    // As `celer serve` runs it: one worker shard per core unless BENCH_SHARDS says.
+    let shard_config = WorkerConfig { shards: std::env::var("BENCH_SHARDS").ok().and_then(|v| v.parse().ok()), ..worker.config.clone() };
+    let shards = shard_config.shard_count(true);
+    let connect: ShardBroker = {
+        let options = options.clone();
+        Arc::new(move || {
+            let options = options.clone();
+            Box::pin(async move { Ok(Arc::new(RedisBroker::connect(options).await?) as Arc<dyn Broker>) })
+        })
     };
+    let handle = tokio::spawn(worker.run_sharded(shards, connect, stop_rx));
     drain(&broker, Duration::from_secs(300)).await?;
     let host_cpu_us = (process_cpu_s() - host_cpu_before) * 1e6 / a.n as f64;
     let (redis_cpu_after, commands_after) = redis_cpu(&broker).await?;
@@ -325,16 +318,13 @@ async fn run(threads: usize) -> anyhow::Result<()> {
 
     let _ = stop_tx.send(true);
     handle.await?;
-    for t in shard_threads {
-        let _ = t.join();
-    }
     let r1 = |x: f64| (x * 10.0).round() / 10.0;
     let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
     println!(
         "{}",
         json!({
             "system": "celer", "version": env!("CARGO_PKG_VERSION"), "task": task, "broker": "redis",
-            "concurrency": a.concurrency, "runtime_threads": threads, "n": a.n, "m": a.m, "rate": a.rate,
+            "concurrency": a.concurrency, "runtime_threads": threads, "worker_shards": shards, "n": a.n, "m": a.m, "rate": a.rate,
             "completion": "outcome per batch: one pipeline (HSET + EXPIRE per job, one XACK + XDEL per stream) for successes under a fresh lease, else the complete script",
             "enqueue_per_s": r1(a.n as f64 / enqueue_s),
             "backlog_per_s": r1(a.n as f64 / backlog_s),

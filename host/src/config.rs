@@ -256,6 +256,12 @@ pub struct WorkerConfig {
     pub poll_ms: u64,
     /// Names this host in leases and job status; defaults to `hostname-pid`.
     pub host_id: Option<String>,
+    /// Worker loops on a Redis broker, each on a thread of its own with its
+    /// own event loop and Redis connection, sharing the concurrency
+    /// (thread-per-core: no job crosses threads, which costs more than a
+    /// short job itself). Unset: one per CPU core. The embedded broker
+    /// always runs one. `CELER_WORKER_SHARDS`.
+    pub shards: Option<usize>,
 }
 
 /// `[sandbox]`
@@ -309,6 +315,7 @@ impl Default for WorkerConfig {
             grace_ms: 30_000,
             poll_ms: 100,
             host_id: None,
+            shards: None,
         }
     }
 }
@@ -321,6 +328,20 @@ impl Default for SandboxConfig {
             default_timeout_s: 300,
             log_cap_bytes: 64 * 1024,
         }
+    }
+}
+
+impl WorkerConfig {
+    /// How many worker loops to run: as configured, else one per core; a
+    /// broker that cannot share the work (`sharded_broker` false: the
+    /// embedded one) runs one. Never more than the concurrency.
+    pub fn shard_count(&self, sharded_broker: bool) -> usize {
+        let wanted = match (sharded_broker, self.shards) {
+            (false, _) => 1,
+            (true, Some(n)) => n,
+            (true, None) => std::thread::available_parallelism().map_or(1, usize::from),
+        };
+        wanted.clamp(1, self.concurrency.max(1))
     }
 }
 
@@ -421,6 +442,12 @@ impl Config {
                 message: format!("expected a positive integer, got {v:?}"),
             })?;
         }
+        if let Some(v) = get("CELER_WORKER_SHARDS") {
+            self.worker.shards = Some(v.parse().map_err(|_| ConfigError::Env {
+                var: "CELER_WORKER_SHARDS",
+                message: format!("expected a positive integer, got {v:?}"),
+            })?);
+        }
         if let Some(v) = get("CELER_QUEUES") {
             self.worker.queues =
                 v.split(',').map(str::trim).filter(|q| !q.is_empty()).map(String::from).collect();
@@ -436,6 +463,9 @@ impl Config {
         }
         if self.worker.concurrency == 0 {
             return Err(ConfigError::Invalid("worker.concurrency must be at least 1".into()));
+        }
+        if self.worker.shards == Some(0) {
+            return Err(ConfigError::Invalid("worker.shards must be at least 1 (or unset: one per core)".into()));
         }
         if self.worker.queues.is_empty() {
             return Err(ConfigError::Invalid("worker.queues is empty".into()));
@@ -498,6 +528,19 @@ pub fn machine_hostname() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Shards: as configured, capped by the concurrency; one per core when
+    /// unset; always one on a broker that cannot share the work.
+    #[test]
+    fn the_shard_count_follows_the_broker_and_the_concurrency() {
+        let w = |shards, concurrency| WorkerConfig { shards, concurrency, ..WorkerConfig::default() };
+        assert_eq!(w(Some(3), 16).shard_count(true), 3);
+        assert_eq!(w(Some(3), 2).shard_count(true), 2);
+        assert_eq!(w(Some(3), 16).shard_count(false), 1);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(w(None, 64).shard_count(true), cores.min(64));
+        assert_eq!(w(None, 64).shard_count(false), 1);
+    }
 
     #[test]
     fn empty_file_is_the_embedded_default() {

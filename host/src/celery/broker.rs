@@ -54,6 +54,21 @@ pub struct CeleryAwareBroker {
 }
 
 impl CeleryAwareBroker {
+    /// The same Celery bookkeeping over another broker (a worker shard's
+    /// own connection).
+    pub fn over(&self, inner: Arc<dyn Broker>) -> Arc<dyn Broker> {
+        Arc::new(CeleryAwareBroker {
+            inner,
+            results: self.results.clone(),
+            follow_ups: self.follow_ups.clone(),
+            revocations: self.revocations.clone(),
+            activity: self.activity.clone(),
+            events: self.events.clone(),
+            started_by: self.started_by.clone(),
+            lease: self.lease,
+        })
+    }
+
     /// Writes STARTED for the Celery jobs just leased (one round trip).
     async fn write_started(&self, got: &[Delivery]) {
         let Some(hostname) = &self.started_by else { return };

@@ -167,14 +167,15 @@ struct Ctx {
 }
 
 /// Starts consuming the configured Celery queues; returns the broker the
-/// worker should use (the given one, wrapped to write Celery results).
+/// worker should use (the given one, wrapped to write Celery results;
+/// [`broker::CeleryAwareBroker::over`] wraps a shard's).
 pub async fn start(
     config: &Config,
     broker: Arc<dyn Broker>,
     registry: Arc<Registry>,
     host: String,
     shutdown: watch::Sender<bool>,
-) -> Result<Arc<dyn Broker>, String> {
+) -> Result<Arc<broker::CeleryAwareBroker>, String> {
     let stop = shutdown.subscribe();
     let url = config.celery_url().ok_or("[celery] needs a Redis URL ([celery] url or a redis:// broker)")?;
     let target = Target::parse(&url)?;

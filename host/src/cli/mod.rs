@@ -129,16 +129,19 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
 }
 
 /// The broker named by the configuration.
+/// The Redis broker's settings from `[broker]` and `[worker]`.
+fn redis_options(config: &Config) -> celer::broker::redis::RedisOptions {
+    celer::broker::redis::RedisOptions {
+        url: config.broker.url.clone().unwrap_or_default(),
+        prefix: config.broker.prefix.clone(),
+        result_ttl: std::time::Duration::from_secs(config.broker.result_ttl_s),
+        block: std::time::Duration::from_millis(config.worker.poll_ms),
+    }
+}
+
 async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>, CliError> {
     if config.broker.is_redis() {
-        let url = config.broker.url.clone().unwrap_or_default();
-        let options = celer::broker::redis::RedisOptions {
-            url,
-            prefix: config.broker.prefix.clone(),
-            result_ttl: std::time::Duration::from_secs(config.broker.result_ttl_s),
-            block: std::time::Duration::from_millis(config.worker.poll_ms),
-        };
-        let broker = celer::broker::redis::RedisBroker::connect(options)
+        let broker = celer::broker::redis::RedisBroker::connect(redis_options(config))
             .await
             .map_err(|e| CliError::Failed(format!("cannot open the Redis broker: {e}")))?;
         return Ok(Arc::new(broker));

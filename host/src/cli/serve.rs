@@ -16,9 +16,11 @@ use celer::runtime::watcher;
 use celer::scheduler::Scheduler;
 use celer::scheduler::lock::LeaderLock;
 use celer::scheduler::store::ScheduleStore;
-use celer::worker::Worker;
+use celer::broker::Broker;
+use celer::broker::redis::RedisBroker;
+use celer::worker::{ShardBroker, Worker};
 
-use super::{CliError, open_broker};
+use super::{CliError, open_broker, redis_options};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -113,7 +115,7 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
     }
     if has("worker") {
         let mut worker_config = config.worker.clone();
-        let broker = match config.celery.enabled {
+        let celery = match config.celery.enabled {
             // Celery's queues become celer queues of the same name, run here too.
             true => {
                 for q in &config.celery.queues {
@@ -121,11 +123,28 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
                         worker_config.queues.push(q.clone());
                     }
                 }
-                celer::celery::start(&config, broker, registry.clone(), config.host_id(), stop_tx.clone())
-                    .await
-                    .map_err(CliError::Failed)?
+                let started = celer::celery::start(&config, broker.clone(), registry.clone(), config.host_id(), stop_tx.clone());
+                Some(started.await.map_err(CliError::Failed)?)
             }
-            false => broker,
+            false => None,
+        };
+        let shards = worker_config.shard_count(config.broker.is_redis());
+        let connect: ShardBroker = {
+            let (options, celery) = (redis_options(&config), celery.clone());
+            Arc::new(move || {
+                let (options, celery) = (options.clone(), celery.clone());
+                Box::pin(async move {
+                    let own: Arc<dyn Broker> = Arc::new(RedisBroker::connect(options).await?);
+                    Ok(match &celery {
+                        Some(celery) => celery.over(own),
+                        None => own,
+                    })
+                })
+            })
+        };
+        let broker: Arc<dyn Broker> = match celery {
+            Some(celery) => celery,
+            None => broker,
         };
         let worker = Worker {
             broker,
@@ -135,7 +154,10 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
             backoff: config.retry,
             host: config.host_id(),
         };
-        roles.spawn(worker.run(stop_rx.clone()));
+        if shards > 1 {
+            tracing::info!(shards, "worker shards: each on a thread of its own, with its own broker connection");
+        }
+        roles.spawn(worker.run_sharded(shards, connect, stop_rx.clone()));
     }
     if roles.is_empty() {
         // API only: serve until asked to stop.

@@ -5,6 +5,7 @@
 //! leasing, gives running jobs a grace period, then hands their leases back.
 
 mod leases;
+mod shards;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
 use crate::runtime::sandbox::{JobControl, RunOutcome, StopReason};
 use leases::RunningJobs;
+pub use shards::ShardBroker;
 
 /// Everything a worker needs; cheap to clone into each job's task.
 #[derive(Clone)]
