@@ -167,7 +167,8 @@ fn count_runs(hosts: &[&Host]) -> HashMap<String, usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_run_ten_thousand_jobs_each_exactly_once() {
     let prefix = prefix();
-    let env = redis_env(services::REDIS_URL, &prefix);
+    // Two worker shards each: six consumers, two per process.
+    let env = redis_env(services::REDIS_URL, &prefix).var("CELER_WORKER_SHARDS", "2");
     let hosts: Vec<Host> = (0..3).map(|i| Host::start(&env, &format!("host{i}"))).collect();
     let b = broker(services::REDIS_URL, &prefix).await;
     let t = Instant::now();
@@ -185,6 +186,10 @@ async fn three_hosts_run_ten_thousand_jobs_each_exactly_once() {
     assert!(twice.is_empty(), "jobs run more than once: {twice:?}");
     let per_host: Vec<usize> = hosts.iter().map(|h| h.runs().len()).collect();
     assert!(per_host.iter().all(|n| *n > 0), "every host took part: {per_host:?}");
+    for h in &hosts {
+        let log = h.log();
+        assert!(log.contains("#0 queues=") && log.contains("#1 queues="), "two shards started:\n{log}");
+    }
     eprintln!("10000 noop jobs on 3 debug-build hosts in {took:?}; per host {per_host:?}");
     drop(hosts);
     let _ = b.dead_purge().await;
