@@ -175,6 +175,13 @@ impl Seeds {
         seeds
     }
 
+    /// The Redis broker with two worker shards instead of the embedded broker.
+    fn on_redis_with_shards(mut self) -> Seeds {
+        let prefix = format!("{}:", unique("seeds"));
+        self.env = self.env.var("CELER_BROKER_URL", services::REDIS_URL).var("CELER_BROKER_PREFIX", &prefix).var("CELER_WORKER_SHARDS", "2");
+        self
+    }
+
     fn start(mut self) -> Seeds {
         self.serve = Some(Serve::start(&self.env, "worker,api"));
         self
@@ -333,8 +340,8 @@ const EXPORTED: &[(&str, &str)] = &[
     ("event_attendees", "SELECT a.id FROM event_attendees a JOIN events e ON e.id = a.event_id WHERE e.organization_id = {org}"),
 ];
 
-fn export_holds_every_row_of_the_organization_and_none_of_another(db: Db) {
-    let seeds = Seeds::new(db).start();
+fn export_holds_every_row_of_the_organization_and_none_of_another(seeds: Seeds) {
+    let seeds = seeds.start();
     let owner = seeds.int("SELECT user_id FROM memberships WHERE organization_id = 1 AND role = 'owner'");
     let status = seeds.run("export.organization", json!([1, owner]));
     assert_eq!(status["state"], "succeeded", "{status:#}");
@@ -388,12 +395,19 @@ fn export_holds_every_row_of_the_organization_and_none_of_another(db: Db) {
 
 #[test]
 fn export_holds_every_row_of_the_organization_and_none_of_another_sqlite() {
-    export_holds_every_row_of_the_organization_and_none_of_another(Db::Sqlite);
+    export_holds_every_row_of_the_organization_and_none_of_another(Seeds::new(Db::Sqlite));
 }
 
 #[test]
 fn export_holds_every_row_of_the_organization_and_none_of_another_postgres() {
-    export_holds_every_row_of_the_organization_and_none_of_another(Db::Postgres);
+    export_holds_every_row_of_the_organization_and_none_of_another(Seeds::new(Db::Postgres));
+}
+
+/// The same on the Redis broker with two worker shards: the database,
+/// storage, mail and HTTP calls are made from the shards' own event loops.
+#[test]
+fn export_holds_every_row_of_the_organization_and_none_of_another_on_redis_with_worker_shards() {
+    export_holds_every_row_of_the_organization_and_none_of_another(Seeds::new(Db::Postgres).on_redis_with_shards());
 }
 
 fn only_owners_and_admins_may_export(db: Db) {

@@ -127,8 +127,12 @@ UPDATE celer_jobs
  WHERE state = 'running' AND lease_until < ?1 AND attempt + 1 > max_retries";
 
 /// ?1 now, ?2 lease_until, ?3 host, ?4 queues (JSON array), ?5 excluded tasks
-/// (JSON array), ?6 max. In `SET`, `state` and `attempt` are the old values.
-const LEASE: &str = "
+/// (JSON array), ?6 max; the tokens given select the ids. In `SET`, `state`
+/// and `attempt` are the old values.
+macro_rules! lease_sql {
+    ($($pick:tt)*) => {
+        concat!(
+            "
 UPDATE celer_jobs
    SET state = 'running',
        attempt = attempt + (CASE WHEN state = 'running' THEN 1 ELSE 0 END),
@@ -140,15 +144,48 @@ UPDATE celer_jobs
        cancel_requested = 0,
        progress_done = NULL,
        progress_total = NULL
- WHERE id IN (
-       SELECT id FROM celer_jobs
+ WHERE id IN (",
+            $($pick)*,
+            ")
+RETURNING *"
+        )
+    };
+}
+
+/// `SELECT <columns>` of the jobs a fetch may take (due, not excluded).
+macro_rules! due_jobs {
+    ($columns:literal) => {
+        concat!(
+            "SELECT ",
+            $columns,
+            " FROM celer_jobs
         WHERE state IN ('queued', 'scheduled', 'retrying', 'running')
           AND queue IN (SELECT value FROM json_each(?4))
           AND (CASE WHEN state = 'running' THEN lease_until < ?1 ELSE run_at <= ?1 END)
           AND task NOT IN (SELECT value FROM json_each(?5))
-        ORDER BY priority DESC, run_at, id
-        LIMIT ?6)
-RETURNING *";
+        ORDER BY priority DESC, run_at, id"
+        )
+    };
+}
+
+const LEASE: &str = lease_sql!(due_jobs!("id"), " LIMIT ?6");
+
+/// [`LEASE`] with ?7, the plugins with little room (a JSON object: task →
+/// `[plugin index, free slots]`): no more of a plugin's jobs than it has
+/// room for. It looks at the first 1 024 due jobs at most, which bounds
+/// its work on a queue full of jobs it cannot run now.
+const LEASE_LIMITED: &str = lease_sql!(
+    "SELECT id FROM (
+       SELECT d.id, d.priority, d.run_at, json_extract(r.value, '$[1]') AS free,
+              ROW_NUMBER() OVER (PARTITION BY json_extract(r.value, '$[0]') ORDER BY d.priority DESC, d.run_at, d.id) AS nth
+         FROM (",
+    due_jobs!("id, task, priority, run_at"),
+    " LIMIT 1024) d
+         LEFT JOIN json_each(?7) r ON r.key = d.task)
+     WHERE free IS NULL OR nth <= free
+     ORDER BY priority DESC, run_at, id
+     LIMIT ?6"
+);
 
 /// ?1 now, ?2 reason, ?3 id. A row that cannot be read back must not block
 /// the queue: it goes to the dead letters with the reason.
@@ -386,13 +423,30 @@ impl Broker for EmbeddedBroker {
         for maintenance in [EXPIRE, CANCEL_ABANDONED, FAIL_LOST] {
             sqlx::query(maintenance).bind(now).execute(&mut *tx).await.map_err(db)?;
         }
-        let rows = sqlx::query(LEASE)
+        let lease = match req.limited.is_empty() {
+            true => LEASE,
+            false => LEASE_LIMITED,
+        };
+        // ?7 of LEASE_LIMITED.
+        let room: serde_json::Map<String, serde_json::Value> = req
+            .limited
+            .iter()
+            .enumerate()
+            .flat_map(|(i, room)| room.tasks.iter().map(move |t| (t.clone(), serde_json::json!([i, room.free]))))
+            .collect();
+        let room = serde_json::Value::Object(room).to_string();
+        let query = sqlx::query(lease)
             .bind(now)
             .bind(lease_until)
             .bind(req.host)
             .bind(&queues)
             .bind(&exclude)
-            .bind(limit)
+            .bind(limit);
+        let query = match req.limited.is_empty() {
+            true => query,
+            false => query.bind(&room),
+        };
+        let rows = query
             .fetch_all(&mut *tx)
             .await
             .map_err(db)?;
@@ -984,7 +1038,7 @@ mod tests {
         lease: Duration,
     ) -> Vec<Delivery> {
         let queues = default_queue();
-        let req = FetchRequest { host: HOST, queues: &queues, exclude_tasks: exclude, max, lease };
+        let req = FetchRequest { host: HOST, queues: &queues, exclude_tasks: exclude, limited: &[], max, lease };
         b.fetch(req).await.expect("fetch")
     }
 

@@ -146,9 +146,28 @@ pub struct FetchRequest<'a> {
     pub queues: &'a [String],
     /// Tasks whose plugin has no free slot: leave them for another worker.
     pub exclude_tasks: &'a [String],
+    /// Plugins with fewer free slots than `max`: lease no more of their
+    /// jobs than they can run, rather than leasing and handing back.
+    pub limited: &'a [PluginRoom],
     /// Free worker slots: never lease more (no hoarding).
     pub max: usize,
     pub lease: Duration,
+}
+
+/// A plugin that can start only `free` more jobs now (`free` ≥ 1: a full
+/// plugin's tasks are in [`FetchRequest::exclude_tasks`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginRoom {
+    /// Its task names and aliases.
+    pub tasks: Vec<String>,
+    pub free: usize,
+}
+
+impl PluginRoom {
+    /// Which of `rooms` holds `task`.
+    pub fn of(rooms: &[PluginRoom], task: &str) -> Option<usize> {
+        rooms.iter().position(|r| r.tasks.iter().any(|t| t == task))
+    }
 }
 
 /// Stop requests a slow worker may fall behind by before it misses some

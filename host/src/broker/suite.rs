@@ -13,8 +13,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{
-    Broker, CancelOutcome, Delivery, Enqueued, FetchRequest, Lease, LeaseStatus, Outcome, QueueStats,
-    RunRecord,
+    Broker, CancelOutcome, Delivery, Enqueued, FetchRequest, Lease, LeaseStatus, Outcome, PluginRoom,
+    QueueStats, RunRecord,
 };
 use crate::job::{ErrorKind, JobError, JobState, JobStatus, NewJob, Progress};
 
@@ -35,8 +35,12 @@ fn default_queue() -> Vec<String> {
 }
 
 pub async fn fetch_with(b: &dyn Broker, max: usize, exclude: &[String], lease: Duration) -> Vec<Delivery> {
+    fetch_limited(b, max, exclude, &[], lease).await
+}
+
+pub async fn fetch_limited(b: &dyn Broker, max: usize, exclude: &[String], limited: &[PluginRoom], lease: Duration) -> Vec<Delivery> {
     let queues = default_queue();
-    let req = FetchRequest { host: HOST, queues: &queues, exclude_tasks: exclude, max, lease };
+    let req = FetchRequest { host: HOST, queues: &queues, exclude_tasks: exclude, limited, max, lease };
     b.fetch(req).await.expect("fetch")
 }
 
@@ -143,6 +147,23 @@ pub async fn fetch_leases_by_priority_respects_max_queues_and_excluded_tasks(b: 
     let third = fetch(b, 10).await;
     assert_eq!(ids(&third), vec![busy], "the other queue is not ours");
     assert!(fetch(b, 10).await.is_empty());
+}
+
+/// A plugin with room for one more job gets one, the others' jobs fill the
+/// rest, and the ones it had no room for stay queued (never marked
+/// running on a host that would only hand them back).
+pub async fn a_plugin_with_little_room_gets_no_more_jobs_than_it_can_start(b: &dyn Broker) {
+    let small: Vec<String> = [enqueue(b, job("small.a")).await, enqueue(b, job("small.b")).await, enqueue(b, job("small.a")).await].into();
+    let other = [enqueue(b, job("other")).await, enqueue(b, job("other")).await];
+    let room = [PluginRoom { tasks: vec!["small.a".into(), "small.b".into()], free: 1 }];
+    let got = fetch_limited(b, 4, &[], &room, Duration::from_secs(30)).await;
+    assert_eq!(ids(&got), vec![small[0].clone(), other[0].clone(), other[1].clone()], "one of the plugin's, then the others'");
+    for id in &small[1..] {
+        assert_eq!(status(b, id).await.state, JobState::Queued, "{id} was not leased");
+    }
+    let rest = fetch(b, 4).await;
+    assert_eq!(rest.len(), 2, "its other jobs are fetched once it has room");
+    assert!(rest.iter().all(|d| small[1..].contains(&d.job.id) && d.job.attempt == 0));
 }
 
 pub async fn renew_holds_the_lease_until_it_is_lost(b: &dyn Broker) {
@@ -434,6 +455,7 @@ pub async fn concurrent_workers_deliver_every_job_exactly_once(brokers: Vec<Arc<
                     host: &host,
                     queues: &queues,
                     exclude_tasks: &[],
+                    limited: &[],
                     max: 1 + w % 4,
                     lease: Duration::from_secs(60),
                 };
@@ -482,6 +504,7 @@ macro_rules! broker_suite {
             invalid_jobs_are_refused,
             eta_schedules_the_job_and_it_is_not_fetched_before_its_time,
             fetch_leases_by_priority_respects_max_queues_and_excluded_tasks,
+            a_plugin_with_little_room_gets_no_more_jobs_than_it_can_start,
             renew_holds_the_lease_until_it_is_lost,
             a_renewed_lease_is_never_taken_over,
             progress_is_recorded_only_under_the_lease,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use super::Runtime;
+use crate::broker::PluginRoom;
 use super::plugin::{Fingerprint, LoadedPlugin};
 
 /// An immutable view of the loaded plugins; replaced whole on every change.
@@ -96,15 +97,23 @@ impl Registry {
         self.snapshot().by_name.values().cloned().collect()
     }
 
-    /// Tasks (and aliases) whose plugin has no free slot, so the worker can
-    /// leave their jobs to another host instead of leasing them.
-    pub fn saturated_tasks(&self) -> Vec<String> {
-        self.snapshot()
-            .by_task
-            .iter()
-            .filter(|(_, p)| p.slots.available_permits() == 0)
-            .map(|(t, _)| t.clone())
-            .collect()
+    /// What a fetch of up to `max` jobs may take of each plugin now: the
+    /// tasks (and aliases) of full plugins, whose jobs are left to another
+    /// host, and the room of plugins with fewer free slots than `max`.
+    pub fn room(&self, max: usize) -> (Vec<String>, Vec<PluginRoom>) {
+        let mut full = Vec::new();
+        let mut limited: Vec<(String, PluginRoom)> = Vec::new();
+        for (task, plugin) in &self.snapshot().by_task {
+            match plugin.slots.available_permits() {
+                0 => full.push(task.clone()),
+                free if free < max => match limited.iter_mut().find(|(name, _)| *name == plugin.name) {
+                    Some((_, room)) => room.tasks.push(task.clone()),
+                    None => limited.push((plugin.name.clone(), PluginRoom { tasks: vec![task.clone()], free })),
+                },
+                _ => {}
+            }
+        }
+        (full, limited.into_iter().map(|(_, room)| room).collect())
     }
 
     /// Brings every plugin in line with the directory.

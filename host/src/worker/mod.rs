@@ -97,8 +97,15 @@ impl Worker {
                 }
             }
             batch_deadline = None;
-            let exclude = self.registry.saturated_tasks();
-            let request = FetchRequest { host: &self.host, queues: &self.config.queues, exclude_tasks: &exclude, max: free, lease };
+            let (exclude, limited) = self.registry.room(free);
+            let request = FetchRequest {
+                host: &self.host,
+                queues: &self.config.queues,
+                exclude_tasks: &exclude,
+                limited: &limited,
+                max: free,
+                lease,
+            };
             let deliveries = match self.broker.fetch(request).await {
                 Ok(d) => d,
                 Err(e) => {
@@ -157,7 +164,8 @@ impl Worker {
             return;
         };
         let Ok(plugin_slot) = plugin.slots.clone().try_acquire_owned() else {
-            // Its plugin filled up between fetch and now: give it back unharmed.
+            // Its plugin filled up between fetch and now (another shard
+            // took its last slot meanwhile): give it back unharmed.
             if let Err(e) = self.broker.release(&lease).await {
                 tracing::warn!(job_id = %job.id, error = %e, "cannot release a job; it runs again once its lease expires");
             }

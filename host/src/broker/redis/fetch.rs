@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 
 use super::held::HeldLease;
 use super::{Envelope, GROUP, RedisBroker, Wait, job_of, lease_ms, unavailable};
-use crate::broker::{Broker, BrokerError, Delivery, FetchRequest, Lease, Outcome, RunRecord};
+use crate::broker::{Broker, BrokerError, Delivery, FetchRequest, Lease, Outcome, PluginRoom, RunRecord};
 use crate::job::{ErrorKind, JobError};
 
 /// How often a busy host runs a queue's maintenance script at most (a
@@ -31,7 +31,7 @@ use crate::job::{ErrorKind, JobError};
 const MAINTAIN_EVERY: Duration = Duration::from_millis(50);
 
 /// How many entries one fetch reads at most, counting those it sends back
-/// (saturated plugins): bounds the work of a fetch on a queue full of jobs
+/// (plugins full or without room for more): bounds the work of a fetch on a queue full of jobs
 /// it cannot run now.
 const READ_AT_MOST: usize = 1024;
 
@@ -231,7 +231,8 @@ impl RedisBroker {
 
     /// Reads new entries, highest priority first, until `max` jobs are
     /// leased or the streams are read to their end, and leases those jobs;
-    /// also says whether entries were sent back (saturated plugins).
+    /// also says whether entries were sent back (plugins full or without
+    /// room for more).
     async fn read_new(
         &self,
         req: &FetchRequest<'_>,
@@ -247,6 +248,8 @@ impl RedisBroker {
         // Indexes into `entries`: to lease, and what goes back (action).
         let mut leasable: Vec<usize> = Vec::new();
         let mut unread: Vec<(&'static str, usize)> = Vec::new();
+        // What each plugin with little room may still take in this fetch.
+        let mut room: Vec<usize> = req.limited.iter().map(|r| r.free).collect();
         'streams: for p in priorities {
             let stream = format!("{qp}s:{p}");
             loop {
@@ -268,7 +271,14 @@ impl RedisBroker {
                     } else if e.expires_ms.is_some_and(|x| x < now_ms) {
                         unread.push(("expire", i));
                     } else {
-                        leasable.push(i);
+                        match PluginRoom::of(req.limited, &e.task) {
+                            Some(g) if room[g] == 0 => unread.push(("requeue", i)),
+                            Some(g) => {
+                                room[g] -= 1;
+                                leasable.push(i);
+                            }
+                            None => leasable.push(i),
+                        }
                     }
                     entries.push(e);
                 }

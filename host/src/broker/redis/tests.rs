@@ -127,13 +127,13 @@ async fn a_blocking_fetch_wakes_up_when_a_job_arrives() {
     // An empty queue: the fetch waits its full block time, then returns nothing.
     let t = Instant::now();
     let queues = vec!["default".to_string()];
-    let req = FetchRequest { host: "h", queues: &queues, exclude_tasks: &[], max: 4, lease: Duration::from_secs(30) };
+    let req = FetchRequest { host: "h", queues: &queues, exclude_tasks: &[], limited: &[], max: 4, lease: Duration::from_secs(30) };
     let waiter = tokio::spawn({
         let consumer = consumer.clone();
         async move {
             let queues = vec!["default".to_string()];
             let req =
-                FetchRequest { host: "h", queues: &queues, exclude_tasks: &[], max: 4, lease: Duration::from_secs(30) };
+                FetchRequest { host: "h", queues: &queues, exclude_tasks: &[], limited: &[], max: 4, lease: Duration::from_secs(30) };
             let got = consumer.fetch(req).await.unwrap();
             (got, Instant::now())
         }
@@ -309,6 +309,7 @@ async fn a_short_lease_host_waits_for_the_holders_longer_lease() {
         host,
         queues: &queues,
         exclude_tasks: &[],
+        limited: &[],
         max: 4,
         lease: Duration::from_millis(lease_ms),
     };
