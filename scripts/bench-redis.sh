@@ -7,6 +7,9 @@
 #
 #   scripts/bench-redis.sh            (make bench runs it)
 #   BENCH_N=20000 BENCH_M=500 BENCH_TASKS="noop json_transform" BENCH_CELERY=0|1 BENCH_CELER_SHARDS="auto 1"
+#   BENCH_REPEAT=3: celer's runs and Celery's tuned one are repeated (interleaved)
+#   and the median run is reported, with the spread: one run on this machine
+#   moves by ±20 %.
 #
 # Its own Redis on BENCH_REDIS_PORT (6399, as the Celery bench), no
 # persistence; stopped afterwards if this script started it.
@@ -16,6 +19,7 @@ root=$PWD
 port=${BENCH_REDIS_PORT:-6399}
 url="redis://127.0.0.1:$port/0"
 n=${BENCH_N:-10000}
+repeat=${BENCH_REPEAT:-3}
 m=${BENCH_M:-300}
 tasks=${BENCH_TASKS:-"noop json_transform"}
 celery_bench="${CELERY_BENCH_DIR:-$root/../shared/bench/celery}"
@@ -43,11 +47,13 @@ results="$work/results.jsonl"
 # celer's worker as `celer serve` runs it: one shard per core (each on a
 # thread of its own, with its own Redis connection); and one shard on a
 # 2-thread runtime (what serve ran before shards) for comparison.
-for task in $tasks; do
-  for shards in ${BENCH_CELER_SHARDS:-auto 1}; do
-    echo "== celer on Redis: $task (release build, in-process producer + host, concurrency 32, worker shards: $shards) ==" >&2
-    if [ "$shards" = auto ]; then unset BENCH_SHARDS; else export BENCH_SHARDS=$shards; fi
-    BENCH_THREADS=2 env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE cargo bench -q -p celer --bench redis_throughput -- "$work/plugins" "$url" --task "$task" --n "$n" --m "$m" | tail -1 | tee -a "$results"
+for run in $(seq 1 "$repeat"); do
+  for task in $tasks; do
+    for shards in ${BENCH_CELER_SHARDS:-auto 1}; do
+      echo "== celer on Redis: $task (release build, in-process producer + host, concurrency 32, worker shards: $shards), run $run of $repeat ==" >&2
+      if [ "$shards" = auto ]; then unset BENCH_SHARDS; else export BENCH_SHARDS=$shards; fi
+      BENCH_THREADS=2 env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE cargo bench -q -p celer --bench redis_throughput -- "$work/plugins" "$url" --task "$task" --n "$n" --m "$m" | tail -1 | tee -a "$results"
+    done
   done
 done
 unset BENCH_SHARDS
@@ -58,8 +64,10 @@ if [ "${BENCH_CELERY:-1}" = 1 ] && [ -f "$celery_bench/run.py" ]; then
   for task in $tasks; do
     echo "== Celery 5.7: $task, prefork x2 (as installed) ==" >&2
     "$py" "$celery_bench/run.py" --task "$task" --n "$n" --m "$m" --redis-url "$url" 2>/dev/null | tail -1 | tee -a "$results"
-    echo "== Celery 5.7: $task, 2 solo workers (its best here) ==" >&2
-    "$py" "$celery_bench/run.py" --task "$task" --n "$n" --m "$m" --redis-url "$url" --pool solo --workers 2 2>/dev/null | tail -1 | tee -a "$results"
+    for run in $(seq 1 "$repeat"); do
+      echo "== Celery 5.7: $task, 2 solo workers (its best here), run $run of $repeat ==" >&2
+      "$py" "$celery_bench/run.py" --task "$task" --n "$n" --m "$m" --redis-url "$url" --pool solo --workers 2 2>/dev/null | tail -1 | tee -a "$results"
+    done
   done
 else
   echo "(Celery side skipped: BENCH_CELERY=0 or $celery_bench/run.py missing)" >&2
@@ -82,16 +90,27 @@ python3 - "$results" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 def pick(system, task, **kw):
-    for r in rows:
-        if r["system"] == system and r["task"] == f"bench.{task}" and all(r.get(k) == v for k, v in kw.items()):
-            return r
+    """The median run (by backlog jobs/s) of those that match, with the
+    spread of their backlog rates."""
+    runs = sorted((r for r in rows if r["system"] == system and r["task"] == f"bench.{task}" and all(r.get(k) == v for k, v in kw.items())),
+                  key=lambda r: r["backlog_per_s"])
+    if not runs:
+        return None
+    median = dict(runs[(len(runs) - 1) // 2])
+    median["runs"] = len(runs)
+    median["backlog_spread"] = [runs[0]["backlog_per_s"], runs[-1]["backlog_per_s"]]
+    return median
+
+def spread(r):
+    lo, hi = r["backlog_spread"]
+    return f" (median of {r['runs']} runs, {lo:.0f}–{hi:.0f})" if r["runs"] > 1 else ""
 print("\n== celer on Redis vs Celery 5.7 on the same Redis (ratios: celer / Celery) ==", file=sys.stderr)
 celer_rows = [r for r in rows if r["system"] == "celer"]
 for task, shards in [(t, n) for t in ["noop", "json_transform"] for n in sorted({r["worker_shards"] for r in celer_rows}, reverse=True)]:
     c = pick("celer", task, worker_shards=shards)
     if not c:
         continue
-    print(f"{task} ({shards} worker shard{'s' if shards > 1 else ''}): celer backlog {c['backlog_per_s']:.0f}/s, live {c['live_per_s']:.0f}/s "
+    print(f"{task} ({shards} worker shard{'s' if shards > 1 else ''}): celer backlog {c['backlog_per_s']:.0f}/s{spread(c)}, live {c['live_per_s']:.0f}/s "
           f"(32 producers {c['live_32_producers_per_s']:.0f}/s), start p50 {c['start_p50_ms']} ms p99 {c['start_p99_ms']} ms", file=sys.stderr)
     # Where the time goes in the backlog phase (CPU per job on each side).
     cmds = c.get("backlog_redis_commands", [])
@@ -117,8 +136,10 @@ for task, shards in [(t, n) for t in ["noop", "json_transform"] for n in sorted(
             "celer_start_p50_ms": c["start_p50_ms"], "celery_start_p50_ms": peer["start_p50_ms"],
             "celer_start_p99_ms": c["start_p99_ms"], "celery_start_p99_ms": peer["start_p99_ms"],
             "goal_backlog_ratio_vs_tuned": 15,
+            "celer_runs": c["runs"], "celer_backlog_spread": c["backlog_spread"],
+            "celery_runs": peer["runs"], "celery_backlog_spread": peer["backlog_spread"],
         }
-        print(f"  vs Celery {label}: backlog x{ratio['backlog_ratio']}, live x{ratio['live_ratio']}, "
+        print(f"  vs Celery {label}{spread(peer)}: {peer['backlog_per_s']:.0f}/s, backlog x{ratio['backlog_ratio']}, live x{ratio['live_ratio']}, "
               f"start p50 {peer['start_p50_ms']} ms vs {c['start_p50_ms']} ms", file=sys.stderr)
         print(json.dumps(ratio))
 EOF
