@@ -6,10 +6,11 @@
 # ../shared/bench/README.md for how the Celery side measures.
 #
 #   scripts/bench-redis.sh            (make bench runs it)
-#   BENCH_N=20000 BENCH_M=500 BENCH_TASKS="noop json_transform" BENCH_CELERY=0|1 BENCH_CELER_SHARDS="auto 1"
-#   BENCH_REPEAT=3: celer's runs and Celery's tuned one are repeated (interleaved)
-#   and the median run is reported, with the spread: one run on this machine
-#   moves by ±20 %.
+#   BENCH_N=20000 BENCH_M=500 BENCH_TASKS="noop json_transform" BENCH_CELERY=0|1 BENCH_CELER_SHARDS="2 1"
+#   BENCH_REPEAT=3: celer's runs (its variants interleaved) and then Celery's
+#   tuned one are repeated, and the run with the median backlog rate is
+#   reported (its live and latency figures are that run's), with the spread
+#   of the backlog rates: one run on this machine moves by ±20 %.
 #
 # Its own Redis on BENCH_REDIS_PORT (6399, as the Celery bench), no
 # persistence; stopped afterwards if this script started it.
@@ -44,14 +45,14 @@ cp tests/plugins/bench/celer-plugin.toml "$work/plugins/bench.toml"
 cargo bench -p celer --bench redis_throughput --no-run >&2 2>/dev/null || cargo bench -p celer --bench redis_throughput --no-run >&2
 
 results="$work/results.jsonl"
-# celer's worker as `celer serve` runs it: one shard per core (each on a
-# thread of its own, with its own Redis connection); and one shard on a
-# 2-thread runtime (what serve ran before shards) for comparison.
+# celer's worker tuned for short jobs, `[worker] shards` = the cores (each
+# shard on a thread of its own with its own Redis connection), and as
+# `celer serve` runs it by default (one loop on a 2-thread runtime).
 for run in $(seq 1 "$repeat"); do
   for task in $tasks; do
-    for shards in ${BENCH_CELER_SHARDS:-auto 1}; do
+    for shards in ${BENCH_CELER_SHARDS:-$(nproc) 1}; do
       echo "== celer on Redis: $task (release build, in-process producer + host, concurrency 32, worker shards: $shards), run $run of $repeat ==" >&2
-      if [ "$shards" = auto ]; then unset BENCH_SHARDS; else export BENCH_SHARDS=$shards; fi
+      export BENCH_SHARDS=$shards
       BENCH_THREADS=2 env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE cargo bench -q -p celer --bench redis_throughput -- "$work/plugins" "$url" --task "$task" --n "$n" --m "$m" | tail -1 | tee -a "$results"
     done
   done

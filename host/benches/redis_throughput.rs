@@ -162,8 +162,8 @@ fn peak_rss_mib() -> f64 {
 
 /// `BENCH_THREADS` (default 2, the cores here; 1 = tokio's current-thread
 /// runtime): the runtime of the producer, and of the worker when it runs
-/// one shard. `BENCH_SHARDS`: worker shards (default: one per core, as
-/// `celer serve`).
+/// one shard. `BENCH_SHARDS`: worker shards (`[worker] shards`; default
+/// one, as `celer serve`).
 fn main() -> anyhow::Result<()> {
     let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let runtime = match threads {
@@ -216,7 +216,7 @@ async fn run(threads: usize) -> anyhow::Result<()> {
     eprintln!("celer: enqueued {} {task} in {enqueue_s:.2} s", a.n);
 
     // 2. Backlog.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, _) = tokio::sync::watch::channel(false);
     let worker = Worker {
         broker: dyn_broker.clone(),
         registry: registry.clone(),
@@ -227,7 +227,7 @@ async fn run(threads: usize) -> anyhow::Result<()> {
     };
     let (redis_cpu_before, commands_before) = redis_cpu(&broker).await?;
     let host_cpu_before = process_cpu_s();
-    // As `celer serve` runs it: one worker shard per core unless BENCH_SHARDS says.
+    // `BENCH_SHARDS` worker shards; unset, one, as `celer serve` runs by default.
     let shard_config = WorkerConfig { shards: std::env::var("BENCH_SHARDS").ok().and_then(|v| v.parse().ok()), ..worker.config.clone() };
     let shards = shard_config.shard_count(true);
     let connect: ShardBroker = {
@@ -237,7 +237,7 @@ async fn run(threads: usize) -> anyhow::Result<()> {
             Box::pin(async move { Ok(Arc::new(RedisBroker::connect(options).await?) as Arc<dyn Broker>) })
         })
     };
-    let handle = tokio::spawn(worker.run_sharded(shards, connect, stop_rx));
+    let handle = tokio::spawn(worker.run_sharded(shards, connect, stop_tx.clone()));
     drain(&broker, Duration::from_secs(300)).await?;
     let host_cpu_us = (process_cpu_s() - host_cpu_before) * 1e6 / a.n as f64;
     let (redis_cpu_after, commands_after) = redis_cpu(&broker).await?;

@@ -258,9 +258,12 @@ pub struct WorkerConfig {
     pub host_id: Option<String>,
     /// Worker loops on a Redis broker, each on a thread of its own with its
     /// own event loop and Redis connection, sharing the concurrency
-    /// (thread-per-core: no job crosses threads, which costs more than a
-    /// short job itself). Unset: one per CPU core. The embedded broker
-    /// always runs one. `CELER_WORKER_SHARDS`.
+    /// (thread-per-core: a short job no longer hops between threads, which
+    /// costs more than the job itself). The number of cores suits hosts of
+    /// many short jobs; a CPU-bound job then holds its shard's other jobs'
+    /// I/O for up to an epoch tick (10 ms) at a time, so the default is one
+    /// loop over all cores. The embedded broker always runs one.
+    /// `CELER_WORKER_SHARDS`.
     pub shards: Option<usize>,
 }
 
@@ -332,14 +335,13 @@ impl Default for SandboxConfig {
 }
 
 impl WorkerConfig {
-    /// How many worker loops to run: as configured, else one per core; a
+    /// How many worker loops to run: as configured (one when unset); a
     /// broker that cannot share the work (`sharded_broker` false: the
     /// embedded one) runs one. Never more than the concurrency.
     pub fn shard_count(&self, sharded_broker: bool) -> usize {
-        let wanted = match (sharded_broker, self.shards) {
-            (false, _) => 1,
-            (true, Some(n)) => n,
-            (true, None) => std::thread::available_parallelism().map_or(1, usize::from),
+        let wanted = match sharded_broker {
+            true => self.shards.unwrap_or(1),
+            false => 1,
         };
         wanted.clamp(1, self.concurrency.max(1))
     }
@@ -529,17 +531,16 @@ pub fn machine_hostname() -> Option<String> {
 mod tests {
     use super::*;
 
-    /// Shards: as configured, capped by the concurrency; one per core when
-    /// unset; always one on a broker that cannot share the work.
+    /// Shards: as configured, capped by the concurrency; one when unset;
+    /// always one on a broker that cannot share the work.
     #[test]
     fn the_shard_count_follows_the_broker_and_the_concurrency() {
         let w = |shards, concurrency| WorkerConfig { shards, concurrency, ..WorkerConfig::default() };
         assert_eq!(w(Some(3), 16).shard_count(true), 3);
         assert_eq!(w(Some(3), 2).shard_count(true), 2);
         assert_eq!(w(Some(3), 16).shard_count(false), 1);
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        assert_eq!(w(None, 64).shard_count(true), cores.min(64));
-        assert_eq!(w(None, 64).shard_count(false), 1);
+        assert_eq!(w(None, 64).shard_count(true), 1);
+        assert_eq!(w(Some(2), 64).shard_count(false), 1);
     }
 
     #[test]

@@ -35,12 +35,18 @@ fn default_queue() -> Vec<String> {
 }
 
 pub async fn fetch_with(b: &dyn Broker, max: usize, exclude: &[String], lease: Duration) -> Vec<Delivery> {
-    fetch_limited(b, max, exclude, &[], lease).await
+    fetch_limited(b, &default_queue(), max, exclude, &[], lease).await
 }
 
-pub async fn fetch_limited(b: &dyn Broker, max: usize, exclude: &[String], limited: &[PluginRoom], lease: Duration) -> Vec<Delivery> {
-    let queues = default_queue();
-    let req = FetchRequest { host: HOST, queues: &queues, exclude_tasks: exclude, limited, max, lease };
+pub async fn fetch_limited(
+    b: &dyn Broker,
+    queues: &[String],
+    max: usize,
+    exclude: &[String],
+    limited: &[PluginRoom],
+    lease: Duration,
+) -> Vec<Delivery> {
+    let req = FetchRequest { host: HOST, queues, exclude_tasks: exclude, limited, max, lease };
     b.fetch(req).await.expect("fetch")
 }
 
@@ -149,20 +155,29 @@ pub async fn fetch_leases_by_priority_respects_max_queues_and_excluded_tasks(b: 
     assert!(fetch(b, 10).await.is_empty());
 }
 
-/// A plugin with room for one more job gets one, the others' jobs fill the
-/// rest, and the ones it had no room for stay queued (never marked
-/// running on a host that would only hand them back).
+/// A plugin with room for one more job gets one, over all the queues
+/// fetched; the others' jobs fill the rest, and the ones it had no room
+/// for stay queued (never marked running on a host that would only hand
+/// them back).
 pub async fn a_plugin_with_little_room_gets_no_more_jobs_than_it_can_start(b: &dyn Broker) {
-    let small: Vec<String> = [enqueue(b, job("small.a")).await, enqueue(b, job("small.b")).await, enqueue(b, job("small.a")).await].into();
+    let in_second = NewJob { queue: "second".into(), ..job("small.a") };
+    let small: Vec<String> = [
+        enqueue(b, job("small.a")).await,
+        enqueue(b, job("small.b")).await,
+        enqueue(b, job("small.a")).await,
+        enqueue(b, in_second).await,
+    ]
+    .into();
     let other = [enqueue(b, job("other")).await, enqueue(b, job("other")).await];
     let room = [PluginRoom { tasks: vec!["small.a".into(), "small.b".into()], free: 1 }];
-    let got = fetch_limited(b, 4, &[], &room, Duration::from_secs(30)).await;
+    let queues = vec!["default".to_string(), "second".to_string()];
+    let got = fetch_limited(b, &queues, 6, &[], &room, Duration::from_secs(30)).await;
     assert_eq!(ids(&got), vec![small[0].clone(), other[0].clone(), other[1].clone()], "one of the plugin's, then the others'");
     for id in &small[1..] {
         assert_eq!(status(b, id).await.state, JobState::Queued, "{id} was not leased");
     }
-    let rest = fetch(b, 4).await;
-    assert_eq!(rest.len(), 2, "its other jobs are fetched once it has room");
+    let rest = fetch_limited(b, &queues, 6, &[], &[], Duration::from_secs(30)).await;
+    assert_eq!(rest.len(), 3, "its other jobs are fetched once it has room");
     assert!(rest.iter().all(|d| small[1..].contains(&d.job.id) && d.job.attempt == 0));
 }
 

@@ -251,7 +251,7 @@ impl Chords {
         // steps of a callback that is itself a chain.
         let chain = match protocol::unchain(callback, &[]) {
             Some((first, mut rest)) => {
-                rest.push(first.clone());
+                rest.push(first);
                 rest
             }
             None => callback.pointer("/options/chain").and_then(Value::as_array).cloned().unwrap_or_default(),

@@ -241,8 +241,7 @@ impl Control {
             // decides whether it comes back (deploys use this to roll
             // workers).
             "shutdown" => {
-                tracing::warn!(worker = hostname, "shutdown requested by a Celery control command: draining, then exiting");
-                let _ = self.shutdown.send(true);
+                // The host stops once the reply is out (`handle`).
                 json!({"ok": "shutting down"})
             }
             // A Python worker starting up asks the others for the ids they revoked.
@@ -420,6 +419,10 @@ impl Control {
         tracing::debug!(method = %request.method, "Celery control request answered");
         if let Err(e) = self.reply(&request, result).await {
             tracing::warn!(method = %request.method, error = %e, "Celery control reply not sent");
+        }
+        if request.method == "shutdown" {
+            tracing::warn!(worker = self.events.hostname(), "shutdown requested by a Celery control command: draining, then exiting");
+            self.shutdown.send_replace(true);
         }
     }
 }

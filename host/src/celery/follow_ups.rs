@@ -253,8 +253,12 @@ impl FollowUps {
     /// may override the root and parent ids. A chain signature (a chord's
     /// callback `a | b`) is sent as its first task carrying the rest.
     pub(super) fn message(&self, sig: &Value, chain: Vec<Value>, first: &Value, parent: &str, kept: &Kept, role: &str) -> (String, String) {
+        let first_of_chain;
         let (sig, chain) = match protocol::unchain(sig, &chain) {
-            Some((task, chain)) => (task, chain),
+            Some((task, rest)) => {
+                first_of_chain = task;
+                (&first_of_chain, rest)
+            }
             None => (sig, chain),
         };
         let options = sig.get("options").cloned().unwrap_or(json!({}));

@@ -275,15 +275,16 @@ fn startable_chain(chain: &[Value]) -> bool {
 /// one (`group(…) | a.s() | b.s()` is a chord whose callback is the chain
 /// `a | b`).
 fn sendable_callback(sig: &Value) -> bool {
-    is_plain(sig) || unchain(sig, &[]).is_some_and(|(first, rest)| is_plain(first) && startable_chain(&rest))
+    is_plain(sig) || unchain(sig, &[]).is_some_and(|(first, rest)| is_plain(&first) && startable_chain(&rest))
 }
 
-/// A chain signature as the message of its first task: that task, and the
-/// chain its message carries (message order, the next step last): the
-/// chain's other tasks, then what follows the chain itself (`after`, or
-/// the chain signature's own `options.chain`). `None` when `sig` is no
-/// chain, or an empty one.
-pub fn unchain<'a>(sig: &'a Value, after: &[Value]) -> Option<(&'a Value, Vec<Value>)> {
+/// A chain signature as the message of its first task: that task, with
+/// the chain's own options (queue, countdown, priority… as Celery's
+/// `chain.run` applies them) where it has none, and the chain its message
+/// carries (message order, the next step last): the chain's other tasks,
+/// then what follows the chain itself (`after`, or the chain signature's
+/// own `options.chain`). `None` when `sig` is no chain, or an empty one.
+pub fn unchain(sig: &Value, after: &[Value]) -> Option<(Value, Vec<Value>)> {
     if sig.get("subtask_type").and_then(Value::as_str) != Some("chain") {
         return None;
     }
@@ -293,6 +294,19 @@ pub fn unchain<'a>(sig: &'a Value, after: &[Value]) -> Option<(&'a Value, Vec<Va
         false => after.to_vec(),
     };
     chain.extend(more.iter().rev().cloned());
+    let mut first = first.clone();
+    // The chain's id, group and place are its last task's, not the first's.
+    const NOT_INHERITED: [&str; 4] = ["chain", "task_id", "group_id", "group_index"];
+    if let Some(inherited) = sig.get("options").and_then(Value::as_object) {
+        if !first.get("options").is_some_and(Value::is_object) {
+            first["options"] = Value::Object(Default::default());
+        }
+        if let Some(options) = first.get_mut("options").and_then(Value::as_object_mut) {
+            for (k, v) in inherited.iter().filter(|(k, _)| !NOT_INHERITED.contains(&k.as_str())) {
+                options.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+    }
     Some((first, chain))
 }
 
@@ -540,7 +554,12 @@ mod tests {
         assert!(m.workflow.unsupported.is_empty(), "{:?}", m.workflow.unsupported);
 
         let (first, chain) = unchain(&callback, &[]).expect("a chain");
-        assert_eq!((first, chain), (&c, vec![d.clone()]));
+        assert_eq!((first, chain), (c.clone(), vec![d.clone()]));
+        // The chain's own options reach its first task, but not its id.
+        let mut routed = callback.clone();
+        routed["options"]["queue"] = json!("mail");
+        let (first, _) = unchain(&routed, &[]).expect("a chain");
+        assert_eq!((first["options"]["queue"].as_str(), first["options"]["task_id"].as_str()), (Some("mail"), Some("id-c")));
         // What follows the chain runs after its last step (message order: next step last).
         let after = json!({"task": "t.after"});
         assert_eq!(unchain(&callback, std::slice::from_ref(&after)).map(|(_, chain)| chain), Some(vec![after.clone(), d.clone()]));

@@ -128,7 +128,6 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     }
 }
 
-/// The broker named by the configuration.
 /// The Redis broker's settings from `[broker]` and `[worker]`.
 fn redis_options(config: &Config) -> celer::broker::redis::RedisOptions {
     celer::broker::redis::RedisOptions {
@@ -139,6 +138,7 @@ fn redis_options(config: &Config) -> celer::broker::redis::RedisOptions {
     }
 }
 
+/// The broker named by the configuration.
 async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>, CliError> {
     if config.broker.is_redis() {
         let broker = celer::broker::redis::RedisBroker::connect(redis_options(config))

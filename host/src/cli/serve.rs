@@ -157,7 +157,7 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
         if shards > 1 {
             tracing::info!(shards, "worker shards: each on a thread of its own, with its own broker connection");
         }
-        roles.spawn(worker.run_sharded(shards, connect, stop_rx.clone()));
+        roles.spawn(worker.run_sharded(shards, connect, stop_tx.clone()));
     }
     if roles.is_empty() {
         // API only: serve until asked to stop.

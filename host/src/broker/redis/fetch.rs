@@ -80,6 +80,8 @@ impl RedisBroker {
         let mut out = Vec::new();
         let token_prefix = format!("{:016x}", rand::random::<u64>());
         let mut sent_back = false;
+        // What each plugin with little room may still take, over all queues.
+        let mut room: Vec<usize> = req.limited.iter().map(|r| r.free).collect();
         // Jobs leased by an earlier step are handed out even when a later
         // step fails: dropping them would leave them running nowhere.
         let keep = |out: Vec<Delivery>,
@@ -100,6 +102,7 @@ impl RedisBroker {
                 Some(p) => p,
                 None => match self.maintain(req, queue, left, &token_prefix, '0').await {
                     Ok((reclaimed, priorities, _)) => {
+                        take_room(req, &mut room, &reclaimed);
                         out.extend(reclaimed);
                         priorities
                     }
@@ -109,7 +112,7 @@ impl RedisBroker {
             let left = req.max - out.len();
             if left > 0 {
                 match self
-                    .read_new(req, queue, &priorities, left, &token_prefix)
+                    .read_new(req, queue, &priorities, left, &token_prefix, &mut room)
                     .await
                 {
                     Ok((leased, back)) => {
@@ -240,6 +243,7 @@ impl RedisBroker {
         priorities: &[String],
         max: usize,
         token_prefix: &str,
+        room: &mut [usize],
     ) -> Result<(Vec<Delivery>, bool), BrokerError> {
         let qp = self.queue_prefix(queue);
         let sent = Instant::now();
@@ -248,8 +252,6 @@ impl RedisBroker {
         // Indexes into `entries`: to lease, and what goes back (action).
         let mut leasable: Vec<usize> = Vec::new();
         let mut unread: Vec<(&'static str, usize)> = Vec::new();
-        // What each plugin with little room may still take in this fetch.
-        let mut room: Vec<usize> = req.limited.iter().map(|r| r.free).collect();
         'streams: for p in priorities {
             let stream = format!("{qp}s:{p}");
             loop {
@@ -459,6 +461,15 @@ impl RedisBroker {
                     .await?;
                 Ok(None)
             }
+        }
+    }
+}
+
+/// Counts jobs taken over (their leases lapsed) against their plugins' room.
+fn take_room(req: &FetchRequest<'_>, room: &mut [usize], taken: &[Delivery]) {
+    for d in taken {
+        if let Some(g) = PluginRoom::of(req.limited, &d.job.task) {
+            room[g] = room[g].saturating_sub(1);
         }
     }
 }
