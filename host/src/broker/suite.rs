@@ -383,9 +383,11 @@ pub async fn an_idempotency_key_returns_the_first_job(b: &dyn Broker) {
 
 pub async fn an_expired_lease_is_redelivered_as_a_new_attempt(b: &dyn Broker) {
     let id = enqueue(b, job("t")).await;
-    let first = fetch_with(b, 1, &[], Duration::from_millis(50)).await.remove(0);
+    // Leases of 400 ms: a loaded machine must not stall a fetch past half
+    // of one (the Redis fetch then leaves its jobs to a take-over).
+    let first = fetch_with(b, 1, &[], Duration::from_millis(400)).await.remove(0);
     assert_eq!(first.job.attempt, 0);
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let second = fetch_one(b).await;
     assert_eq!((second.job.id.as_str(), second.job.attempt), (id.as_str(), 1));
     assert_ne!(second.lease.token, first.lease.token);
@@ -399,8 +401,8 @@ pub async fn an_expired_lease_is_redelivered_as_a_new_attempt(b: &dyn Broker) {
 
 pub async fn an_expired_lease_with_no_retry_left_fails_as_lost(b: &dyn Broker) {
     let id = enqueue(b, NewJob { max_retries: 0, ..job("t") }).await;
-    let d = fetch_with(b, 1, &[], Duration::from_millis(50)).await.remove(0);
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    let d = fetch_with(b, 1, &[], Duration::from_millis(400)).await.remove(0);
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(fetch(b, 10).await.is_empty());
     let s = status(b, &id).await;
     assert_eq!(s.state, JobState::Failed);

@@ -198,9 +198,11 @@ async fn an_unreadable_job_goes_to_the_dead_letters_and_a_bad_state_is_corrupt()
 async fn a_lost_lease_is_taken_over_by_the_next_fetch_before_new_jobs() {
     let (_c, b) = fresh_redis().await;
     let first = enqueue(&b, job("t")).await;
-    let d = suite::fetch_with(&b, 1, &[], Duration::from_millis(50)).await.remove(0);
+    // A lease long enough that a loaded machine does not stall the fetch
+    // past half of it (the fetch then leaves the job to a take-over).
+    let d = suite::fetch_with(&b, 1, &[], Duration::from_millis(400)).await.remove(0);
     let _newer = enqueue(&b, job("t")).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let again = fetch_one(&b).await;
     assert_eq!((again.job.id.clone(), again.job.attempt), (first.clone(), 1));
     assert!(!b.complete(&d.lease, Outcome::Succeeded { result: json!(0) }, RunRecord::default()).await.unwrap());
