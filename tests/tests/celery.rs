@@ -170,3 +170,57 @@ fn messages_in_flight_on_a_dead_host_are_recovered_once() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(host.log().matches("job succeeded").count(), 1, "one job for a message taken twice");
 }
+
+/// A Celery task on its last attempt whose host dies mid-run: the host that
+/// takes its job over ends it `failed` (kind `lost`) without running it, and
+/// writes Celery's FAILURE, so the producer's `.get()` raises instead of
+/// waiting forever.
+#[test]
+fn a_task_lost_with_its_host_gets_a_failure_result() {
+    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
+    let queue = format!("celery-lost-{id}");
+    let prefix = format!("celer-celery-lost-{id}:");
+    let task_id = format!("lost-{id}");
+    let config = format!("{TEST_CONFIG}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\n");
+    let env = Env::with_config(&config).var("CELER_BROKER_URL", services::REDIS_URL).var("CELER_BROKER_PREFIX", &prefix);
+    let slow = std::fs::read_to_string(plugin_manifest("hostile"))
+        .expect("manifest")
+        .replacen("\n[limits]", "\naliases = { \"proj.tasks.slow\" = \"hostile.sleep\" }\n\n[limits]", 1);
+    env.install_files("hostile", &std::fs::read(plugin_wasm("hostile")).expect("wasm"), &slow);
+    let mut victim = start(&env);
+
+    // Sent as a task that already used its retries: no attempt is left after this one.
+    let send = format!(
+        "from celery import Celery\napp = Celery('proj', broker='{url}', backend='{url}')\n\
+         app.send_task('proj.tasks.slow', kwargs={{'ms': 20000}}, task_id='{task_id}', queue='{queue}', retries={retries})\n",
+        url = services::REDIS_URL,
+        retries = celer::job::DEFAULT_MAX_RETRIES,
+    );
+    let out = Command::new(python()).args(["-c", &send]).output().expect("send the task");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = redis_cli(&["GET", &format!("{prefix}celery:job:{task_id}")]);
+        if !job.is_empty() && redis_cli(&["HGET", &format!("{prefix}{{{queue}}}:j:{job}"), "state"]) == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task did not start:\n{}", victim.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = victim.0.kill();
+    let _ = victim.0.wait();
+
+    let survivor = start(&env);
+    let key = format!("celery-task-meta-{task_id}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let meta = loop {
+        let meta = redis_cli(&["GET", &key]);
+        if meta.contains("FAILURE") {
+            break meta;
+        }
+        assert!(Instant::now() < deadline, "no FAILURE for the lost task (meta {meta:?}):\n{}", survivor.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(meta.contains("lease expired on every attempt"), "{meta}");
+    assert!(survivor.log().contains("Celery task ended by a take-over"), "{}", survivor.log());
+}

@@ -378,9 +378,45 @@ async fn revoke_expired(ctx: &Ctx) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes the Celery result of tasks whose jobs a take-over ended without
+/// running them (their host died): REVOKED when a stop had been asked
+/// for, FAILURE when it was their last attempt. Without it their
+/// `.get()` would wait forever.
+async fn answer_unrun(ctx: &Ctx) -> Result<(), String> {
+    let mut c = ctx.conn.clone();
+    for queue in &ctx.celery.queues {
+        let key = crate::broker::redis::unrun_key(&ctx.prefix, queue);
+        let ids: Option<Vec<String>> = ::redis::cmd("RPOP").arg(&key).arg(100).query_async(&mut c).await.map_err(|e| e.to_string())?;
+        for job_id in ids.unwrap_or_default() {
+            let Some(status) = ctx.broker.status(&job_id).await.map_err(|e| e.to_string())? else { continue };
+            let Some(celery_id) = broker::celery_id(status.job.idempotency_key.as_deref()) else { continue };
+            let answered = match (status.state, &status.error) {
+                (crate::job::JobState::Cancelled, _) => ctx.end_revoked(celery_id, "revoked").await,
+                (crate::job::JobState::Failed, Some(error)) => {
+                    let e = Exception::of(error);
+                    let doc = result::meta(celery_id, result::Status::Failure, &result::Outcome::Failure(e.clone(), None), Utc::now());
+                    match ctx.results.write(celery_id, &doc).await {
+                        Ok(()) => ctx.follow_ups.on_failure(celery_id, &e, false).await,
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                _ => Ok(()),
+            };
+            match answered {
+                Ok(()) => tracing::info!(task_id = celery_id, job_id, state = ?status.state, "Celery task ended by a take-over (its host died): result written"),
+                Err(e) => tracing::error!(task_id = celery_id, job_id, error = %e, "cannot write the result of a Celery task ended by a take-over"),
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn recover(ctx: &Ctx, own_too: bool) -> Result<(), String> {
     if let Err(e) = revoke_expired(ctx).await {
         tracing::warn!(error = %e, "Celery consumer: cannot check expired tasks");
+    }
+    if let Err(e) = answer_unrun(ctx).await {
+        tracing::warn!(error = %e, "Celery consumer: cannot answer for tasks ended by a take-over");
     }
     let mut c = ctx.conn.clone();
     let keys: Vec<String> =

@@ -10,6 +10,7 @@
 //! | `celer:{q}:lease-ms` | hash host → ms | the lease length of each host holding entries |
 //! | `celer:{q}:reclaim`, `celer:{q}:cursor` | string (PX), hash | pacing and XAUTOCLAIM cursors of the scan for lapsed leases |
 //! | `celer:{q}:dead` | stream | dead letters (job ids) |
+//! | `celer:{q}:unrun` | list | ids of jobs a take-over ended without running them (for the Celery consumer); at most 10 000, a day |
 //! | `celer:{q}:j:<id>` | hash | envelope, state, result, lease token…; expires `result_ttl` after the job finished (failed jobs stay until purged or retried) |
 //! | `celer:{q}:idem:<key>` | string | idempotency key → job id; expires with its job |
 //! | `celer:queues` | set | queue names, for lookups by id and `queue_stats` |
@@ -92,6 +93,19 @@ pub const DEFAULT_PREFIX: &str = "celer:";
 /// How long a finished job's hash stays readable, by default (a day, like
 /// Celery's `result_expires`).
 pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(86_400);
+/// `<prefix>{queue}:`, the prefix of every key of one queue (the braces
+/// are its hash tag).
+pub fn queue_prefix(prefix: &str, queue: &str) -> String {
+    format!("{prefix}{{{queue}}}:")
+}
+
+/// The list of jobs of `queue` that a take-over ended without running
+/// them (cancelled while their host was gone, or lost on their last
+/// attempt), newest first: what the Celery consumer answers for.
+pub fn unrun_key(prefix: &str, queue: &str) -> String {
+    format!("{}unrun", queue_prefix(prefix, queue))
+}
+
 /// How often a host refreshes its heartbeat key, and how long it lives.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
@@ -251,7 +265,7 @@ impl RedisBroker {
 
     /// `celer:{queue}:`, the prefix of every key of one queue.
     pub fn queue_prefix(&self, queue: &str) -> String {
-        format!("{}{{{}}}:", self.inner.prefix, queue)
+        queue_prefix(&self.inner.prefix, queue)
     }
 
     fn job_key(&self, queue: &str, id: &str) -> String {

@@ -88,6 +88,14 @@ local function expire(jk, ttl)
   local ik = redis.call('HGET', jk, 'idem')
   if ik then redis.call('EXPIRE', ik, ttl) end
 end
+-- A job a take-over ended without running it (its host died): listed in
+-- `unrun` for whoever answers for it elsewhere (the Celery consumer
+-- writes the task's result). Bounded; kept a day.
+local function unrun(id)
+  redis.call('LPUSH', P .. 'unrun', id)
+  redis.call('LTRIM', P .. 'unrun', 0, 9999)
+  redis.call('EXPIRE', P .. 'unrun', 86400)
+end
 -- Terminal states that are not the outcome of a run.
 local function finish(jk, id, state, kind, message, ttl)
   redis.call('HSET', jk, 'state', state, 'fin', NOW_US)
@@ -237,9 +245,9 @@ if redis.call('SET', P .. 'reclaim', '1', 'PX', math.max(10, math.min(250, math.
             if exp and exp < NOW then
               drop_entry(jk); finish(jk, id, 'expired', nil, nil, ttl)
             elseif f[2] == '1' then
-              drop_entry(jk); finish(jk, id, 'cancelled', 'cancelled', 'cancelled while its host was gone', ttl)
+              drop_entry(jk); finish(jk, id, 'cancelled', 'cancelled', 'cancelled while its host was gone', ttl); unrun(id)
             elseif not unstarted and tonumber(f[3]) + 1 > tonumber(f[4]) then
-              drop_entry(jk); finish(jk, id, 'failed', 'lost', 'lease expired on every attempt (host died?)', ttl)
+              drop_entry(jk); finish(jk, id, 'failed', 'lost', 'lease expired on every attempt (host died?)', ttl); unrun(id)
             elseif n < max and not excluded[f[6]] then
               lease_job(jk, id, S(tonumber(f[3]) + 1), f[7], f[8], sk, eid)
             else
