@@ -323,6 +323,9 @@ mid.freeze()
 fan_in = (group(add.s(1, 2), add.s(3, 4)) | mid | add.si(100, 1)).apply_async()
 check(fan_in.get(timeout=T) == {"sum": 101}, f"group | tsum | add: the chain after the chord ran: {fan_in.state}")
 check(app.AsyncResult(mid.id).get(timeout=T) == {"sum": 10}, "group | tsum | add: tsum got the header's results")
+# A chord whose callback is a group: each of its tasks gets the header's results.
+fan_out = chord([add.s(1, 2), add.s(3, 4)], group(tsum.s(), tsum.s()))()
+check(fan_out.get(timeout=T) == [{"sum": 10}, {"sum": 10}], f"chord(header, group(tsum, tsum)): {fan_out!r}")
 outer = chain(add.s(1, 1), group(add.si(1, 2), add.si(3, 4)) | tsum.s() | add.si(7, 7)).apply_async()
 check(outer.get(timeout=T) == {"sum": 14}, "chain(a, group | tsum | add): the chord with a chain callback starts after a")
 

@@ -22,7 +22,8 @@
 //!   with a `ChordError` that says so).
 //!
 //! The callback may be a chain (`group(…) | a.s() | b.s()`): its first
-//! task is sent carrying the rest.
+//! task is sent carrying the rest; or a group (`chord(header, group(…))`):
+//! each of its tasks gets the results.
 //!
 //! Sending the callback and clearing the keys is one script, so a run that
 //! dies between them cannot leave a chord fired twice. A successful part is
@@ -73,15 +74,16 @@ end
 return {ready, 0}
 "#;
 
-/// KEYS: c j t s d, the callback's list; ARGV: token, message, done s.
-/// Sends the callback and clears the chord if the claim is still ours (or
-/// lapsed with nobody else's in its place); 0 otherwise.
+/// KEYS: c j t s d, then the list of each callback message; ARGV: token,
+/// done s, then the messages (one, or a group callback's tasks). Sends the
+/// callback and clears the chord if the claim is still ours (or lapsed
+/// with nobody else's in its place); 0 otherwise.
 const FIRE: &str = r#"
 local claim = redis.call('GET', KEYS[1])
 if claim ~= ARGV[1] and not (claim == false and redis.call('EXISTS', KEYS[4]) == 1) then return 0 end
-redis.call('LPUSH', KEYS[6], ARGV[2])
+for i = 3, #ARGV do redis.call('LPUSH', KEYS[i + 3], ARGV[i]) end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-redis.call('SET', KEYS[1], 'done', 'EX', ARGV[3])
+redis.call('SET', KEYS[1], 'done', 'EX', ARGV[2])
 return 1
 "#;
 
@@ -150,10 +152,23 @@ impl Chords {
         };
         match results {
             Ok(results) => {
-                let (queue, message) = follow_ups.message(callback, Vec::new(), &Value::Array(results), task_id, kept, "chord");
+                let results = Value::Array(results);
+                // A group callback: each of its tasks gets the results.
+                let messages: Vec<(String, String)> = match protocol::fanout(callback) {
+                    Some(group) if group.body.is_none() => group
+                        .tasks
+                        .iter()
+                        .enumerate()
+                        .map(|(i, task)| follow_ups.message(task, Vec::new(), &results, task_id, kept, &format!("chord-{i}")))
+                        .collect(),
+                    _ => vec![follow_ups.message(callback, Vec::new(), &results, task_id, kept, "chord")],
+                };
                 let mut inv = self.fire.prepare_invoke();
-                inv.key(key(".c")).key(key(".j")).key(key(".t")).key(key(".s")).key(key(".d")).key(follow_ups.queue_key(&queue));
-                inv.arg(&token).arg(&message).arg(DONE_S);
+                inv.key(key(".c")).key(key(".j")).key(key(".t")).key(key(".s")).key(key(".d"));
+                inv.arg(&token).arg(DONE_S);
+                for (queue, message) in &messages {
+                    inv.key(follow_ups.queue_key(queue)).arg(message);
+                }
                 let fired: i64 = inv.invoke_async(&mut c).await.map_err(|e| e.to_string())?;
                 if fired == 1 {
                     tracing::info!(group = %group, callback_id, parts = parts.len(), "Celery chord complete: callback sent");
@@ -247,14 +262,15 @@ impl Chords {
         if !callback_id.is_empty() {
             docs.push((callback_id.to_string(), result::meta(callback_id, Status::Failure, &result::Outcome::Failure(e.clone(), Some(traceback)), now)));
         }
-        // What would have run after it: the rest of its chain, and the
-        // steps of a callback that is itself a chain.
-        let chain = match protocol::unchain(callback, &[]) {
-            Some((first, mut rest)) => {
+        // What would have run after it: the rest of its chain, the steps
+        // of a callback that is itself a chain, the tasks of a group.
+        let chain = match (protocol::unchain(callback, &[]), protocol::fanout(callback)) {
+            (Some((first, mut rest)), _) => {
                 rest.push(first);
                 rest
             }
-            None => callback.pointer("/options/chain").and_then(Value::as_array).cloned().unwrap_or_default(),
+            (None, Some(group)) if group.body.is_none() => group.tasks.to_vec(),
+            _ => callback.pointer("/options/chain").and_then(Value::as_array).cloned().unwrap_or_default(),
         };
         let ids = chain.iter().filter_map(|sig| sig.pointer("/options/task_id").and_then(Value::as_str));
         for id in ids.filter(|id| *id != callback_id) {

@@ -271,11 +271,13 @@ fn startable_chain(chain: &[Value]) -> bool {
     chain.iter().enumerate().all(|(i, s)| !is_canvas(s) || fanout(s).is_some_and(|f| f.body.is_some() || i == 0))
 }
 
-/// A chord callback celer can send: a task, or a chain that starts with
-/// one (`group(…) | a.s() | b.s()` is a chord whose callback is the chain
-/// `a | b`).
+/// A chord callback celer can send: a task, a chain that starts with one
+/// (`group(…) | a.s() | b.s()` is a chord whose callback is the chain
+/// `a | b`), or a group of tasks (`chord(header, group(c.s(), d.s()))`).
 fn sendable_callback(sig: &Value) -> bool {
-    is_plain(sig) || unchain(sig, &[]).is_some_and(|(first, rest)| is_plain(&first) && startable_chain(&rest))
+    is_plain(sig)
+        || unchain(sig, &[]).is_some_and(|(first, rest)| is_plain(&first) && startable_chain(&rest))
+        || sig.get("subtask_type").and_then(Value::as_str) == Some("group") && fanout(sig).is_some()
 }
 
 /// A chain signature as the message of its first task: that task, with
@@ -568,7 +570,10 @@ mod tests {
         assert_eq!(unchain(&followed, &[]).map(|(_, chain)| chain), Some(vec![after, d]));
         assert_eq!(unchain(&c, &[]), None);
 
-        // A chain that starts with a group is not a callback celer sends.
+        // A group of tasks is a callback celer sends (each gets the results);
+        // a chain that starts with a group is not.
+        let group = json!({"task": "celery.group", "args": [], "kwargs": {"tasks": [{"task": "t.c", "options": {"task_id": "id-c"}}]}, "options": {"task_id": "g2"}, "subtask_type": "group"});
+        assert_eq!(decode(raw(&group).as_bytes()).expect("decodes").workflow.chord, Some(group));
         let mut grouped = callback.clone();
         grouped["kwargs"]["tasks"][0]["subtask_type"] = json!("group");
         let m = decode(raw(&grouped).as_bytes()).expect("decodes");
