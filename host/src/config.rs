@@ -467,7 +467,7 @@ impl Config {
             return Err(ConfigError::Invalid("worker.concurrency must be at least 1".into()));
         }
         if self.worker.shards == Some(0) {
-            return Err(ConfigError::Invalid("worker.shards must be at least 1 (or unset: one per core)".into()));
+            return Err(ConfigError::Invalid("worker.shards must be at least 1 (or unset: one)".into()));
         }
         if self.worker.queues.is_empty() {
             return Err(ConfigError::Invalid("worker.queues is empty".into()));

@@ -201,7 +201,7 @@ fn a_task_lost_with_its_host_gets_a_failure_result() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let job = redis_cli(&["GET", &format!("{prefix}celery:job:{task_id}")]);
-        if !job.is_empty() && redis_cli(&["HGET", &format!("{prefix}{{{queue}}}:j:{job}"), "state"]) == "running" {
+        if !job.is_empty() && redis_cli(&["HGET", &format!("{}j:{job}", celer::broker::redis::queue_prefix(&prefix, &queue)), "state"]) == "running" {
             break;
         }
         assert!(Instant::now() < deadline, "the task did not start:\n{}", victim.log());

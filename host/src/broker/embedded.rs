@@ -423,18 +423,19 @@ impl Broker for EmbeddedBroker {
         for maintenance in [EXPIRE, CANCEL_ABANDONED, FAIL_LOST] {
             sqlx::query(maintenance).bind(now).execute(&mut *tx).await.map_err(db)?;
         }
-        let lease = match req.limited.is_empty() {
-            true => LEASE,
-            false => LEASE_LIMITED,
+        // LEASE_LIMITED's ?7, only when some plugin has little room.
+        let (lease, room) = match req.limited.is_empty() {
+            true => (LEASE, None),
+            false => {
+                let room: serde_json::Map<String, serde_json::Value> = req
+                    .limited
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, room)| room.tasks.iter().map(move |t| (t.clone(), serde_json::json!([i, room.free]))))
+                    .collect();
+                (LEASE_LIMITED, Some(serde_json::Value::Object(room).to_string()))
+            }
         };
-        // ?7 of LEASE_LIMITED.
-        let room: serde_json::Map<String, serde_json::Value> = req
-            .limited
-            .iter()
-            .enumerate()
-            .flat_map(|(i, room)| room.tasks.iter().map(move |t| (t.clone(), serde_json::json!([i, room.free]))))
-            .collect();
-        let room = serde_json::Value::Object(room).to_string();
         let query = sqlx::query(lease)
             .bind(now)
             .bind(lease_until)
@@ -442,9 +443,9 @@ impl Broker for EmbeddedBroker {
             .bind(&queues)
             .bind(&exclude)
             .bind(limit);
-        let query = match req.limited.is_empty() {
-            true => query,
-            false => query.bind(&room),
+        let query = match &room {
+            Some(room) => query.bind(room),
+            None => query,
         };
         let rows = query
             .fetch_all(&mut *tx)

@@ -38,6 +38,7 @@ pub fn celery_id(idempotency_key: Option<&str>) -> Option<&str> {
     idempotency_key.and_then(|k| k.strip_prefix(KEY_PREFIX))
 }
 
+#[derive(Clone)]
 pub struct CeleryAwareBroker {
     pub(super) inner: Arc<dyn Broker>,
     pub(super) results: ResultWriter,
@@ -57,16 +58,7 @@ impl CeleryAwareBroker {
     /// The same Celery bookkeeping over another broker (a worker shard's
     /// own connection).
     pub fn over(&self, inner: Arc<dyn Broker>) -> Arc<dyn Broker> {
-        Arc::new(CeleryAwareBroker {
-            inner,
-            results: self.results.clone(),
-            follow_ups: self.follow_ups.clone(),
-            revocations: self.revocations.clone(),
-            activity: self.activity.clone(),
-            events: self.events.clone(),
-            started_by: self.started_by.clone(),
-            lease: self.lease,
-        })
+        Arc::new(CeleryAwareBroker { inner, ..self.clone() })
     }
 
     /// Writes STARTED for the Celery jobs just leased (one round trip).

@@ -154,9 +154,8 @@ impl Chords {
             Ok(results) => {
                 let results = Value::Array(results);
                 // A group callback: each of its tasks gets the results.
-                let messages: Vec<(String, String)> = match protocol::fanout(callback) {
-                    Some(group) if group.body.is_none() => group
-                        .tasks
+                let messages: Vec<(String, String)> = match protocol::group_tasks(callback) {
+                    Some(tasks) => tasks
                         .iter()
                         .enumerate()
                         .map(|(i, task)| follow_ups.message(task, Vec::new(), &results, task_id, kept, &format!("chord-{i}")))
@@ -264,12 +263,12 @@ impl Chords {
         }
         // What would have run after it: the rest of its chain, the steps
         // of a callback that is itself a chain, the tasks of a group.
-        let chain = match (protocol::unchain(callback, &[]), protocol::fanout(callback)) {
+        let chain = match (protocol::unchain(callback, &[]), protocol::group_tasks(callback)) {
             (Some((first, mut rest)), _) => {
                 rest.push(first);
                 rest
             }
-            (None, Some(group)) if group.body.is_none() => group.tasks.to_vec(),
+            (None, Some(tasks)) => tasks.to_vec(),
             _ => callback.pointer("/options/chain").and_then(Value::as_array).cloned().unwrap_or_default(),
         };
         let ids = chain.iter().filter_map(|sig| sig.pointer("/options/task_id").and_then(Value::as_str));

@@ -126,13 +126,6 @@ impl ResultWriter {
         let mut c = self.conn.clone();
         inv.invoke_async(&mut c).await
     }
-
-    /// Stores REVOKED with `e` (a `TaskRevokedError`) as the task's result,
-    /// as a Celery worker does for a revoked or expired task.
-    async fn write_revoked(&self, task_id: &str, e: &Exception) -> Result<(), String> {
-        let doc = result::meta(task_id, Status::Revoked, &result::Outcome::Failure(e.clone(), None), Utc::now());
-        self.write(task_id, &doc).await.map_err(|e| e.to_string())
-    }
 }
 
 /// Moves up to ARGV[1] messages from the lists KEYS[1..n-1] (in order) to
@@ -271,9 +264,17 @@ impl Ctx {
     /// Ends a Celery task that will not run (revoked, or expired): REVOKED
     /// as its result, and its part of a chord counted (the chord fails).
     async fn end_revoked(&self, celery_id: &str, why: &str) -> Result<(), String> {
-        let e = Exception::revoked(why);
-        self.results.write_revoked(celery_id, &e).await?;
-        self.follow_ups.on_failure(celery_id, &e, true).await
+        self.end_unrun(celery_id, Exception::revoked(why), true).await
+    }
+
+    /// Stores `e` as the result of a task that did not run to an outcome
+    /// (REVOKED when `revoked`, else FAILURE), as a Celery worker does,
+    /// then sends its errbacks (not a revoked one's) and counts its chord part.
+    async fn end_unrun(&self, celery_id: &str, e: Exception, revoked: bool) -> Result<(), String> {
+        let status = if revoked { Status::Revoked } else { Status::Failure };
+        let doc = result::meta(celery_id, status, &result::Outcome::Failure(e.clone(), None), Utc::now());
+        self.results.write(celery_id, &doc).await.map_err(|e| e.to_string())?;
+        self.follow_ups.on_failure(celery_id, &e, revoked).await
     }
 
     fn inflight(&self, host: &str, queue: &str) -> String {
@@ -392,14 +393,7 @@ async fn answer_unrun(ctx: &Ctx) -> Result<(), String> {
             let Some(celery_id) = broker::celery_id(status.job.idempotency_key.as_deref()) else { continue };
             let answered = match (status.state, &status.error) {
                 (crate::job::JobState::Cancelled, _) => ctx.end_revoked(celery_id, "revoked").await,
-                (crate::job::JobState::Failed, Some(error)) => {
-                    let e = Exception::of(error);
-                    let doc = result::meta(celery_id, result::Status::Failure, &result::Outcome::Failure(e.clone(), None), Utc::now());
-                    match ctx.results.write(celery_id, &doc).await {
-                        Ok(()) => ctx.follow_ups.on_failure(celery_id, &e, false).await,
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
+                (crate::job::JobState::Failed, Some(error)) => ctx.end_unrun(celery_id, Exception::of(error), false).await,
                 _ => Ok(()),
             };
             match answered {

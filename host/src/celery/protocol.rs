@@ -277,7 +277,12 @@ fn startable_chain(chain: &[Value]) -> bool {
 fn sendable_callback(sig: &Value) -> bool {
     is_plain(sig)
         || unchain(sig, &[]).is_some_and(|(first, rest)| is_plain(&first) && startable_chain(&rest))
-        || sig.get("subtask_type").and_then(Value::as_str) == Some("group") && fanout(sig).is_some()
+        || group_tasks(sig).is_some()
+}
+
+/// The tasks of `sig` when it is a group of tasks (no chord).
+pub fn group_tasks(sig: &Value) -> Option<&[Value]> {
+    fanout(sig).filter(|f| f.body.is_none()).map(|f| f.tasks)
 }
 
 /// A chain signature as the message of its first task: that task, with

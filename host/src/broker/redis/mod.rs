@@ -573,7 +573,7 @@ async fn complete_batches(
         let calls = by_queue.into_iter().map(|((queue, checked), reqs)| {
             let c = conn.clone();
             let scripts = scripts.clone();
-            let qp = format!("{prefix}{{{queue}}}:");
+            let qp = queue_prefix(&prefix, &queue);
             async move {
                 let written = if checked {
                     write_checked(c, &scripts, &qp, ttl_s, &reqs).await
