@@ -388,8 +388,17 @@ async fn answer_unrun(ctx: &Ctx) -> Result<(), String> {
     for queue in &ctx.celery.queues {
         let key = crate::broker::redis::unrun_key(&ctx.prefix, queue);
         let ids: Option<Vec<String>> = ::redis::cmd("RPOP").arg(&key).arg(100).query_async(&mut c).await.map_err(|e| e.to_string())?;
-        for job_id in ids.unwrap_or_default() {
-            let Some(status) = ctx.broker.status(&job_id).await.map_err(|e| e.to_string())? else { continue };
+        let ids = ids.unwrap_or_default();
+        for (i, job_id) in ids.iter().enumerate() {
+            let status = match ctx.broker.status(job_id).await {
+                Ok(Some(status)) => status,
+                Ok(None) => continue,
+                Err(e) => {
+                    // Back where the next round pops them: none is dropped.
+                    let _: Result<i64, _> = ::redis::cmd("RPUSH").arg(&key).arg(&ids[i..]).query_async(&mut c).await;
+                    return Err(e.to_string());
+                }
+            };
             let Some(celery_id) = broker::celery_id(status.job.idempotency_key.as_deref()) else { continue };
             let answered = match (status.state, &status.error) {
                 (crate::job::JobState::Cancelled, _) => ctx.end_revoked(celery_id, "revoked").await,
