@@ -328,6 +328,18 @@ fan_out = chord([add.s(1, 2), add.s(3, 4)], group(tsum.s(), tsum.s()))()
 check(fan_out.get(timeout=T) == [{"sum": 10}, {"sum": 10}], f"chord(header, group(tsum, tsum)): {fan_out!r}")
 outer = chain(add.s(1, 1), group(add.si(1, 2), add.si(3, 4)) | tsum.s() | add.si(7, 7)).apply_async()
 check(outer.get(timeout=T) == {"sum": 14}, "chain(a, group | tsum | add): the chord with a chain callback starts after a")
+# A chord's header may hold chains and groups: the client flattens a nested
+# group into the header, and a chain's last task carries the chord.
+mixed = chord([chain(add.s(1, 2), add.si(10, 10)), group(add.si(1, 1), add.si(2, 2))], tsum.s())()
+check(mixed.get(timeout=T) == {"sum": 26}, f"chord([chain, group], tsum): {mixed.state}")
+# Chains inside a group or chord that a chain starts, and inside a group
+# callback: each is sent as its first task, its last task counts.
+fan_chains = chain(add.s(1, 1), group(chain(add.si(1, 2), add.si(3, 4)), add.si(5, 5))).apply_async()
+check(fan_chains.get(timeout=T) == [{"sum": 7}, {"sum": 10}], f"chain(a, group(chain, b)): {fan_chains!r}")
+chord_chains = chain(add.s(1, 1), chord([chain(add.si(1, 2), add.si(3, 4)), add.si(5, 5)], tsum.s())).apply_async()
+check(chord_chains.get(timeout=T) == {"sum": 17}, f"chain(a, chord([chain, b], tsum)): {chord_chains.state}")
+cb_chains = chord([add.s(1, 2)], group(chain(tsum.s(), add.si(1, 1)), tsum.s()))()
+check(cb_chains.get(timeout=T) == [{"sum": 2}, {"sum": 3}], f"chord(h, group(chain, tsum)): {cb_chains!r}")
 
 # 6. Malformed messages go to celer's dead letters; the host keeps consuming.
 good = json.loads(json.dumps({

@@ -17,9 +17,12 @@
 //! - `<g>.s`: the header's size (the client writes it); `<g>.t`: an adjustment to it;
 //! - `<g>.c`: a claim held for seconds by the run that completes the header,
 //!   then `done` for a while so that a late repeat does nothing;
-//! - `<g>` itself: the header's structure, saved by the client only when the
-//!   header nests groups (celer does not join those; the callback fails
-//!   with a `ChordError` that says so).
+//! - `<g>` itself: the header's structure, saved by the client only when a
+//!   part's result is itself a group (a chain that ends in a group); celer
+//!   does not join those: the callback fails with a `ChordError` that says
+//!   so. Chains and groups in a header are otherwise fine: the client
+//!   flattens a nested group into the header, and a chain's last task
+//!   carries the chord.
 //!
 //! The callback may be a chain (`group(…) | a.s() | b.s()`): its first
 //! task is sent carrying the rest; or a group (`chord(header, group(…))`):
@@ -146,7 +149,7 @@ impl Chords {
             .map_err(|e| e.to_string())?;
         let callback_id = callback.pointer("/options/task_id").and_then(Value::as_str).unwrap_or_default().to_string();
         let results = if nested {
-            Err("Join error: celer does not join a chord header that nests groups".to_string())
+            Err("Join error: celer does not join a chord header part whose result is a group (a chain that ends in a group)".to_string())
         } else {
             header_results(&parts)
         };
@@ -224,13 +227,15 @@ impl Chords {
             .iter()
             .enumerate()
             .map(|(i, task)| {
-                let mut task = task.clone();
+                let mut member = task.clone();
                 let options = json!({"group_id": group, "group_index": i, "chord": body});
-                match task.get_mut("options").and_then(Value::as_object_mut) {
-                    Some(o) => o.extend(options.as_object().cloned().unwrap_or_default()),
-                    None => task["options"] = options,
+                if let Some(last) = protocol::last_task_mut(&mut member) {
+                    match last.get_mut("options").and_then(Value::as_object_mut) {
+                        Some(o) => o.extend(options.as_object().cloned().unwrap_or_default()),
+                        None => last["options"] = options,
+                    }
                 }
-                follow_ups.message(&task, Vec::new(), previous, parent, kept, &format!("group-{group}-{i}"))
+                follow_ups.message(&member, Vec::new(), previous, parent, kept, &format!("group-{group}-{i}"))
             })
             .collect();
         (setup, messages)
@@ -268,7 +273,7 @@ impl Chords {
                 rest.push(first);
                 rest
             }
-            (None, Some(tasks)) => tasks.to_vec(),
+            (None, Some(members)) => members.iter().flat_map(protocol::member_tasks).cloned().collect(),
             _ => callback.pointer("/options/chain").and_then(Value::as_array).cloned().unwrap_or_default(),
         };
         let ids = chain.iter().filter_map(|sig| sig.pointer("/options/task_id").and_then(Value::as_str));

@@ -247,7 +247,7 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Rejected> {
 pub struct Fanout<'a> {
     /// The group id (a chord's header's).
     pub group_id: &'a str,
-    /// Task signatures, in group order.
+    /// Its members (tasks, or chains of tasks), in group order.
     pub tasks: &'a [Value],
     /// A chord's callback.
     pub body: Option<&'a Value>,
@@ -271,6 +271,33 @@ fn startable_chain(chain: &[Value]) -> bool {
     chain.iter().enumerate().all(|(i, s)| !is_canvas(s) || fanout(s).is_some_and(|f| f.body.is_some() || i == 0))
 }
 
+/// A member of a group (or chord header) celer can send: a task, or a
+/// chain of tasks (`group(a.s() | b.s(), c.s())`), sent as its first task
+/// carrying the rest. A chain's last task is the member's result, so it
+/// is the one that carries the group's id, place and chord
+/// ([`last_task_mut`]). Nested groups need nothing: Celery's client
+/// flattens them into the outer group.
+fn is_member(sig: &Value) -> bool {
+    is_plain(sig) || unchain(sig, &[]).is_some_and(|(first, rest)| is_plain(&first) && rest.iter().all(is_plain))
+}
+
+/// The task whose result is a group member's: the member itself, or a
+/// chain's last task.
+pub fn last_task_mut(member: &mut Value) -> Option<&mut Value> {
+    if member.get("subtask_type").and_then(Value::as_str) == Some("chain") {
+        return member.pointer_mut("/kwargs/tasks").and_then(Value::as_array_mut).and_then(|t| t.last_mut());
+    }
+    Some(member)
+}
+
+/// Every task a group member sends, first to last.
+pub fn member_tasks(member: &Value) -> Vec<&Value> {
+    match member.pointer("/kwargs/tasks").and_then(Value::as_array) {
+        Some(tasks) if member.get("subtask_type").and_then(Value::as_str) == Some("chain") => tasks.iter().collect(),
+        _ => vec![member],
+    }
+}
+
 /// A chord callback celer can send: a task, a chain that starts with one
 /// (`group(…) | a.s() | b.s()` is a chord whose callback is the chain
 /// `a | b`), or a group of tasks (`chord(header, group(c.s(), d.s()))`).
@@ -280,7 +307,8 @@ fn sendable_callback(sig: &Value) -> bool {
         || group_tasks(sig).is_some()
 }
 
-/// The tasks of `sig` when it is a group of tasks (no chord).
+/// The members of `sig` when it is a group of tasks or chains of tasks (no
+/// chord).
 pub fn group_tasks(sig: &Value) -> Option<&[Value]> {
     fanout(sig).filter(|f| f.body.is_none()).map(|f| f.tasks)
 }
@@ -303,7 +331,7 @@ pub fn unchain(sig: &Value, after: &[Value]) -> Option<(Value, Vec<Value>)> {
     chain.extend(more.iter().rev().cloned());
     let mut first = first.clone();
     // The chain's id, group and place are its last task's, not the first's.
-    const NOT_INHERITED: [&str; 4] = ["chain", "task_id", "group_id", "group_index"];
+    const NOT_INHERITED: [&str; 5] = ["chain", "chord", "task_id", "group_id", "group_index"];
     if let Some(inherited) = sig.get("options").and_then(Value::as_object) {
         if !first.get("options").is_some_and(Value::is_object) {
             first["options"] = Value::Object(Default::default());
@@ -317,8 +345,8 @@ pub fn unchain(sig: &Value, after: &[Value]) -> Option<(Value, Vec<Value>)> {
     Some((first, chain))
 }
 
-/// The group or chord `sig` is, if celer can start it: plain task
-/// signatures in the group (or header) and a callback it can send.
+/// The group or chord `sig` is, if celer can start it: tasks or chains of
+/// tasks in the group (or header) and a callback it can send.
 pub fn fanout(sig: &Value) -> Option<Fanout<'_>> {
     fn id_of(s: &Value) -> Option<&str> {
         s.pointer("/options/task_id").and_then(Value::as_str)
@@ -335,7 +363,7 @@ pub fn fanout(sig: &Value) -> Option<Fanout<'_>> {
         }
         _ => return None,
     };
-    tasks.iter().all(is_plain).then_some(Fanout { group_id, tasks, body })
+    tasks.iter().all(is_member).then_some(Fanout { group_id, tasks, body })
 }
 
 /// A task message celer sends (a follow-up of Celery's canvas), in the
@@ -530,7 +558,7 @@ mod tests {
 
     /// A chord in a chain, as Celery 5.7's client writes it.
     #[test]
-    fn a_chord_in_a_chain_can_be_started_when_its_parts_are_plain_tasks() {
+    fn a_chord_in_a_chain_can_be_started_when_its_parts_are_tasks_or_chains_of_tasks() {
         let header = json!({"task": "celery.group", "args": [], "kwargs": {"tasks": [{"task": "app.add", "args": [1, 2], "options": {"task_id": "h0", "group_index": 0}, "subtask_type": null, "immutable": true}, {"task": "app.add", "args": [3], "options": {"task_id": "h1", "group_index": 1}, "subtask_type": null, "immutable": false}]}, "options": {"task_id": "g"}, "subtask_type": "group"});
         let body = json!({"task": "app.tsum", "args": [], "kwargs": {}, "options": {"task_id": "cb"}, "subtask_type": null, "immutable": false});
         let chord = json!({"task": "celery.chord", "args": [], "kwargs": {"kwargs": {}, "header": header, "body": body}, "options": {"task_id": "g"}, "subtask_type": "chord", "immutable": false});
@@ -540,6 +568,20 @@ mod tests {
         nested["kwargs"]["header"]["kwargs"]["tasks"][0]["subtask_type"] = json!("chain");
         assert_eq!(fanout(&nested), None);
         assert_eq!(fanout(&body), None);
+        // A chain of tasks is a member (captured from the client:
+        // `chord([chain(add.si(1, 2), add.si(3, 4)), …], tsum.s())`); its
+        // last task carries the group's place. A chain that ends in a
+        // group is not.
+        let first = json!({"task": "app.add", "args": [1, 2], "options": {"task_id": "c0"}, "subtask_type": null, "immutable": true});
+        let last = json!({"task": "app.add", "args": [3, 4], "options": {"task_id": "c1", "group_index": 0}, "subtask_type": null, "immutable": true});
+        let mut member = json!({"task": "celery.chain", "args": [], "kwargs": {"tasks": [first, last]}, "options": {"task_id": "c1"}, "subtask_type": "chain", "immutable": false});
+        let mut with_chain = chord.clone();
+        with_chain["kwargs"]["header"]["kwargs"]["tasks"][0] = member.clone();
+        assert_eq!(fanout(&with_chain).map(|f| f.tasks.len()), Some(2));
+        assert_eq!(member_tasks(&member).iter().map(|t| t["options"]["task_id"].clone()).collect::<Vec<_>>(), [json!("c0"), json!("c1")]);
+        assert_eq!(last_task_mut(&mut member).map(|t| t["options"]["task_id"].clone()), Some(json!("c1")));
+        with_chain["kwargs"]["header"]["kwargs"]["tasks"][0]["kwargs"]["tasks"][1] = header.clone();
+        assert_eq!(fanout(&with_chain), None);
     }
 
     /// `group(a, b) | c | d`: Celery 5.7's client sends a chord whose
