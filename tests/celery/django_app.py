@@ -406,6 +406,20 @@ check(bool(registered) and "proj.tasks.add" in registered and "hello.add" in reg
 queues = (insp.active_queues() or {}).get(ME)
 check(bool(queues) and queues[0]["name"] == QUEUE, f"active_queues: {queues}")
 check((insp.reserved() or {}).get(ME) == [], "nothing reserved: celer does not prefetch")
+# cancel_consumer / add_consumer (Flower's queue buttons, an operator
+# pausing a queue on a host): the messages wait in the list meanwhile.
+ctl = dict(destination=[ME], reply=True, timeout=3)
+check(reply_of(app.control.cancel_consumer(QUEUE, **ctl)) == {"ok": f"no longer consuming from {QUEUE}"}, "cancel_consumer")
+check((insp.active_queues() or {}).get(ME) == [], "no active queue after cancel_consumer")
+time.sleep(1.2)  # a blocking read under way when it came ends
+paused = add.delay(20, 22)
+time.sleep(1.0)
+check(paused.state == "PENDING" and store.llen(QUEUE) == 1, "a cancelled queue's message waits in its list")
+check(reply_of(app.control.add_consumer(QUEUE, **ctl)) == {"ok": f"add consumer {QUEUE}"}, "add_consumer")
+check(paused.get(timeout=T) == {"sum": 42}, "the waiting message runs after add_consumer")
+check([q["name"] for q in (insp.active_queues() or {}).get(ME, [])] == [QUEUE], "the queue is active again")
+unknown = reply_of(app.control.add_consumer("not-configured", **ctl)) or {}
+check("[celery] queues" in unknown.get("error", ""), f"add_consumer of a queue not configured is refused: {unknown}")
 check(running.get(timeout=T)["slept_ms"] == 1500, "the inspected task finished")
 facts["inspect_ping_from"] = ME
 

@@ -199,7 +199,23 @@ impl Control {
                 Err(e) => json!({"error": format!("cannot list revoked ids: {e}")}),
             },
             "registered" => json!(self.registered()),
-            "active_queues" => Value::Array(self.ctx.celery.queues.iter().map(|q| queue_info(q)).collect()),
+            "active_queues" => Value::Array(self.ctx.consumed_queues().into_iter().map(queue_info).collect()),
+            // Stop or resume taking a queue's messages on this host (the
+            // messages wait in the list for other consumers meanwhile).
+            // celer consumes only the queues its configuration names.
+            "cancel_consumer" | "add_consumer" => {
+                let queue = args.get("queue").and_then(Value::as_str).unwrap_or_default();
+                let on = request.method == "add_consumer";
+                match (self.ctx.set_consuming(queue, on), on) {
+                    (true, true) => json!({"ok": format!("add consumer {queue}")}),
+                    // Celery answers the same for a queue it did not consume.
+                    (_, false) => json!({"ok": format!("no longer consuming from {queue}")}),
+                    (false, true) => json!({"error": format!(
+                        "celer consumes only the queues in [celery] queues ({}); add {queue:?} there",
+                        self.ctx.celery.queues.join(", ")
+                    )}),
+                }
+            }
             "conf" => self.conf(),
             "report" => json!({"ok": self.report()}),
             "clock" => json!({"clock": self.events.tick()}),

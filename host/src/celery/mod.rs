@@ -157,6 +157,11 @@ struct Ctx {
     revocations: revoke::Revocations,
     events: Arc<events::Events>,
     mover: ::redis::Script,
+    /// Per `[celery] queues` entry: whether this host takes its messages
+    /// now. Remote control's `cancel_consumer` / `add_consumer` turn it
+    /// off and on (an operator draining a host or pausing a queue), as a
+    /// Celery worker's; not kept across restarts, as with Celery.
+    consuming: std::collections::BTreeMap<String, watch::Sender<bool>>,
 }
 
 /// Starts consuming the configured Celery queues; returns the broker the
@@ -209,6 +214,7 @@ pub async fn start(
         revocations: revocations.clone(),
         events: events.clone(),
         mover: ::redis::Script::new(MOVE),
+        consuming: config.celery.queues.iter().map(|q| (q.clone(), watch::Sender::new(true))).collect(),
     });
     // Register this host's in-flight lists before anything moves into them.
     let mut add = ::redis::cmd("SADD");
@@ -250,6 +256,21 @@ pub async fn start(
 }
 
 impl Ctx {
+    /// Turns consumption of the Celery queue `queue` on or off; `false`
+    /// when this host does not consume it at all.
+    fn set_consuming(&self, queue: &str, on: bool) -> bool {
+        let Some(switch) = self.consuming.get(queue) else { return false };
+        if switch.send_replace(on) != on {
+            tracing::warn!(queue, consuming = on, "Celery queue consumption changed by remote control");
+        }
+        true
+    }
+
+    /// The Celery queues this host takes messages from now.
+    fn consumed_queues(&self) -> Vec<&str> {
+        self.consuming.iter().filter(|(_, on)| *on.borrow()).map(|(q, _)| q.as_str()).collect()
+    }
+
     /// The producer's `argsrepr` and `kwargsrepr` of a task, as JSON `[a, k]`.
     fn shown(&self, celery_id: &str) -> String {
         format!("{}celery:shown:{celery_id}", self.prefix)
@@ -471,7 +492,21 @@ async fn consume(ctx: Arc<Ctx>, queue: String, mut stop: watch::Receiver<bool>) 
     let sources = ctx.sources(&queue);
     let inflight = ctx.inflight(&ctx.host, &queue);
     let mut waiter: Option<Conn> = None;
+    let mut consuming = match ctx.consuming.get(&queue) {
+        Some(switch) => switch.subscribe(),
+        None => return,
+    };
     while !*stop.borrow() {
+        if !*consuming.borrow_and_update() {
+            // Cancelled by remote control: the messages stay in the list
+            // for the other consumers until `add_consumer`. (A blocking
+            // read under way is not cut short: what it takes would sit in
+            // this host's in-flight list; it ends within a second.)
+            tokio::select! {
+                _ = consuming.changed() => continue,
+                _ = stop.changed() => break,
+            }
+        }
         let mut c = ctx.conn.clone();
         let mut inv = ctx.mover.prepare_invoke();
         for s in &sources {
