@@ -215,10 +215,10 @@ pub struct CeleryConfig {
     /// machine's hostname, `%n` its part before the first dot. Default
     /// `celer@<host id>`, unique per process. `CELER_CELERY_WORKER_NAME`.
     pub worker_name: Option<String>,
-    /// The app's `task_routes` as task name → queue (a name may end in
-    /// `*`): where follow-ups (links, chains, errbacks) whose signature
-    /// names no queue are sent; otherwise to the queue their parent came
-    /// from.
+    /// The app's `task_routes` as task name → queue (a key with `*` is a
+    /// shell-style pattern, as in Celery): where follow-ups (links, chains,
+    /// errbacks) whose signature names no queue are sent; otherwise to the
+    /// queue their parent came from.
     pub routes: std::collections::BTreeMap<String, String>,
 }
 

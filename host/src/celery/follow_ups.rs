@@ -32,6 +32,7 @@ use sha2::Digest;
 use super::chord::{Chords, Part};
 use super::protocol::{self, Outgoing, TaskMessage};
 use super::result::Exception;
+use super::routes::Routes;
 use crate::broker::redis::conn::Conn;
 
 /// How often a failed task's chord part is tried before it is given up.
@@ -46,8 +47,8 @@ pub struct FollowUps {
     /// kombu's `global_keyprefix` (where queues are).
     key_prefix: String,
     expires_s: u64,
-    /// `[celery] routes`: task name (or `prefix*`) → queue.
-    routes: std::collections::BTreeMap<String, String>,
+    /// `[celery] routes`: where a follow-up without a queue goes.
+    routes: Routes,
     chords: Chords,
 }
 
@@ -81,25 +82,12 @@ impl FollowUps {
         routes: std::collections::BTreeMap<String, String>,
         chords: Chords,
     ) -> Self {
-        FollowUps { conn, prefix, key_prefix, expires_s: expires_s.max(1), routes, chords }
+        FollowUps { conn, prefix, key_prefix, expires_s: expires_s.max(1), routes: Routes::new(&routes), chords }
     }
 
     /// kombu's list for a queue.
     pub(super) fn queue_key(&self, queue: &str) -> String {
         format!("{}{queue}", self.key_prefix)
-    }
-
-    /// The queue `[celery] routes` gives a task: its exact name first, then
-    /// the longest matching `prefix*`.
-    fn routed(&self, task: &str) -> Option<&str> {
-        if let Some(q) = self.routes.get(task) {
-            return Some(q);
-        }
-        self.routes
-            .iter()
-            .filter_map(|(pattern, q)| pattern.strip_suffix('*').filter(|p| task.starts_with(p)).map(|p| (p.len(), q)))
-            .max_by_key(|(len, _)| *len)
-            .map(|(_, q)| q.as_str())
     }
 
     fn key(&self, celery_id: &str) -> String {
@@ -274,7 +262,7 @@ impl FollowUps {
             .get("queue")
             .and_then(|q| q.as_str().or_else(|| q.get("name").and_then(Value::as_str)))
             .or_else(|| options.get("routing_key").and_then(Value::as_str))
-            .or_else(|| self.routed(task))
+            .or_else(|| self.routes.queue_of(task))
             .unwrap_or(&kept.queue)
             .to_string();
         let eta = options.get("countdown").and_then(Value::as_f64).map(|s| Utc::now() + chrono::Duration::milliseconds((s * 1000.0) as i64));

@@ -42,6 +42,7 @@ pub mod follow_ups;
 pub mod protocol;
 pub mod result;
 pub mod revoke;
+pub mod routes;
 
 use std::sync::Arc;
 use std::time::Duration;
