@@ -222,5 +222,52 @@ fn a_task_lost_with_its_host_gets_a_failure_result() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(meta.contains("lease expired on every attempt"), "{meta}");
-    assert!(survivor.log().contains("Celery task ended by a take-over"), "{}", survivor.log());
+    assert!(survivor.log().contains("Celery task ended without running"), "{}", survivor.log());
+}
+
+/// `celer cancel` (or `DELETE /api/jobs/{id}`) of a Celery task that has
+/// not started writes Celery's REVOKED, so the producer's `.get()` raises
+/// `TaskRevokedError` instead of waiting forever.
+#[test]
+fn a_celer_cancel_of_a_waiting_celery_task_revokes_it() {
+    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
+    let queue = format!("celery-cancel-{id}");
+    let prefix = format!("celer-celery-cancel-{id}:");
+    let task_id = format!("cancel-{id}");
+    let config = format!("{TEST_CONFIG}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\n");
+    let env = Env::with_config(&config).var("CELER_BROKER_URL", services::REDIS_URL).var("CELER_BROKER_PREFIX", &prefix);
+    let manifest = std::fs::read_to_string(plugin_manifest("hello"))
+        .expect("manifest")
+        .replacen("\n[limits]", "\naliases = { \"proj.tasks.add\" = \"hello.add\" }\n\n[limits]", 1);
+    env.install_files("hello", &std::fs::read(plugin_wasm("hello")).expect("wasm"), &manifest);
+    let host = start(&env);
+    let send = format!(
+        "from celery import Celery\napp = Celery('proj', broker='{url}', backend='{url}')\n\
+         app.send_task('proj.tasks.add', args=[1, 2], task_id='{task_id}', queue='{queue}', countdown=600)\n",
+        url = services::REDIS_URL,
+    );
+    let out = Command::new(python()).args(["-c", &send]).output().expect("send the task");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let job = redis_cli(&["GET", &format!("{prefix}celery:job:{task_id}")]);
+        if !job.is_empty() {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "the task was not taken:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = env.command().args(["cancel", &job]).output().expect("celer cancel");
+    assert!(out.status.success(), "celer cancel: {}", String::from_utf8_lossy(&out.stderr));
+    let key = format!("celery-task-meta-{task_id}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let meta = loop {
+        let meta = redis_cli(&["GET", &key]);
+        if meta.contains("REVOKED") {
+            break meta;
+        }
+        assert!(Instant::now() < deadline, "no REVOKED for the cancelled task (meta {meta:?}):\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(meta.contains("TaskRevokedError"), "{meta}");
 }

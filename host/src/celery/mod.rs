@@ -428,8 +428,8 @@ async fn answer_unrun(ctx: &Ctx) -> Result<(), String> {
                 _ => Ok(()),
             };
             match answered {
-                Ok(()) => tracing::info!(task_id = celery_id, job_id, state = ?status.state, "Celery task ended by a take-over (its host died): result written"),
-                Err(e) => tracing::error!(task_id = celery_id, job_id, error = %e, "cannot write the result of a Celery task ended by a take-over"),
+                Ok(()) => tracing::info!(task_id = celery_id, job_id, state = ?status.state, "Celery task ended without running (a take-over after its host died, or a cancel): result written"),
+                Err(e) => tracing::error!(task_id = celery_id, job_id, error = %e, "cannot write the result of a Celery task ended without running"),
             }
         }
     }

@@ -88,9 +88,9 @@ local function expire(jk, ttl)
   local ik = redis.call('HGET', jk, 'idem')
   if ik then redis.call('EXPIRE', ik, ttl) end
 end
--- A job a take-over ended without running it (its host died): listed in
--- `unrun` for whoever answers for it elsewhere (the Celery consumer
--- writes the task's result). Bounded; kept a day.
+-- A job ended without a run's outcome (a take-over after its host died,
+-- or a cancel): listed in `unrun` for whoever answers for it elsewhere
+-- (the Celery consumer writes the task's result). Bounded; kept a day.
 local function unrun(id)
   redis.call('LPUSH', P .. 'unrun', id)
   redis.call('LTRIM', P .. 'unrun', 0, 9999)
@@ -442,6 +442,7 @@ if read then
 elseif state == 'queued' or state == 'scheduled' or state == 'retrying' then
   redis.call('ZREM', KEYS[2], id); drop_entry(jk)
   finish(jk, id, 'cancelled', 'cancelled', 'cancelled before it started', ttl)
+  unrun(id)
   return 'cancelled'
 elseif state == 'running' then
   -- Its holder is gone when the entry sat idle past the holder's lease.
@@ -453,6 +454,7 @@ elseif state == 'running' then
   if gone then
     drop_entry(jk)
     finish(jk, id, 'cancelled', 'cancelled', 'cancelled while its host was gone', ttl)
+    unrun(id)
     return 'cancelled'
   end
   redis.call('HSET', jk, 'cancel', '1')
