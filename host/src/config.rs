@@ -480,6 +480,11 @@ impl Config {
                 "sandbox.default_memory_mb is larger than sandbox.max_memory_mb".into(),
             ));
         }
+        // Redis refuses an expiry past what its clock holds; a century is
+        // "kept", and every result write would otherwise fail.
+        if !(1..=100 * 365 * 86_400).contains(&self.celery.result_expires_s) {
+            return Err(ConfigError::Invalid("celery.result_expires_s must be from 1 s to a century".into()));
+        }
         Ok(())
     }
 

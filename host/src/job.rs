@@ -13,6 +13,13 @@ pub const DEFAULT_MAX_RETRIES: u32 = 3;
 /// Default queue name.
 pub const DEFAULT_QUEUE: &str = "default";
 
+/// The time `delay` from now, or `None` when no date can hold it (a delay
+/// from a request, a plugin or a flag that would overflow): callers refuse
+/// it as invalid input rather than panic.
+pub fn from_now(delay: std::time::Duration) -> Option<DateTime<Utc>> {
+    chrono::Duration::from_std(delay).ok().and_then(|d| Utc::now().checked_add_signed(d))
+}
+
 /// A job a producer wants run; the broker gives it an id and an envelope.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NewJob {

@@ -60,7 +60,10 @@ pub async fn enqueue(State(state): State<ApiState>, body: Bytes) -> Response {
         job.queue = q;
     }
     job.eta = match (b.delay_ms, b.eta) {
-        (Some(ms), _) => Some(Utc::now() + chrono::Duration::milliseconds(i64::try_from(ms).unwrap_or(i64::MAX / 2))),
+        (Some(ms), _) => match crate::job::from_now(std::time::Duration::from_millis(ms)) {
+            Some(at) => Some(at),
+            None => return error(StatusCode::BAD_REQUEST, &format!("delay_ms {ms} is too far in the future")),
+        },
         (None, eta) => eta,
     };
     job.expires_at = b.expires_at;

@@ -56,6 +56,8 @@ pub struct ApiState {
 }
 
 impl ApiState {
+    /// The API shares the host's capabilities (its broker, database, storage) rather than
+    /// opening its own.
     pub fn new(capabilities: Capabilities, http: &HttpConfig) -> ApiState {
         let files = capabilities.file_links();
         let token = http.token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);

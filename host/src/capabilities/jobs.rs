@@ -58,7 +58,8 @@ impl Host for JobsCap {
             job.queue = q;
         }
         if let Some(ms) = options.delay_ms {
-            job.eta = Some(chrono::Utc::now() + chrono::Duration::milliseconds(i64::try_from(ms).unwrap_or(i64::MAX / 2)));
+            let at = crate::job::from_now(std::time::Duration::from_millis(ms));
+            job.eta = Some(at.ok_or_else(|| HostError::Invalid(format!("delay-ms {ms} is too far in the future")))?);
         }
         if let Some(n) = options.max_retries {
             job.max_retries = n;

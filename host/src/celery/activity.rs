@@ -83,18 +83,23 @@ impl Activity {
         }
     }
 
+    /// For `inspect active` and `query_task`: a snapshot, so no lock is held while
+    /// replying.
     pub fn running(&self) -> Vec<Running> {
         self.running.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
     }
 
+    /// For the worker heartbeat's `active`, without copying the tasks.
     pub fn running_count(&self) -> usize {
         self.running.lock().map(|m| m.len()).unwrap_or(0)
     }
 
+    /// For `inspect stats` (`total`), as Flower's worker page shows it.
     pub fn totals(&self) -> BTreeMap<String, u64> {
         self.finished.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
+    /// For the worker heartbeat's `processed`, which Flower charts.
     pub fn processed(&self) -> u64 {
         self.finished.lock().map(|m| m.values().sum()).unwrap_or(0)
     }

@@ -38,6 +38,9 @@ pub fn celery_id(idempotency_key: Option<&str>) -> Option<&str> {
     idempotency_key.and_then(|k| k.strip_prefix(KEY_PREFIX))
 }
 
+/// The worker's broker with Celery's side effects added at each outcome
+/// (results, follow-ups, events), so the worker itself knows nothing of
+/// Celery.
 #[derive(Clone)]
 pub struct CeleryAwareBroker {
     pub(super) inner: Arc<dyn Broker>,

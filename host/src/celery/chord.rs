@@ -98,7 +98,8 @@ pub enum Part<'a> {
     Revoked(&'a Exception),
 }
 
-/// Records chord parts and fires chords.
+/// The chord bookkeeping Celery's Redis backend keeps, so celer hosts and
+/// Celery workers can share one chord (see the module doc).
 #[derive(Clone)]
 pub struct Chords {
     conn: Conn,
@@ -109,6 +110,8 @@ pub struct Chords {
 }
 
 impl Chords {
+    /// The chord keys live as long as results do (`result_expires_s`), as with Celery's
+    /// backend.
     pub fn new(conn: Conn, results: ResultWriter, expires_s: u64) -> Self {
         Chords { conn, results, expires_s: expires_s.max(1), part: ::redis::Script::new(PART), fire: ::redis::Script::new(FIRE) }
     }
@@ -246,7 +249,8 @@ impl Chords {
     async fn fail(&self, follow_ups: &FollowUps, kept: &Kept, callback: &Value, callback_id: &str, why: &str, size_key: &str) -> Result<(), String> {
         tracing::warn!(callback_id, error = why, "Celery chord failed: its callback does not run");
         // Errbacks get the callback's id, which is also their root (Celery's).
-        let errbacks = callback.pointer("/options/link_error").and_then(Value::as_array).cloned().unwrap_or_default();
+        let mut errbacks = callback.pointer("/options/link_error").and_then(Value::as_array).cloned().unwrap_or_default();
+        errbacks.retain(|sig| sig.get("task").is_some_and(Value::is_string));
         let failed = Value::String(callback_id.to_string());
         let messages: Vec<_> = errbacks
             .into_iter()

@@ -274,14 +274,21 @@ impl Control {
     }
 
     /// The producers' `argsrepr` / `kwargsrepr` of running tasks (none
-    /// where the producer sent none, or they cannot be read).
+    /// where the producer sent none; `'...'` when they cannot be read).
     async fn shown(&self, running: &[super::activity::Running]) -> Vec<(Option<String>, Option<String>)> {
         if running.is_empty() {
             return Vec::new();
         }
         let keys: Vec<String> = running.iter().map(|r| self.ctx.shown(&r.celery_id)).collect();
         let mut c = self.ctx.conn.clone();
-        let found: Vec<Option<String>> = ::redis::cmd("MGET").arg(&keys).query_async(&mut c).await.unwrap_or_default();
+        let found: Vec<Option<String>> = match ::redis::cmd("MGET").arg(&keys).query_async(&mut c).await {
+            Ok(found) => found,
+            Err(e) => {
+                // Never the raw arguments a producer may have masked.
+                tracing::warn!(error = %e, "cannot read the producers' argsrepr; showing '...'");
+                return vec![(Some("'...'".into()), Some("'...'".into())); running.len()];
+            }
+        };
         let mut shown: Vec<_> = found
             .into_iter()
             .map(|v| v.and_then(|v| serde_json::from_str::<(Option<String>, Option<String>)>(&v).ok()).unwrap_or_default())

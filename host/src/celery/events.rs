@@ -57,6 +57,8 @@ impl Stamped {
 }
 
 impl TaskEvent {
+    /// The host and clock are stamped when it is sent, so builders need only the task's own
+    /// fields.
     pub fn new(kind: &'static str, uuid: &str, fields: Value) -> Self {
         let fields = match fields {
             Value::Object(m) => m,
@@ -67,6 +69,7 @@ impl TaskEvent {
 }
 
 impl Events {
+    /// One sender per host: it owns the Lamport clock every event and reply carries.
     pub fn new(conn: Conn, channel_prefix: String, hostname: String, task_events: bool, activity: Arc<Activity>) -> Self {
         Events { conn, channel_prefix, hostname, clock: AtomicU64::new(0), task_events: AtomicBool::new(task_events), activity }
     }
@@ -81,6 +84,7 @@ impl Events {
         self.clock.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// Callers skip building events nobody asked for (`-E` off).
     pub fn task_events_on(&self) -> bool {
         self.task_events.load(Ordering::Relaxed)
     }

@@ -38,7 +38,9 @@ use crate::broker::redis::conn::Conn;
 /// How often a failed task's chord part is tried before it is given up.
 const PART_TRIES: u32 = 3;
 
-/// Sends the follow-ups of Celery tasks that succeed.
+/// What a Celery worker does after a task ends, done by whichever host ran
+/// it: the links and the next step of the chain on success, the errbacks
+/// on failure, and the task's part of its chord either way.
 #[derive(Clone)]
 pub struct FollowUps {
     conn: Conn,
@@ -74,6 +76,7 @@ pub(super) struct Kept {
 }
 
 impl FollowUps {
+    /// One per host, shared by the consumer and the worker's Celery-aware broker.
     pub fn new(
         conn: Conn,
         prefix: String,
@@ -265,7 +268,13 @@ impl FollowUps {
             .or_else(|| self.routes.queue_of(task))
             .unwrap_or(&kept.queue)
             .to_string();
-        let eta = options.get("countdown").and_then(Value::as_f64).map(|s| Utc::now() + chrono::Duration::milliseconds((s * 1000.0) as i64));
+        // Clamped to a century: a countdown Python could not have turned
+        // into a date must not overflow ours either.
+        const MAX_COUNTDOWN_MS: f64 = 100.0 * 365.25 * 86_400_000.0;
+        let eta = options
+            .get("countdown")
+            .and_then(Value::as_f64)
+            .map(|s| Utc::now() + chrono::Duration::milliseconds((s * 1000.0).clamp(0.0, MAX_COUNTDOWN_MS) as i64));
         let list = |k: &str| options.get(k).filter(|v| v.as_array().is_some_and(|a| !a.is_empty())).cloned().unwrap_or(Value::Null);
         let embed = json!({
             "callbacks": list("link"),

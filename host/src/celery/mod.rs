@@ -91,10 +91,14 @@ return 1
 "#;
 
 impl ResultWriter {
+    /// Results expire as the app's `result_expires` says, like those a Celery worker
+    /// writes.
     pub fn new(conn: Conn, expires_s: u64) -> Self {
         ResultWriter { conn, expires_s: expires_s.max(1), running: ::redis::Script::new(WRITE_RUNNING) }
     }
 
+    /// SETEX and PUBLISH in one round trip: a `.get()` waiting on the channel wakes as the
+    /// key appears.
     pub async fn write(&self, task_id: &str, doc: &str) -> Result<(), ::redis::RedisError> {
         self.write_all(&[(task_id, doc)]).await
     }
@@ -348,7 +352,9 @@ async fn keep_alive(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
         for q in &ctx.celery.queues {
             add.arg(ctx.inflight(&ctx.host, q));
         }
-        let _: Result<i64, _> = add.query_async(&mut c).await;
+        if let Err(e) = add.query_async::<i64>(&mut c).await {
+            tracing::warn!(error = %e, "Celery consumer: in-flight lists not registered (other hosts may not recover them if this one dies now)");
+        }
         tokio::time::sleep(ALIVE_EVERY).await;
     }
 }
@@ -388,7 +394,11 @@ async fn revoke_expired(ctx: &Ctx) -> Result<(), String> {
         let state = match ctx.broker.status(job_id).await {
             Ok(Some(s)) => Some(s.state),
             Ok(None) => None,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => {
+                // One unreadable job must not hold back the others' results.
+                tracing::warn!(task_id = celery_id, job_id, error = %e, "cannot read an expiring Celery task's job; checking it again later");
+                continue;
+            }
         };
         match state {
             Some(crate::job::JobState::Expired) => ctx.end_revoked(celery_id, "expired").await?,
@@ -417,7 +427,9 @@ async fn answer_unrun(ctx: &Ctx) -> Result<(), String> {
                 Ok(None) => continue,
                 Err(e) => {
                     // Back where the next round pops them: none is dropped.
-                    let _: Result<i64, _> = ::redis::cmd("RPUSH").arg(&key).arg(&ids[i..]).query_async(&mut c).await;
+                    if let Err(back) = ::redis::cmd("RPUSH").arg(&key).arg(&ids[i..]).query_async::<i64>(&mut c).await {
+                        tracing::error!(ids = ?&ids[i..], error = %back, "jobs ended without running lost their place in the unrun list: their Celery results are not written");
+                    }
                     return Err(e.to_string());
                 }
             };
@@ -429,7 +441,11 @@ async fn answer_unrun(ctx: &Ctx) -> Result<(), String> {
             };
             match answered {
                 Ok(()) => tracing::info!(task_id = celery_id, job_id, state = ?status.state, "Celery task ended without running (a take-over after its host died, or a cancel): result written"),
-                Err(e) => tracing::error!(task_id = celery_id, job_id, error = %e, "cannot write the result of a Celery task ended without running"),
+                Err(e) => {
+                    // Back for the next round (about 2 s); the list expires in a day.
+                    tracing::error!(task_id = celery_id, job_id, error = %e, "cannot write the result of a Celery task ended without running; trying again");
+                    let _: Result<i64, _> = ::redis::cmd("RPUSH").arg(&key).arg(job_id).query_async(&mut c).await;
+                }
             }
         }
     }
@@ -526,7 +542,13 @@ async fn consume(ctx: Arc<Ctx>, queue: String, mut stop: watch::Receiver<bool>) 
         if batch.is_empty() {
             // Wait on the main list (priority lists are swept each round).
             if waiter.is_none() {
-                waiter = ctx.target.connect(None).await.ok();
+                waiter = match ctx.target.connect(None).await {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, queue, "Celery consumer: no connection for blocking reads; polling every 0.5 s");
+                        None
+                    }
+                };
             }
             let Some(w) = waiter.as_mut() else {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -553,23 +575,37 @@ async fn consume(ctx: Arc<Ctx>, queue: String, mut stop: watch::Receiver<bool>) 
     }
 }
 
+/// How many times a message is tried before a failure that is not Redis
+/// being unreachable dead-letters it.
+const GIVE_UP_AFTER: u32 = 8;
+
 /// Records every message of the batch (concurrently), then removes them
 /// from this host's in-flight list.
 async fn handle_batch(ctx: &Ctx, queue: &str, batch: Vec<Vec<u8>>) {
     let inflight = ctx.inflight(&ctx.host, queue);
     let handled = batch.iter().map(|raw| async move {
-        // Only a transient failure (Redis unreachable) keeps a message; it
-        // stays in flight and is tried again.
+        // A failure keeps the message in flight and is tried again. After
+        // a while (about 15 s) it goes to the dead letters instead, if
+        // Redis takes that: Redis is up, so the failure is the message's
+        // own and would never pass (it must not hold its queue). While
+        // Redis is unreachable the dead letter fails too, and it waits.
         let mut wait = Duration::from_millis(100);
-        loop {
-            match handle(ctx, queue, raw).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Celery consumer: cannot record a message; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
+        for tries in 1.. {
+            let Err(e) = handle(ctx, queue, raw).await else { return };
+            if tries >= GIVE_UP_AFTER {
+                let reason = format!("could not be recorded after {tries} tries: {e}");
+                let (task_id, task) = match protocol::decode(raw) {
+                    Ok(m) => (Some(m.id), Some(m.task)),
+                    Err(r) => (r.task_id, r.task),
+                };
+                if dead_letter(ctx, queue, raw, &reason, task_id.as_deref(), task.as_deref()).await.is_ok() {
+                    tracing::error!(task_id = ?task_id, task = ?task, queue, "Celery message dead-lettered: {reason}");
+                    return;
                 }
             }
+            tracing::warn!(error = %e, tries, "Celery consumer: cannot record a message; retrying");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
         }
     });
     join_all(handled).await;

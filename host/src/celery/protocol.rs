@@ -324,6 +324,9 @@ pub fn unchain(sig: &Value, after: &[Value]) -> Option<(Value, Vec<Value>)> {
         return None;
     }
     let (first, more) = sig.pointer("/kwargs/tasks").and_then(Value::as_array)?.split_first()?;
+    if !first.is_object() {
+        return None;
+    }
     let mut chain = match after.is_empty() {
         true => sig.pointer("/options/chain").and_then(Value::as_array).cloned().unwrap_or_default(),
         false => after.to_vec(),

@@ -35,6 +35,7 @@ pub enum Status {
 }
 
 impl Status {
+    /// The exact spelling Celery's client compares states with.
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Success => "SUCCESS",
@@ -61,6 +62,8 @@ pub struct Exception {
 }
 
 impl Exception {
+    /// Celery's client rebuilds the exception from these three, so they are all a failure
+    /// needs.
     pub fn new(exc_type: &str, exc_module: &str, message: impl Into<String>) -> Self {
         Exception { exc_type: exc_type.into(), exc_module: exc_module.into(), message: message.into() }
     }

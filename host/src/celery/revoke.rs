@@ -65,6 +65,7 @@ pub struct Revocations {
 }
 
 impl Revocations {
+    /// Revoked ids live under celer's prefix, shared by every host on that Redis.
     pub fn new(conn: Conn, prefix: String) -> Self {
         Revocations { conn, prefix }
     }

@@ -28,6 +28,7 @@ pub enum DeadCommand {
     Purge,
 }
 
+/// `celer dead`: what an operator looks at and acts on when jobs fail for good.
 pub async fn run(config: &Config, command: DeadCommand) -> Result<ExitCode, CliError> {
     let broker = open_broker(config).await?;
     match command {

@@ -69,6 +69,8 @@ fn task_is_known(config: &Config, task: &str) -> bool {
         .any(|m| m.plugin.tasks.iter().any(|t| t == task) || m.plugin.aliases.contains_key(task))
 }
 
+/// `celer enqueue`: checks the task against the manifests first, so a typo fails here, not
+/// in the dead letters.
 pub async fn enqueue(config: &Config, a: EnqueueArgs) -> Result<ExitCode, CliError> {
     let mut job = NewJob::new(a.task.clone(), parse_json("args", &a.args)?, parse_json("kwargs", &a.kwargs)?);
     job.queue = a.queue;
@@ -77,11 +79,11 @@ pub async fn enqueue(config: &Config, a: EnqueueArgs) -> Result<ExitCode, CliErr
     job.timeout_ms = a.timeout_ms;
     job.idempotency_key = a.idempotency_key;
     job.eta = match (a.delay, a.eta) {
-        (Some(d), _) => Some(Utc::now() + chrono::Duration::from_std(d).map_err(|e| CliError::Usage(format!("--delay: {e}")))?),
+        (Some(d), _) => Some(celer::job::from_now(d).ok_or_else(|| CliError::Usage("--delay is too far in the future".into()))?),
         (None, eta) => eta,
     };
     if let Some(d) = a.expires {
-        job.expires_at = Some(Utc::now() + chrono::Duration::from_std(d).map_err(|e| CliError::Usage(format!("--expires: {e}")))?);
+        job.expires_at = Some(celer::job::from_now(d).ok_or_else(|| CliError::Usage("--expires is too far in the future".into()))?);
     }
     job.validate().map_err(CliError::Usage)?;
     if !a.no_check && !task_is_known(config, &a.task) {
@@ -97,7 +99,7 @@ pub async fn enqueue(config: &Config, a: EnqueueArgs) -> Result<ExitCode, CliErr
         super::say(&format!("{}", enqueued.id));
         return Ok(ExitCode::SUCCESS);
     }
-    let deadline = Instant::now() + a.timeout;
+    let deadline = Instant::now().checked_add(a.timeout).ok_or_else(|| CliError::Usage("--timeout is too long".into()))?;
     loop {
         let status = broker.status(&enqueued.id).await?.ok_or_else(|| CliError::Failed(format!("job {} vanished", enqueued.id)))?;
         if status.state.is_terminal() {
@@ -112,6 +114,7 @@ pub async fn enqueue(config: &Config, a: EnqueueArgs) -> Result<ExitCode, CliErr
     }
 }
 
+/// `celer status`: the job's record as JSON, for scripts as well as people.
 pub async fn status(config: &Config, id: &str) -> Result<ExitCode, CliError> {
     let broker = open_broker(config).await?;
     match broker.status(id).await? {
@@ -123,6 +126,9 @@ pub async fn status(config: &Config, id: &str) -> Result<ExitCode, CliError> {
     }
 }
 
+/// `celer cancel`: prints whether the job was cancelled, asked to stop, or
+/// already over, so a script knows if it must wait; an unknown id is a
+/// usage error.
 pub async fn cancel(config: &Config, id: &str) -> Result<ExitCode, CliError> {
     let broker = open_broker(config).await?;
     let outcome = broker.cancel(id).await?;

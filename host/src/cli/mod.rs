@@ -28,6 +28,7 @@ pub enum CliError {
 }
 
 impl CliError {
+    /// Scripts tell a usage error (2) from a failure (1) by the exit status.
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => 2,

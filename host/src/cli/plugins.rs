@@ -48,6 +48,7 @@ fn describe(p: &LoadedPlugin) -> Value {
     })
 }
 
+/// `celer plugins`: what the host would load, read from the files, without a running host.
 pub async fn list(config: &Config, as_json: bool) -> Result<ExitCode, CliError> {
     let registry = Registry::new(runtime(config).await?, config.plugins.dir.clone());
     let mut names: Vec<String> = std::fs::read_dir(&config.plugins.dir)
@@ -91,6 +92,7 @@ pub async fn list(config: &Config, as_json: bool) -> Result<ExitCode, CliError> 
     Ok(ExitCode::SUCCESS)
 }
 
+/// `celer plugin …`: the plugin author's tools (check a build, scaffold a crate).
 pub async fn run(config: &Config, command: PluginCommand) -> Result<ExitCode, CliError> {
     match command {
         PluginCommand::Check { wasm, manifest } => {

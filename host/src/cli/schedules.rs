@@ -123,6 +123,8 @@ fn view(s: &Schedule, now: DateTime<Utc>) -> Value {
     v
 }
 
+/// `celer schedules …`: edits the schedules store directly, so it works with no host
+/// running.
 pub async fn run(config: &Config, command: ScheduleCommand) -> Result<ExitCode, CliError> {
     let store = ScheduleStore::open(&config.database_url()).await.map_err(store_err)?;
     let unknown = |name: &str| CliError::Usage(format!("no schedule named {name:?}"));

@@ -35,6 +35,8 @@ pub struct ServeArgs {
 /// `describe()` calls running beside jobs.
 const LOAD_SLOTS: u32 = 4;
 
+/// `celer serve`: the long-running host; returns once every role has stopped after
+/// SIGTERM/SIGINT.
 pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError> {
     const ROLES: [&str; 3] = ["worker", "scheduler", "api"];
     if let Some(bad) = args.roles.iter().find(|r| !ROLES.contains(&r.as_str())) {

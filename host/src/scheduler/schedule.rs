@@ -48,6 +48,10 @@ pub struct Schedule {
     pub created_at: DateTime<Utc>,
 }
 
+/// The longest interval a schedule may have: longer ones would overflow
+/// the date arithmetic of its ticks (and mean "never").
+pub const MAX_INTERVAL_S: u64 = 100 * 365 * 86_400;
+
 /// Why a schedule definition was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ScheduleError {
@@ -55,7 +59,7 @@ pub enum ScheduleError {
     Cron(#[from] cronexpr::CronError),
     #[error("unknown time zone {0:?} (use an IANA name such as Europe/London)")]
     TimeZone(String),
-    #[error("interval must be at least one second")]
+    #[error("interval must be from one second to a century ({MAX_INTERVAL_S} s)")]
     Interval,
     #[error("invalid schedule: {0}")]
     Invalid(String),
@@ -69,7 +73,7 @@ pub fn validate(timing: &Timing) -> Result<(), ScheduleError> {
             cronexpr::parse(expr)?;
             parse_tz(timezone)?;
         }
-        Timing::Interval { every_s } if *every_s == 0 => return Err(ScheduleError::Interval),
+        Timing::Interval { every_s } if *every_s == 0 || *every_s > MAX_INTERVAL_S => return Err(ScheduleError::Interval),
         Timing::Interval { .. } | Timing::Clocked { .. } => {}
     }
     Ok(())
@@ -136,7 +140,8 @@ impl Schedule {
                 }
             }
             Timing::Interval { every_s } => {
-                let every = Duration::seconds(i64::try_from(*every_s).unwrap_or(i64::MAX / 1_000_000));
+                // Checked at validation; a stored one past it never ticks.
+                let Some(every) = i64::try_from(*every_s).ok().and_then(Duration::try_seconds) else { return Ok(ticks) };
                 let anchor = self.start_time.unwrap_or(self.created_at);
                 // k-th tick = anchor + k*every; the first after `after`:
                 let span = (after - anchor).num_milliseconds().max(-1);
@@ -181,7 +186,7 @@ impl Schedule {
                 let step = i64::try_from(*every_s).ok()?.checked_mul(1000)?.max(1);
                 let anchor = self.start_time.unwrap_or(self.created_at);
                 let k = (from - anchor).num_milliseconds().div_euclid(step) + 1;
-                Some(anchor + Duration::milliseconds(k.max(0) * step))
+                k.max(0).checked_mul(step).and_then(Duration::try_milliseconds).and_then(|d| anchor.checked_add_signed(d))
             }
             Timing::Crontab { expr, timezone } => {
                 let tz = parse_tz(timezone).ok()?;
@@ -317,6 +322,8 @@ mod tests {
         assert!(matches!(validate(&Timing::Crontab { expr: "0 3 * *".into(), timezone: "UTC".into() }), Err(ScheduleError::Cron(_))));
         assert!(matches!(validate(&Timing::Crontab { expr: "0 3 * * *".into(), timezone: "Mars/Olympus".into() }), Err(ScheduleError::TimeZone(_))));
         assert_eq!(validate(&Timing::Interval { every_s: 0 }), Err(ScheduleError::Interval));
+        assert_eq!(validate(&Timing::Interval { every_s: MAX_INTERVAL_S + 1 }), Err(ScheduleError::Interval));
+        assert_eq!(validate(&Timing::Interval { every_s: MAX_INTERVAL_S }), Ok(()));
         assert!(validate(&Timing::Crontab { expr: "0 3 * * *".into(), timezone: "Europe/London".into() }).is_ok());
     }
 }

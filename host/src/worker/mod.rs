@@ -44,6 +44,11 @@ const BROKER_RETRY: Duration = Duration::from_millis(500);
 /// short ones gain the most.
 const BATCH_WAIT: Duration = Duration::from_millis(1);
 
+/// The longest retry delay a plugin may ask for (`retry-request.after-ms`):
+/// beyond it a job would as good as never run again, and a date that far
+/// off could overflow.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30 * 86_400);
+
 /// One worker slot, held while a job runs in the sandbox and given back as
 /// soon as the run ends (before its outcome is written: a finished job no
 /// longer occupies the host). Wakes the fetch loop when freed.
@@ -192,12 +197,12 @@ impl Worker {
             }
             RunOutcome::Failed { error, retryable, retry_after } => {
                 if retryable && job.attempt < job.max_retries {
-                    let delay = retry_after.unwrap_or_else(|| self.backoff.delay(job.attempt));
+                    let delay = retry_after.map_or_else(|| self.backoff.delay(job.attempt), |asked| asked.min(MAX_RETRY_AFTER));
                     tracing::warn!(
                         job_id = %job.id, task = %job.task, plugin = %plugin.name, attempt = job.attempt, key = job.idempotency_key.as_deref(),
                         kind = ?error.kind, retry_in_ms = delay.as_millis() as u64, "job failed, will retry: {}", error.message
                     );
-                    let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                    let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::days(30));
                     Outcome::Retry { error, at }
                 } else {
                     tracing::error!(

@@ -60,7 +60,8 @@ impl Worker {
         if shards <= 1 {
             return self.run(shutdown.subscribe()).await;
         }
-        let mut running = Vec::with_capacity(shards);
+        // Each shard's end, as it comes (a panic in any shard is seen at once).
+        let mut running = tokio::task::JoinSet::new();
         for i in 0..shards {
             let mut shard = self.clone();
             shard.config.concurrency = share(self.config.concurrency, shards, i);
@@ -85,15 +86,18 @@ impl Worker {
                 runtime.block_on(std::future::pending::<()>());
             });
             match spawned {
-                Ok(_) => running.push((i, ended)),
+                Ok(_) => {
+                    running.spawn(async move { (i, ended.await) });
+                }
                 Err(e) => {
                     tracing::error!(shard = i, error = %e, "cannot start a worker shard's thread; stopping the host");
                     shutdown.send_replace(true);
                 }
             }
         }
-        for (i, ended) in running {
-            let why = match ended.await {
+        while let Some(ended) = running.join_next().await {
+            let Ok((i, ended)) = ended else { continue };
+            let why = match ended {
                 Ok(Ok(())) if *shutdown.borrow() => continue,
                 Ok(Ok(())) => "it stopped".to_string(),
                 Ok(Err(why)) => why,

@@ -33,6 +33,8 @@ pub enum Target {
 }
 
 impl Target {
+    /// Reads a `redis://`, `rediss://` or `redis+cluster://` URL once, so a typo fails at
+    /// start-up with the URL named.
     pub fn parse(url: &str) -> Result<Target, String> {
         if let Some(rest) = url.strip_prefix("redis+cluster://") {
             let nodes: Vec<String> = rest
@@ -53,6 +55,7 @@ impl Target {
         Err(format!("not a Redis URL (redis://host:port/db or redis+cluster://host:port,…): {url}"))
     }
 
+    /// Callers that need one server (kombu's lists, pub/sub) refuse a cluster with it.
     pub fn is_cluster(&self) -> bool {
         matches!(self, Target::Cluster(_))
     }

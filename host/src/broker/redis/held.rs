@@ -47,6 +47,8 @@ pub struct HeldLeases {
 }
 
 impl HeldLeases {
+    /// Remembered at fetch so that the completion can take the one-round-trip path while
+    /// the lease is fresh.
     pub fn insert(&self, token: String, lease: HeldLease) {
         if let Ok(mut m) = self.by_token.lock() {
             m.insert(token, lease);

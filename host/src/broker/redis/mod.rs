@@ -129,6 +129,8 @@ pub struct RedisOptions {
 }
 
 impl RedisOptions {
+    /// The defaults `celer.toml` documents, for callers (tests, the bench) that only have a
+    /// URL.
     pub fn new(url: impl Into<String>) -> Self {
         RedisOptions {
             url: url.into(),

@@ -3,7 +3,7 @@
 //! hosts can never both take the same job.
 //!
 //! Each script touches the keys of one queue only (they share the hash tag
-//! `{queue}`, see [`super::keys`]), so it runs on Redis Cluster too. Job
+//! `{queue}`, see [`super::queue_prefix`]), so it runs on Redis Cluster too. Job
 //! hashes are named inside the scripts from the queue prefix (`ARGV[1]`),
 //! as BullMQ does: their names are only known once a stream entry is read.
 //!
@@ -533,6 +533,7 @@ pub struct Scripts {
 }
 
 impl Scripts {
+    /// Built once per broker: each script's SHA is computed here, not on every call.
     pub fn new() -> Scripts {
         let s = |body: &str| ::redis::Script::new(&format!("{PRELUDE}\n{body}"));
         Scripts {
