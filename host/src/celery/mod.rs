@@ -229,8 +229,11 @@ pub async fn start(
     }
     let mut c = ctx.conn.clone();
     add.query_async::<i64>(&mut c).await.map_err(|e| format!("Celery's Redis at {url}: {e}"))?;
-    tokio::spawn(keep_alive(ctx.clone(), stop.clone()));
-    tokio::spawn(recover_loop(ctx.clone(), stop.clone()));
+    // The Celery side's loops; one that dies (a panic) stops the host.
+    let mut loops = tokio::task::JoinSet::new();
+    loops.spawn(keep_alive(ctx.clone(), stop.clone()));
+    loops.spawn(recover_loop(ctx.clone(), stop.clone()));
+    let host_stop = shutdown.clone();
     let control = Arc::new(control::Control {
         ctx: ctx.clone(),
         events: events.clone(),
@@ -240,12 +243,13 @@ pub async fn start(
         started: std::time::Instant::now(),
         shutdown,
     });
-    tokio::spawn(control::listen(control, stop.clone()));
+    loops.spawn(control::listen(control, stop.clone()));
     for queue in &ctx.celery.queues {
-        tokio::spawn(consume(ctx.clone(), queue.clone(), stop.clone()));
+        loops.spawn(consume(ctx.clone(), queue.clone(), stop.clone()));
     }
     tracing::info!(queues = ?ctx.celery.queues, worker = %hostname, task_events = config.celery.task_events, "consuming Celery messages");
-    tokio::spawn(events::announce(events.clone(), stop.clone()));
+    loops.spawn(events::announce(events.clone(), stop.clone()));
+    tokio::spawn(watch_loops(loops, host_stop));
     let started_by = config.celery.track_started.then_some(hostname);
     let lease = Duration::from_millis(config.worker.lease_ms);
     Ok(Arc::new(broker::CeleryAwareBroker {
@@ -356,6 +360,25 @@ async fn keep_alive(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
             tracing::warn!(error = %e, "Celery consumer: in-flight lists not registered (other hosts may not recover them if this one dies now)");
         }
         tokio::time::sleep(ALIVE_EVERY).await;
+    }
+}
+
+/// Stops the host when one of the Celery side's loops dies before
+/// shutdown (a panic), so that the service manager starts it again whole,
+/// as with a worker shard, instead of it running on without consuming a
+/// queue, answering control requests or recovering messages.
+async fn watch_loops(mut loops: tokio::task::JoinSet<()>, shutdown: watch::Sender<bool>) {
+    while let Some(ended) = loops.join_next().await {
+        if *shutdown.borrow() {
+            continue;
+        }
+        let why = match ended {
+            Err(e) if e.is_panic() => crate::worker::panic_message(e.into_panic().as_ref()),
+            Err(e) => e.to_string(),
+            Ok(()) => "it stopped".to_string(),
+        };
+        tracing::error!(error = %why, "a Celery consumer loop ended before shutdown; stopping the host so that it starts again whole");
+        shutdown.send_replace(true);
     }
 }
 

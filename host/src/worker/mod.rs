@@ -22,6 +22,7 @@ use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
 use crate::runtime::sandbox::{JobControl, RunOutcome, StopReason};
 use leases::RunningJobs;
+pub(crate) use shards::panic_message;
 pub use shards::ShardBroker;
 
 /// Everything a worker needs; cheap to clone into each job's task.
