@@ -420,6 +420,20 @@ check(paused.get(timeout=T) == {"sum": 42}, "the waiting message runs after add_
 check([q["name"] for q in (insp.active_queues() or {}).get(ME, [])] == [QUEUE], "the queue is active again")
 unknown = reply_of(app.control.add_consumer("not-configured", **ctl)) or {}
 check("[celery] queues" in unknown.get("error", ""), f"add_consumer of a queue not configured is refused: {unknown}")
+# pool_shrink / pool_grow / autoscale (Flower's pool buttons): fewer of the
+# host's slots in use without a restart, and back, never past its
+# configured concurrency.
+full = (insp.stats() or {}).get(ME, {}).get("pool", {}).get("max-concurrency")
+check(isinstance(full, int) and full > 1, f"stats shows the pool size: {full}")
+check(reply_of(app.control.pool_shrink(full, **ctl)) == {"ok": "pool will shrink (now 0)"}, "pool_shrink to 0")
+held = add.delay(1, 1)
+time.sleep(1.5)
+check(held.state == "PENDING", f"no task starts while the pool is shrunk to 0: {held.state}")
+check(reply_of(app.control.pool_grow(1, **ctl)) == {"ok": "pool will grow (now 1)"}, "pool_grow")
+check(held.get(timeout=T) == {"sum": 2}, "the task runs once the pool grows")
+check(reply_of(app.control.autoscale(1000, 0, **ctl)) == {"ok": f"autoscale now max={full} min=0"}, "autoscale, clamped to the configured concurrency")
+check((insp.stats() or {}).get(ME, {}).get("pool", {}).get("max-concurrency") == full, "stats shows the pool back at full size")
+check("error" in (reply_of(app.control.pool_grow(1, **ctl)) or {}), "pool_grow past the configured concurrency is refused")
 check(running.get(timeout=T)["slept_ms"] == 1500, "the inspected task finished")
 facts["inspect_ping_from"] = ME
 

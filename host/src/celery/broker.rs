@@ -261,8 +261,15 @@ impl Broker for CeleryAwareBroker {
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
-        self.activity.take(&lease.token);
-        self.inner.release(lease).await
+        let running = self.activity.take(&lease.token);
+        self.inner.release(lease).await?;
+        // Handed back before it ran: no longer STARTED (Celery's PENDING).
+        if let (Some(running), Some(_)) = (running, &self.started_by) {
+            if let Err(e) = self.results.unstart(&running.celery_id).await {
+                tracing::warn!(task_id = %running.celery_id, error = %e, "a Celery task handed back still reads STARTED");
+            }
+        }
+        Ok(())
     }
 
     async fn cancel(&self, id: &str) -> Result<CancelOutcome, BrokerError> {

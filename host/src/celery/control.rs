@@ -160,7 +160,9 @@ pub(super) struct Control {
     pub events: Arc<Events>,
     pub activity: Arc<Activity>,
     pub url: String,
-    pub concurrency: usize,
+    /// The worker's slots in use now: `pool_grow` / `pool_shrink` /
+    /// `autoscale` change it, `stats` reports it.
+    pub capacity: crate::worker::Capacity,
     pub started: Instant,
     /// Asks the whole host to stop as SIGTERM does (`celery control shutdown`).
     pub shutdown: tokio::sync::watch::Sender<bool>,
@@ -203,6 +205,33 @@ impl Control {
             // Stop or resume taking a queue's messages on this host (the
             // messages wait in the list for other consumers meanwhile).
             // celer consumes only the queues its configuration names.
+            // Fewer or more of the configured slots in use, without a
+            // restart; never above `[worker] concurrency`, nor below 0.
+            "pool_grow" | "pool_shrink" => {
+                let n = args.get("n").and_then(Value::as_u64).map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX));
+                let now = self.capacity.get();
+                if request.method == "pool_grow" {
+                    if now >= self.capacity.configured() {
+                        json!({"error": format!("the pool is at [worker] concurrency ({now}); celer grows only back up to it")})
+                    } else {
+                        json!({"ok": format!("pool will grow (now {})", self.capacity.set(now.saturating_add(n)))})
+                    }
+                } else {
+                    json!({"ok": format!("pool will shrink (now {})", self.capacity.set(now.saturating_sub(n)))})
+                }
+            }
+            // celer has no idle processes to scale: the maximum is what
+            // counts (clamped to `[worker] concurrency`).
+            "autoscale" => {
+                let bound = |k: &str| args.get(k).and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()));
+                match bound("max") {
+                    Some(max) => {
+                        let now = self.capacity.set(usize::try_from(max).unwrap_or(usize::MAX));
+                        json!({"ok": format!("autoscale now max={now} min={}", bound("min").unwrap_or(0))})
+                    }
+                    None => json!({"error": "autoscale needs max"}),
+                }
+            }
             "cancel_consumer" | "add_consumer" => {
                 let queue = args.get("queue").and_then(Value::as_str).unwrap_or_default();
                 let on = request.method == "add_consumer";
@@ -308,7 +337,7 @@ impl Control {
             "uptime": self.started.elapsed().as_secs(),
             "pool": {
                 "implementation": "celer (one wasmtime sandbox per job)",
-                "max-concurrency": self.concurrency,
+                "max-concurrency": self.capacity.get(),
                 "processes": [pid],
                 "max-tasks-per-child": "N/A",
                 "put-guarded-by-semaphore": false,
@@ -359,7 +388,7 @@ impl Control {
             "task_track_started": self.ctx.celery.track_started,
             "task_routes": self.ctx.celery.routes,
             "task_default_queue": self.ctx.celery.queues.first(),
-            "worker_concurrency": self.concurrency,
+            "worker_concurrency": self.capacity.configured(),
             "worker_prefetch_multiplier": 0,
             "worker_send_task_events": self.events.task_events_on(),
         })

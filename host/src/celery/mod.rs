@@ -73,7 +73,17 @@ pub struct ResultWriter {
     conn: Conn,
     expires_s: u64,
     running: ::redis::Script,
+    unstart: ::redis::Script,
 }
+
+/// KEYS: a result key. Deletes it while it reads STARTED (a task handed
+/// back before it ran reads PENDING again, as Celery shows a task nobody
+/// has started).
+const UNSTART: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.find(cur, '"status": "STARTED"', 1, true) then redis.call('DEL', KEYS[1]) end
+return 1
+"#;
 
 /// KEYS: result keys; ARGV: 1 ttl s, then one document per key. Writes
 /// (SETEX + PUBLISH) each document unless its key holds a final state.
@@ -94,7 +104,12 @@ impl ResultWriter {
     /// Results expire as the app's `result_expires` says, like those a Celery worker
     /// writes.
     pub fn new(conn: Conn, expires_s: u64) -> Self {
-        ResultWriter { conn, expires_s: expires_s.max(1), running: ::redis::Script::new(WRITE_RUNNING) }
+        ResultWriter {
+            conn,
+            expires_s: expires_s.max(1),
+            running: ::redis::Script::new(WRITE_RUNNING),
+            unstart: ::redis::Script::new(UNSTART),
+        }
     }
 
     /// SETEX and PUBLISH in one round trip: a `.get()` waiting on the channel wakes as the
@@ -114,6 +129,12 @@ impl ResultWriter {
         }
         let mut c = self.conn.clone();
         pipe.query_async(&mut c).await
+    }
+
+    /// Takes back the STARTED of a task handed back before it ran.
+    pub async fn unstart(&self, task_id: &str) -> Result<(), ::redis::RedisError> {
+        let mut c = self.conn.clone();
+        self.unstart.key(format!("celery-task-meta-{task_id}")).invoke_async::<i64>(&mut c).await.map(|_| ())
     }
 
     /// Stores the states of running tasks (STARTED, PROGRESS), one round
@@ -178,6 +199,7 @@ pub async fn start(
     registry: Arc<Registry>,
     host: String,
     shutdown: watch::Sender<bool>,
+    capacity: crate::worker::Capacity,
 ) -> Result<Arc<broker::CeleryAwareBroker>, String> {
     let stop = shutdown.subscribe();
     let url = config.celery_url().ok_or("[celery] needs a Redis URL ([celery] url or a redis:// broker)")?;
@@ -239,7 +261,7 @@ pub async fn start(
         events: events.clone(),
         activity: activity.clone(),
         url: url.clone(),
-        concurrency: config.worker.concurrency,
+        capacity,
         started: std::time::Instant::now(),
         shutdown,
     });

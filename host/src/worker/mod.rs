@@ -4,6 +4,7 @@
 //! success, a retry after backoff, or a dead letter. On shutdown it stops
 //! leasing, gives running jobs a grace period, then hands their leases back.
 
+mod capacity;
 mod leases;
 mod shards;
 
@@ -22,6 +23,7 @@ use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
 use crate::runtime::sandbox::{JobControl, RunOutcome, StopReason};
 use leases::RunningJobs;
+pub use capacity::Capacity;
 pub(crate) use shards::panic_message;
 pub use shards::ShardBroker;
 
@@ -34,6 +36,8 @@ pub struct Worker {
     pub config: WorkerConfig,
     pub backoff: Backoff,
     pub host: String,
+    /// How many of its slots the host uses now (remote control may lower it).
+    pub capacity: Capacity,
 }
 
 /// How long to wait before asking an unreachable broker again.
@@ -81,17 +85,21 @@ impl Worker {
         let mut batch_deadline: Option<Instant> = None;
         tracing::info!(host = %self.host, queues = ?self.config.queues, concurrency, "worker started");
 
+        let mut capacity = self.capacity.watch();
         while !*shutdown.borrow() {
             while running.try_join_next().is_some() {}
-            let free = slots.available_permits();
+            // Slots held back by a lowered capacity are not free.
+            let limit = self.capacity.mine().min(concurrency);
+            let free = slots.available_permits().saturating_sub(concurrency - limit);
             if free == 0 {
                 tokio::select! {
                     _ = freed.notified() => {}
+                    _ = capacity.changed() => {}
                     _ = shutdown.changed() => {}
                 }
                 continue;
             }
-            if free < batch && free < concurrency {
+            if free < batch.min(limit) && free < limit {
                 let deadline = *batch_deadline.get_or_insert_with(|| Instant::now() + BATCH_WAIT);
                 if Instant::now() < deadline {
                     tokio::select! {
@@ -124,10 +132,23 @@ impl Worker {
                 }
             };
             let got = deliveries.len();
+            // A capacity lowered while the fetch waited counts at once:
+            // what is past it goes back to the queue unharmed.
+            let mut room = limit.min(self.capacity.mine()).saturating_sub(concurrency - slots.available_permits());
             for delivery in deliveries {
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    // Cannot happen (we leased at most `free`); never lose the job.
-                    let _ = self.broker.release(&delivery.lease).await;
+                let permit = match room.checked_sub(1) {
+                    Some(left) => {
+                        room = left;
+                        slots.clone().try_acquire_owned().ok()
+                    }
+                    None => None,
+                };
+                let Some(permit) = permit else {
+                    // Never lose the job (a full host cannot happen: we
+                    // leased at most `free`).
+                    if let Err(e) = self.broker.release(&delivery.lease).await {
+                        tracing::warn!(job_id = %delivery.job.id, error = %e, "cannot hand a job back; it runs again once its lease expires");
+                    }
                     continue;
                 };
                 let slot = Slot { permit: Some(permit), freed: freed.clone() };

@@ -64,7 +64,8 @@ impl Worker {
         let mut running = tokio::task::JoinSet::new();
         for i in 0..shards {
             let mut shard = self.clone();
-            shard.config.concurrency = share(self.config.concurrency, shards, i);
+            shard.config.concurrency = super::capacity::share(self.config.concurrency, shards, i);
+            shard.capacity = self.capacity.for_shard(shards, i);
             shard.host = format!("{}#{i}", self.host);
             let (done, ended) = tokio::sync::oneshot::channel::<Result<(), String>>();
             let (connect, stop) = (connect.clone(), shutdown.subscribe());
@@ -135,15 +136,9 @@ pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
     format!("panicked: {}", text.unwrap_or("(no message)"))
 }
 
-/// Shard `i`'s part of `total` slots: an even split, the first shards
-/// taking one more when it does not divide.
-fn share(total: usize, shards: usize, i: usize) -> usize {
-    total / shards + usize::from(i < total % shards)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::share;
+    use super::super::capacity::share;
 
     #[test]
     fn the_shards_share_the_concurrency_exactly() {
