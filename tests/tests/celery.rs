@@ -171,33 +171,54 @@ fn messages_in_flight_on_a_dead_host_are_recovered_once() {
     assert_eq!(host.log().matches("job succeeded").count(), 1, "one job for a message taken twice");
 }
 
+/// A host environment on the test Redis whose `[celery]` consumes a queue
+/// of its own, with `plugin` installed and `aliases` (the body of its
+/// manifest's inline table) mapping Celery names to its tasks.
+struct OneQueue {
+    env: Env,
+    queue: String,
+    prefix: String,
+    /// Unique to this test run, for task ids.
+    id: String,
+}
+
+fn one_queue(kind: &str, plugin: &str, aliases: &str) -> OneQueue {
+    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
+    let queue = format!("celery-{kind}-{id}");
+    let prefix = format!("celer-celery-{kind}-{id}:");
+    let config = format!("{TEST_CONFIG}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\n");
+    let env = Env::with_config(&config).var("CELER_BROKER_URL", services::REDIS_URL).var("CELER_BROKER_PREFIX", &prefix);
+    let manifest = std::fs::read_to_string(plugin_manifest(plugin))
+        .expect("manifest")
+        .replacen("\n[limits]", &format!("\naliases = {{ {aliases} }}\n\n[limits]"), 1);
+    env.install_files(plugin, &std::fs::read(plugin_wasm(plugin)).expect("wasm"), &manifest);
+    OneQueue { env, queue, prefix, id }
+}
+
+/// Sends one task with the real Celery client; `call` is what goes
+/// between the parentheses of `app.send_task(…)`.
+fn send_task(call: &str) {
+    let send = format!(
+        "from celery import Celery\napp = Celery('proj', broker='{url}', backend='{url}')\napp.send_task({call})\n",
+        url = services::REDIS_URL,
+    );
+    let out = Command::new(python()).args(["-c", &send]).output().expect("send the task");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// A Celery task on its last attempt whose host dies mid-run: the host that
 /// takes its job over ends it `failed` (kind `lost`) without running it, and
 /// writes Celery's FAILURE, so the producer's `.get()` raises instead of
 /// waiting forever.
 #[test]
 fn a_task_lost_with_its_host_gets_a_failure_result() {
-    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
-    let queue = format!("celery-lost-{id}");
-    let prefix = format!("celer-celery-lost-{id}:");
+    let OneQueue { env, queue, prefix, id } = one_queue("lost", "hostile", r#""proj.tasks.slow" = "hostile.sleep""#);
     let task_id = format!("lost-{id}");
-    let config = format!("{TEST_CONFIG}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\n");
-    let env = Env::with_config(&config).var("CELER_BROKER_URL", services::REDIS_URL).var("CELER_BROKER_PREFIX", &prefix);
-    let slow = std::fs::read_to_string(plugin_manifest("hostile"))
-        .expect("manifest")
-        .replacen("\n[limits]", "\naliases = { \"proj.tasks.slow\" = \"hostile.sleep\" }\n\n[limits]", 1);
-    env.install_files("hostile", &std::fs::read(plugin_wasm("hostile")).expect("wasm"), &slow);
     let mut victim = start(&env);
 
     // Sent as a task that already used its retries: no attempt is left after this one.
-    let send = format!(
-        "from celery import Celery\napp = Celery('proj', broker='{url}', backend='{url}')\n\
-         app.send_task('proj.tasks.slow', kwargs={{'ms': 20000}}, task_id='{task_id}', queue='{queue}', retries={retries})\n",
-        url = services::REDIS_URL,
-        retries = celer::job::DEFAULT_MAX_RETRIES,
-    );
-    let out = Command::new(python()).args(["-c", &send]).output().expect("send the task");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let retries = celer::job::DEFAULT_MAX_RETRIES;
+    send_task(&format!("'proj.tasks.slow', kwargs={{'ms': 20000}}, task_id='{task_id}', queue='{queue}', retries={retries}"));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let job = redis_cli(&["GET", &format!("{prefix}celery:job:{task_id}")]);
@@ -230,24 +251,10 @@ fn a_task_lost_with_its_host_gets_a_failure_result() {
 /// `TaskRevokedError` instead of waiting forever.
 #[test]
 fn a_celer_cancel_of_a_waiting_celery_task_revokes_it() {
-    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
-    let queue = format!("celery-cancel-{id}");
-    let prefix = format!("celer-celery-cancel-{id}:");
+    let OneQueue { env, queue, prefix, id } = one_queue("cancel", "hello", r#""proj.tasks.add" = "hello.add""#);
     let task_id = format!("cancel-{id}");
-    let config = format!("{TEST_CONFIG}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\n");
-    let env = Env::with_config(&config).var("CELER_BROKER_URL", services::REDIS_URL).var("CELER_BROKER_PREFIX", &prefix);
-    let manifest = std::fs::read_to_string(plugin_manifest("hello"))
-        .expect("manifest")
-        .replacen("\n[limits]", "\naliases = { \"proj.tasks.add\" = \"hello.add\" }\n\n[limits]", 1);
-    env.install_files("hello", &std::fs::read(plugin_wasm("hello")).expect("wasm"), &manifest);
     let host = start(&env);
-    let send = format!(
-        "from celery import Celery\napp = Celery('proj', broker='{url}', backend='{url}')\n\
-         app.send_task('proj.tasks.add', args=[1, 2], task_id='{task_id}', queue='{queue}', countdown=600)\n",
-        url = services::REDIS_URL,
-    );
-    let out = Command::new(python()).args(["-c", &send]).output().expect("send the task");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    send_task(&format!("'proj.tasks.add', args=[1, 2], task_id='{task_id}', queue='{queue}', countdown=600"));
     let deadline = Instant::now() + Duration::from_secs(30);
     let job = loop {
         let job = redis_cli(&["GET", &format!("{prefix}celery:job:{task_id}")]);
