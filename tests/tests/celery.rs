@@ -206,6 +206,21 @@ fn send_task(call: &str) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The task's `celery-task-meta` once it reads `status`, within `within`
+/// (the host's log in the failure message otherwise).
+fn await_meta(task_id: &str, status: &str, within: Duration, host: &Host) -> String {
+    let key = format!("celery-task-meta-{task_id}");
+    let deadline = Instant::now() + within;
+    loop {
+        let meta = redis_cli(&["GET", &key]);
+        if meta.contains(status) {
+            return meta;
+        }
+        assert!(Instant::now() < deadline, "no {status} for {task_id} (meta {meta:?}):\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A Celery task on its last attempt whose host dies mid-run: the host that
 /// takes its job over ends it `failed` (kind `lost`) without running it, and
 /// writes Celery's FAILURE, so the producer's `.get()` raises instead of
@@ -232,16 +247,7 @@ fn a_task_lost_with_its_host_gets_a_failure_result() {
     let _ = victim.0.wait();
 
     let survivor = start(&env);
-    let key = format!("celery-task-meta-{task_id}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let meta = loop {
-        let meta = redis_cli(&["GET", &key]);
-        if meta.contains("FAILURE") {
-            break meta;
-        }
-        assert!(Instant::now() < deadline, "no FAILURE for the lost task (meta {meta:?}):\n{}", survivor.log());
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let meta = await_meta(&task_id, "FAILURE", Duration::from_secs(30), &survivor);
     assert!(meta.contains("lease expired on every attempt"), "{meta}");
     assert!(survivor.log().contains("Celery task ended without running"), "{}", survivor.log());
 }
@@ -266,15 +272,6 @@ fn a_celer_cancel_of_a_waiting_celery_task_revokes_it() {
     };
     let out = env.command().args(["cancel", &job]).output().expect("celer cancel");
     assert!(out.status.success(), "celer cancel: {}", String::from_utf8_lossy(&out.stderr));
-    let key = format!("celery-task-meta-{task_id}");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let meta = loop {
-        let meta = redis_cli(&["GET", &key]);
-        if meta.contains("REVOKED") {
-            break meta;
-        }
-        assert!(Instant::now() < deadline, "no REVOKED for the cancelled task (meta {meta:?}):\n{}", host.log());
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let meta = await_meta(&task_id, "REVOKED", Duration::from_secs(15), &host);
     assert!(meta.contains("TaskRevokedError"), "{meta}");
 }
