@@ -28,7 +28,7 @@ use celer::config::{SandboxConfig, WorkerConfig};
 use celer::job::NewJob;
 use celer::runtime::Runtime;
 use celer::runtime::registry::Registry;
-use celer::worker::{Capacity, ShardBroker, Worker};
+use celer::worker::{Intake, ShardBroker, Worker};
 use serde_json::{Value, json};
 
 /// The allocator `celer serve` runs with (see `src/main.rs`).
@@ -224,7 +224,7 @@ async fn run(threads: usize) -> anyhow::Result<()> {
         config: WorkerConfig { concurrency: a.concurrency, queues: vec![QUEUE.into()], poll_ms: 100, ..WorkerConfig::default() },
         backoff: Default::default(),
         host: "bench".into(),
-        capacity: Capacity::new(a.concurrency),
+        intake: Intake::new(a.concurrency),
     };
     let (redis_cpu_before, commands_before) = redis_cpu(&broker).await?;
     let host_cpu_before = process_cpu_s();

@@ -16,7 +16,7 @@ use celer::job::NewJob;
 use celer::runtime::Runtime;
 use celer::runtime::registry::Registry;
 use celer::runtime::sandbox::{JobControl, RunOutcome};
-use celer::worker::{Capacity, Worker};
+use celer::worker::{Intake, Worker};
 
 mod common;
 
@@ -82,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
         config: WorkerConfig { concurrency: concurrency as usize, poll_ms: 1, ..WorkerConfig::default() },
         backoff: Default::default(),
         host: "bench".into(),
-        capacity: Capacity::new(concurrency as usize),
+        intake: Intake::new(concurrency as usize),
     };
     let t = Instant::now();
     let handle = tokio::spawn(worker.run(stop_rx));

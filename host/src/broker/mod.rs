@@ -244,4 +244,20 @@ pub trait Broker: Send + Sync {
 
     /// The hosts that hold running jobs or sent a heartbeat lately.
     async fn hosts(&self) -> Result<Vec<HostInfo>, BrokerError>;
+
+    /// Takes up to `max` ids of `queue`'s jobs that ended without a run's
+    /// outcome (taken over after their host died, cancelled before they
+    /// started, handed back after a stop was asked): whoever answers for
+    /// them elsewhere (the Celery consumer writes their results) finds them
+    /// here, whichever process ended them. A broker that keeps no such list
+    /// has none.
+    async fn take_unrun(&self, _queue: &str, _max: usize) -> Result<Vec<String>, BrokerError> {
+        Ok(Vec::new())
+    }
+
+    /// Puts back ids from [`Broker::take_unrun`] that could not be answered
+    /// now, for a later round.
+    async fn put_back_unrun(&self, _queue: &str, _ids: &[String]) -> Result<(), BrokerError> {
+        Ok(())
+    }
 }

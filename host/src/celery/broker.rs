@@ -261,15 +261,15 @@ impl Broker for CeleryAwareBroker {
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
-        let running = self.activity.take(&lease.token);
-        self.inner.release(lease).await?;
         // Handed back before it ran: no longer STARTED (Celery's PENDING).
+        // Before the hand-back, so a host that takes it at once keeps its own.
+        let running = self.activity.take(&lease.token);
         if let (Some(running), Some(_)) = (running, &self.started_by) {
             if let Err(e) = self.results.unstart(&running.celery_id).await {
                 tracing::warn!(task_id = %running.celery_id, error = %e, "a Celery task handed back still reads STARTED");
             }
         }
-        Ok(())
+        self.inner.release(lease).await
     }
 
     async fn cancel(&self, id: &str) -> Result<CancelOutcome, BrokerError> {
@@ -302,5 +302,13 @@ impl Broker for CeleryAwareBroker {
 
     async fn hosts(&self) -> Result<Vec<HostInfo>, BrokerError> {
         self.inner.hosts().await
+    }
+
+    async fn take_unrun(&self, queue: &str, max: usize) -> Result<Vec<String>, BrokerError> {
+        self.inner.take_unrun(queue, max).await
+    }
+
+    async fn put_back_unrun(&self, queue: &str, ids: &[String]) -> Result<(), BrokerError> {
+        self.inner.put_back_unrun(queue, ids).await
     }
 }

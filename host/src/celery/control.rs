@@ -160,9 +160,6 @@ pub(super) struct Control {
     pub events: Arc<Events>,
     pub activity: Arc<Activity>,
     pub url: String,
-    /// The worker's slots in use now: `pool_grow` / `pool_shrink` /
-    /// `autoscale` change it, `stats` reports it.
-    pub capacity: crate::worker::Capacity,
     pub started: Instant,
     /// Asks the whole host to stop as SIGTERM does (`celery control shutdown`).
     pub shutdown: tokio::sync::watch::Sender<bool>,
@@ -209,15 +206,13 @@ impl Control {
             // restart; never above `[worker] concurrency`, nor below 0.
             "pool_grow" | "pool_shrink" => {
                 let n = args.get("n").and_then(Value::as_u64).map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX));
-                let now = self.capacity.get();
                 if request.method == "pool_grow" {
-                    if now >= self.capacity.configured() {
-                        json!({"error": format!("the pool is at [worker] concurrency ({now}); celer grows only back up to it")})
-                    } else {
-                        json!({"ok": format!("pool will grow (now {})", self.capacity.set(now.saturating_add(n)))})
+                    match self.ctx.intake.grow(n) {
+                        Ok(now) => json!({"ok": format!("pool will grow (now {now})")}),
+                        Err(now) => json!({"error": format!("the pool is at [worker] concurrency ({now}); celer grows only back up to it")}),
                     }
                 } else {
-                    json!({"ok": format!("pool will shrink (now {})", self.capacity.set(now.saturating_sub(n)))})
+                    json!({"ok": format!("pool will shrink (now {})", self.ctx.intake.shrink(n))})
                 }
             }
             // celer has no idle processes to scale: the maximum is what
@@ -226,7 +221,7 @@ impl Control {
                 let bound = |k: &str| args.get(k).and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()));
                 match bound("max") {
                     Some(max) => {
-                        let now = self.capacity.set(usize::try_from(max).unwrap_or(usize::MAX));
+                        let now = self.ctx.intake.set_slots(usize::try_from(max).unwrap_or(usize::MAX));
                         json!({"ok": format!("autoscale now max={now} min={}", bound("min").unwrap_or(0))})
                     }
                     None => json!({"error": "autoscale needs max"}),
@@ -240,8 +235,8 @@ impl Control {
                     // Celery answers the same for a queue it did not consume.
                     (_, false) => json!({"ok": format!("no longer consuming from {queue}")}),
                     (false, true) => json!({"error": format!(
-                        "celer consumes only the queues in [celery] queues ({}); add {queue:?} there",
-                        self.ctx.celery.queues.join(", ")
+                        "celer consumes only the queues in [celery] queues and [worker] queues ({}); add {queue:?} there",
+                        self.ctx.consumable.join(", ")
                     )}),
                 }
             }
@@ -337,7 +332,7 @@ impl Control {
             "uptime": self.started.elapsed().as_secs(),
             "pool": {
                 "implementation": "celer (one wasmtime sandbox per job)",
-                "max-concurrency": self.capacity.get(),
+                "max-concurrency": self.ctx.intake.slots(),
                 "processes": [pid],
                 "max-tasks-per-child": "N/A",
                 "put-guarded-by-semaphore": false,
@@ -388,7 +383,7 @@ impl Control {
             "task_track_started": self.ctx.celery.track_started,
             "task_routes": self.ctx.celery.routes,
             "task_default_queue": self.ctx.celery.queues.first(),
-            "worker_concurrency": self.capacity.configured(),
+            "worker_concurrency": self.ctx.intake.configured(),
             "worker_prefetch_multiplier": 0,
             "worker_send_task_events": self.events.task_events_on(),
         })
@@ -523,7 +518,8 @@ fn masked(url: &str) -> String {
 }
 
 /// Listens for control requests until `stop`, reconnecting when Redis goes
-/// away. Requests that change something (revoke, events on or off) are
+/// away. Requests that change something (revoke, events on or off, the
+/// pool size, the queues consumed) are
 /// handled one at a time, in the order they were sent; the others, which
 /// only read, each on its own.
 pub(super) async fn listen(control: Arc<Control>, stop: watch::Receiver<bool>) {
@@ -537,7 +533,11 @@ pub(super) async fn listen(control: Arc<Control>, stop: watch::Receiver<bool>) {
                 return;
             }
             // A read (a scan of revoked ids, say) must not hold up the next request.
-            if matches!(request.method.as_str(), "revoke" | "enable_events" | "disable_events" | "heartbeat") {
+            let changes = [
+                "revoke", "enable_events", "disable_events", "heartbeat", "pool_grow", "pool_shrink", "autoscale", "cancel_consumer",
+                "add_consumer",
+            ];
+            if changes.contains(&request.method.as_str()) {
                 control.handle(request).await;
             } else {
                 tokio::spawn(async move { control.handle(request).await });

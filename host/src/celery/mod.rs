@@ -131,6 +131,14 @@ impl ResultWriter {
         pipe.query_async(&mut c).await
     }
 
+    /// Whether the task's stored result is final (SUCCESS, FAILURE or
+    /// REVOKED), so that nothing writes it a second time.
+    pub async fn is_final(&self, task_id: &str) -> Result<bool, ::redis::RedisError> {
+        let mut c = self.conn.clone();
+        let doc: Option<String> = ::redis::cmd("GET").arg(format!("celery-task-meta-{task_id}")).query_async(&mut c).await?;
+        Ok(doc.is_some_and(|d| ["SUCCESS", "FAILURE", "REVOKED"].iter().any(|s| d.contains(&format!("\"status\": \"{s}\"")))))
+    }
+
     /// Takes back the STARTED of a task handed back before it ran.
     pub async fn unstart(&self, task_id: &str) -> Result<(), ::redis::RedisError> {
         let mut c = self.conn.clone();
@@ -183,11 +191,13 @@ struct Ctx {
     revocations: revoke::Revocations,
     events: Arc<events::Events>,
     mover: ::redis::Script,
-    /// Per `[celery] queues` entry: whether this host takes its messages
-    /// now. Remote control's `cancel_consumer` / `add_consumer` turn it
-    /// off and on (an operator draining a host or pausing a queue), as a
-    /// Celery worker's; not kept across restarts, as with Celery.
-    consuming: std::collections::BTreeMap<String, watch::Sender<bool>>,
+    /// What the host takes in now: remote control's `cancel_consumer` /
+    /// `add_consumer` leave a queue to the other hosts and take it back
+    /// (this consumer and the worker both), `pool_*` change the slots.
+    intake: crate::worker::Intake,
+    /// The queues this host consumes (`[celery] queues` and `[worker]
+    /// queues`): those `add_consumer` can take back.
+    consumable: Vec<String>,
 }
 
 /// Starts consuming the configured Celery queues; returns the broker the
@@ -199,7 +209,7 @@ pub async fn start(
     registry: Arc<Registry>,
     host: String,
     shutdown: watch::Sender<bool>,
-    capacity: crate::worker::Capacity,
+    intake: crate::worker::Intake,
 ) -> Result<Arc<broker::CeleryAwareBroker>, String> {
     let stop = shutdown.subscribe();
     let url = config.celery_url().ok_or("[celery] needs a Redis URL ([celery] url or a redis:// broker)")?;
@@ -241,7 +251,13 @@ pub async fn start(
         revocations: revocations.clone(),
         events: events.clone(),
         mover: ::redis::Script::new(MOVE),
-        consuming: config.celery.queues.iter().map(|q| (q.clone(), watch::Sender::new(true))).collect(),
+        intake,
+        consumable: config.celery.queues.iter().chain(&config.worker.queues).fold(Vec::new(), |mut all, q| {
+            if !all.contains(q) {
+                all.push(q.clone());
+            }
+            all
+        }),
     });
     // Register this host's in-flight lists before anything moves into them.
     let mut add = ::redis::cmd("SADD");
@@ -261,7 +277,6 @@ pub async fn start(
         events: events.clone(),
         activity: activity.clone(),
         url: url.clone(),
-        capacity,
         started: std::time::Instant::now(),
         shutdown,
     });
@@ -290,16 +305,16 @@ impl Ctx {
     /// Turns consumption of the Celery queue `queue` on or off; `false`
     /// when this host does not consume it at all.
     fn set_consuming(&self, queue: &str, on: bool) -> bool {
-        let Some(switch) = self.consuming.get(queue) else { return false };
-        if switch.send_replace(on) != on {
-            tracing::warn!(queue, consuming = on, "Celery queue consumption changed by remote control");
+        if !self.consumable.iter().any(|q| q == queue) {
+            return false;
         }
+        self.intake.pause(queue, !on);
         true
     }
 
     /// The Celery queues this host takes messages from now.
     fn consumed_queues(&self) -> Vec<&str> {
-        self.consuming.iter().filter(|(_, on)| *on.borrow()).map(|(q, _)| q.as_str()).collect()
+        self.celery.queues.iter().map(String::as_str).filter(|q| !self.intake.is_paused(q)).collect()
     }
 
     /// The producer's `argsrepr` and `kwargsrepr` of a task, as JSON `[a, k]`.
@@ -461,24 +476,25 @@ async fn revoke_expired(ctx: &Ctx) -> Result<(), String> {
 /// for, FAILURE when it was their last attempt. Without it their
 /// `.get()` would wait forever.
 async fn answer_unrun(ctx: &Ctx) -> Result<(), String> {
-    let mut c = ctx.conn.clone();
     for queue in &ctx.celery.queues {
-        let key = crate::broker::redis::unrun_key(&ctx.prefix, queue);
-        let ids: Option<Vec<String>> = ::redis::cmd("RPOP").arg(&key).arg(100).query_async(&mut c).await.map_err(|e| e.to_string())?;
-        let ids = ids.unwrap_or_default();
+        let ids = ctx.broker.take_unrun(queue, 100).await.map_err(|e| e.to_string())?;
         for (i, job_id) in ids.iter().enumerate() {
             let status = match ctx.broker.status(job_id).await {
                 Ok(Some(status)) => status,
                 Ok(None) => continue,
                 Err(e) => {
-                    // Back where the next round pops them: none is dropped.
-                    if let Err(back) = ::redis::cmd("RPUSH").arg(&key).arg(&ids[i..]).query_async::<i64>(&mut c).await {
+                    // Back where the next round takes them: none is dropped.
+                    if let Err(back) = ctx.broker.put_back_unrun(queue, &ids[i..]).await {
                         tracing::error!(ids = ?&ids[i..], error = %back, "jobs ended without running lost their place in the unrun list: their Celery results are not written");
                     }
                     return Err(e.to_string());
                 }
             };
             let Some(celery_id) = broker::celery_id(status.job.idempotency_key.as_deref()) else { continue };
+            // A Celery revoke already wrote it (its cancel lists the job too).
+            if ctx.results.is_final(celery_id).await.unwrap_or(false) {
+                continue;
+            }
             let answered = match (status.state, &status.error) {
                 (crate::job::JobState::Cancelled, _) => ctx.end_revoked(celery_id, "revoked").await,
                 (crate::job::JobState::Failed, Some(error)) => ctx.end_unrun(celery_id, Exception::of(error), false).await,
@@ -489,7 +505,9 @@ async fn answer_unrun(ctx: &Ctx) -> Result<(), String> {
                 Err(e) => {
                     // Back for the next round (about 2 s); the list expires in a day.
                     tracing::error!(task_id = celery_id, job_id, error = %e, "cannot write the result of a Celery task ended without running; trying again");
-                    let _: Result<i64, _> = ::redis::cmd("RPUSH").arg(&key).arg(job_id).query_async(&mut c).await;
+                    if let Err(back) = ctx.broker.put_back_unrun(queue, std::slice::from_ref(job_id)).await {
+                        tracing::error!(task_id = celery_id, job_id, error = %back, "its place in the unrun list is lost: its Celery result is not written");
+                    }
                 }
             }
         }
@@ -554,18 +572,16 @@ async fn consume(ctx: Arc<Ctx>, queue: String, mut stop: watch::Receiver<bool>) 
     let sources = ctx.sources(&queue);
     let inflight = ctx.inflight(&ctx.host, &queue);
     let mut waiter: Option<Conn> = None;
-    let mut consuming = match ctx.consuming.get(&queue) {
-        Some(switch) => switch.subscribe(),
-        None => return,
-    };
+    let mut intake = ctx.intake.watch();
     while !*stop.borrow() {
-        if !*consuming.borrow_and_update() {
+        intake.mark_unchanged();
+        if ctx.intake.is_paused(&queue) {
             // Cancelled by remote control: the messages stay in the list
             // for the other consumers until `add_consumer`. (A blocking
             // read under way is not cut short: what it takes would sit in
             // this host's in-flight list; it ends within a second.)
             tokio::select! {
-                _ = consuming.changed() => continue,
+                _ = intake.changed() => continue,
                 _ = stop.changed() => break,
             }
         }
@@ -620,8 +636,41 @@ async fn consume(ctx: Arc<Ctx>, queue: String, mut stop: watch::Receiver<bool>) 
     }
 }
 
-/// How many times a message is tried before a failure that is not Redis
-/// being unreachable dead-letters it.
+/// Ends a message that keeps failing while both brokers answer: if its job
+/// exists, the job runs and only the bookkeeping after it was lost
+/// (logged); otherwise the message goes to the dead letters with `reason`
+/// and the task reads FAILURE, so `.get()` raises instead of waiting.
+/// `false` (keep trying) when a broker does not answer.
+async fn give_up(ctx: &Ctx, queue: &str, raw: &[u8], reason: &str) -> bool {
+    let msg = protocol::decode(raw).ok();
+    let (task_id, task) = (msg.as_ref().map(|m| m.id.as_str()), msg.as_ref().map(|m| m.task.as_str()));
+    if ctx.broker.ping().await.is_err() {
+        return false;
+    }
+    if let Some(m) = &msg {
+        match ctx.has_job(&m.id).await {
+            Ok(true) => {
+                tracing::error!(task_id, task, queue, "Celery message recorded as a job, but what follows (revoke and expiry watch, argsrepr) was not: {reason}");
+                return true;
+            }
+            Ok(false) => {}
+            Err(_) => return false,
+        }
+    }
+    if dead_letter(ctx, queue, raw, reason, task_id, task).await.is_err() {
+        return false;
+    }
+    tracing::error!(task_id, task, queue, "Celery message dead-lettered: {reason}");
+    if let Some(m) = &msg {
+        let e = Exception::new("RuntimeError", "builtins", format!("celer could not record the task: {reason}"));
+        if let Err(e) = write_failure(ctx, m, e).await {
+            tracing::error!(task_id, error = %e, "cannot write the FAILURE of a dead-lettered Celery message");
+        }
+    }
+    true
+}
+
+/// How many times a message is tried before `give_up` may end it.
 const GIVE_UP_AFTER: u32 = 8;
 
 /// Records every message of the batch (concurrently), then removes them
@@ -630,23 +679,15 @@ async fn handle_batch(ctx: &Ctx, queue: &str, batch: Vec<Vec<u8>>) {
     let inflight = ctx.inflight(&ctx.host, queue);
     let handled = batch.iter().map(|raw| async move {
         // A failure keeps the message in flight and is tried again. After
-        // a while (about 15 s) it goes to the dead letters instead, if
-        // Redis takes that: Redis is up, so the failure is the message's
-        // own and would never pass (it must not hold its queue). While
-        // Redis is unreachable the dead letter fails too, and it waits.
+        // a while (about 15 s) it is given up (`give_up`) if both Redis
+        // servers answer: the failure is then the message's own and would
+        // never pass, and it must not hold its queue. While either is
+        // unreachable it waits.
         let mut wait = Duration::from_millis(100);
         for tries in 1.. {
             let Err(e) = handle(ctx, queue, raw).await else { return };
-            if tries >= GIVE_UP_AFTER {
-                let reason = format!("could not be recorded after {tries} tries: {e}");
-                let (task_id, task) = match protocol::decode(raw) {
-                    Ok(m) => (Some(m.id), Some(m.task)),
-                    Err(r) => (r.task_id, r.task),
-                };
-                if dead_letter(ctx, queue, raw, &reason, task_id.as_deref(), task.as_deref()).await.is_ok() {
-                    tracing::error!(task_id = ?task_id, task = ?task, queue, "Celery message dead-lettered: {reason}");
-                    return;
-                }
+            if tries >= GIVE_UP_AFTER && give_up(ctx, queue, raw, &format!("could not be recorded after {tries} tries: {e}")).await {
+                return;
             }
             tracing::warn!(error = %e, tries, "Celery consumer: cannot record a message; retrying");
             tokio::time::sleep(wait).await;

@@ -18,7 +18,7 @@ use celer::scheduler::lock::LeaderLock;
 use celer::scheduler::store::ScheduleStore;
 use celer::broker::Broker;
 use celer::broker::redis::RedisBroker;
-use celer::worker::{Capacity, ShardBroker, Worker};
+use celer::worker::{Intake, ShardBroker, Worker};
 
 use super::{CliError, open_broker, redis_options};
 
@@ -117,7 +117,7 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
     }
     if has("worker") {
         let mut worker_config = config.worker.clone();
-        let capacity = Capacity::new(worker_config.concurrency);
+        let intake = Intake::new(worker_config.concurrency);
         let celery = match config.celery.enabled {
             // Celery's queues become celer queues of the same name, run here too.
             true => {
@@ -126,7 +126,7 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
                         worker_config.queues.push(q.clone());
                     }
                 }
-                let started = celer::celery::start(&config, broker.clone(), registry.clone(), config.host_id(), stop_tx.clone(), capacity.clone());
+                let started = celer::celery::start(&config, broker.clone(), registry.clone(), config.host_id(), stop_tx.clone(), intake.clone());
                 Some(started.await.map_err(CliError::Failed)?)
             }
             false => None,
@@ -156,7 +156,7 @@ pub async fn serve(config: Config, args: ServeArgs) -> Result<ExitCode, CliError
             config: worker_config,
             backoff: config.retry,
             host: config.host_id(),
-            capacity,
+            intake,
         };
         if shards > 1 {
             tracing::info!(shards, "worker shards: each on a thread of its own, with its own broker connection");

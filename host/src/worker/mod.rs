@@ -4,7 +4,7 @@
 //! success, a retry after backoff, or a dead letter. On shutdown it stops
 //! leasing, gives running jobs a grace period, then hands their leases back.
 
-mod capacity;
+mod intake;
 mod leases;
 mod shards;
 
@@ -23,7 +23,7 @@ use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
 use crate::runtime::sandbox::{JobControl, RunOutcome, StopReason};
 use leases::RunningJobs;
-pub use capacity::Capacity;
+pub use intake::Intake;
 pub(crate) use shards::panic_message;
 pub use shards::ShardBroker;
 
@@ -37,7 +37,7 @@ pub struct Worker {
     pub backoff: Backoff,
     pub host: String,
     /// How many of its slots the host uses now (remote control may lower it).
-    pub capacity: Capacity,
+    pub intake: Intake,
 }
 
 /// How long to wait before asking an unreachable broker again.
@@ -85,21 +85,23 @@ impl Worker {
         let mut batch_deadline: Option<Instant> = None;
         tracing::info!(host = %self.host, queues = ?self.config.queues, concurrency, "worker started");
 
-        let mut capacity = self.capacity.watch();
+        let mut intake = self.intake.watch();
         while !*shutdown.borrow() {
             while running.try_join_next().is_some() {}
-            // Slots held back by a lowered capacity are not free.
-            let limit = self.capacity.mine().min(concurrency);
+            // Slots held back by a smaller pool size are not free, and
+            // queues left to other hosts are not asked.
+            let limit = self.intake.mine().min(concurrency);
             let free = slots.available_permits().saturating_sub(concurrency - limit);
-            if free == 0 {
+            let queues = self.intake.taken(&self.config.queues);
+            if free == 0 || queues.is_empty() {
                 tokio::select! {
                     _ = freed.notified() => {}
-                    _ = capacity.changed() => {}
+                    _ = intake.changed() => {}
                     _ = shutdown.changed() => {}
                 }
                 continue;
             }
-            if free < batch.min(limit) && free < limit {
+            if free < batch && free < limit {
                 let deadline = *batch_deadline.get_or_insert_with(|| Instant::now() + BATCH_WAIT);
                 if Instant::now() < deadline {
                     tokio::select! {
@@ -114,7 +116,7 @@ impl Worker {
             let (exclude, limited) = self.registry.room(free);
             let request = FetchRequest {
                 host: &self.host,
-                queues: &self.config.queues,
+                queues: &queues,
                 exclude_tasks: &exclude,
                 limited: &limited,
                 max: free,
@@ -132,9 +134,9 @@ impl Worker {
                 }
             };
             let got = deliveries.len();
-            // A capacity lowered while the fetch waited counts at once:
+            // A pool shrunk while the fetch waited counts at once:
             // what is past it goes back to the queue unharmed.
-            let mut room = limit.min(self.capacity.mine()).saturating_sub(concurrency - slots.available_permits());
+            let mut room = limit.min(self.intake.mine()).saturating_sub(concurrency - slots.available_permits());
             for delivery in deliveries {
                 let permit = match room.checked_sub(1) {
                     Some(left) => {

@@ -64,8 +64,8 @@ impl Worker {
         let mut running = tokio::task::JoinSet::new();
         for i in 0..shards {
             let mut shard = self.clone();
-            shard.config.concurrency = super::capacity::share(self.config.concurrency, shards, i);
-            shard.capacity = self.capacity.for_shard(shards, i);
+            shard.config.concurrency = super::intake::share(self.config.concurrency, shards, i);
+            shard.intake = self.intake.for_shard(shards, i);
             shard.host = format!("{}#{i}", self.host);
             let (done, ended) = tokio::sync::oneshot::channel::<Result<(), String>>();
             let (connect, stop) = (connect.clone(), shutdown.subscribe());
@@ -138,7 +138,7 @@ pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::capacity::share;
+    use super::super::intake::share;
 
     #[test]
     fn the_shards_share_the_concurrency_exactly() {

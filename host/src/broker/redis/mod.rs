@@ -1058,6 +1058,22 @@ impl Broker for RedisBroker {
         }
         Ok(out)
     }
+
+    async fn take_unrun(&self, queue: &str, max: usize) -> Result<Vec<String>, BrokerError> {
+        let mut c = self.conn();
+        let ids: Option<Vec<String>> =
+            ::redis::cmd("RPOP").arg(unrun_key(self.prefix(), queue)).arg(max.max(1)).query_async(&mut c).await.map_err(unavailable)?;
+        Ok(ids.unwrap_or_default())
+    }
+
+    async fn put_back_unrun(&self, queue: &str, ids: &[String]) -> Result<(), BrokerError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn();
+        ::redis::cmd("RPUSH").arg(unrun_key(self.prefix(), queue)).arg(ids).query_async::<i64>(&mut c).await.map_err(unavailable)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

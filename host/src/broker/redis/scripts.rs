@@ -308,7 +308,7 @@ for base = 4, #ARGV - 3, 4 do
     redis.call('XACK', sk, G, eid); redis.call('XDEL', sk, eid)
   elseif f[4] == '1' then
     -- Cancelled while this host held the entry: it never started.
-    drop_entry(jk); finish(jk, id, 'cancelled', 'cancelled', 'cancelled before it started', ttl)
+    drop_entry(jk); finish(jk, id, 'cancelled', 'cancelled', 'cancelled before it started', ttl); unrun(id)
   elseif action == 'expire' then
     drop_entry(jk); finish(jk, id, 'expired', nil, nil, ttl)
   else
@@ -416,6 +416,7 @@ drop_entry(jk)
 redis.call('HDEL', jk, 'tok', 'host', 'st')
 if f[3] == '1' then
   finish(jk, id, 'cancelled', 'cancelled', 'cancelled before it started', tonumber(ARGV[5]))
+  unrun(id)
 else
   requeue(jk, id, f[4] or '0')
 end

@@ -410,3 +410,27 @@ async fn a_renewal_without_a_pending_entry_is_lost() {
     let _: i64 = ::redis::cmd("XACK").arg(&stream).arg(super::GROUP).arg(&eid).query_async(&mut c).await.unwrap();
     assert_eq!(b.renew(&d.lease, Duration::from_secs(30)).await.unwrap(), crate::broker::LeaseStatus::Lost);
 }
+
+/// Every way a job ends without a run's outcome lists it for whoever
+/// answers for it elsewhere (the Celery consumer writes its result): a
+/// cancel before it started, and a hand-back of a job asked to stop.
+#[tokio::test]
+async fn jobs_ended_without_running_are_listed_as_unrun() {
+    use crate::broker::CancelOutcome;
+    let (_c, b) = fresh_redis().await;
+    let waiting = enqueue(&b, job("t")).await;
+    assert_eq!(b.cancel(&waiting).await.unwrap(), CancelOutcome::Cancelled);
+    let held = enqueue(&b, job("t")).await;
+    let delivery = fetch_one(&b).await;
+    assert_eq!(delivery.job.id, held);
+    assert_eq!(b.cancel(&held).await.unwrap(), CancelOutcome::StopRequested);
+    b.release(&delivery.lease).await.unwrap();
+    assert_eq!(status(&b, &held).await.state, JobState::Cancelled);
+    let mut listed = b.take_unrun("default", 10).await.unwrap();
+    listed.sort();
+    let mut expected = vec![waiting, held];
+    expected.sort();
+    assert_eq!(listed, expected);
+    b.put_back_unrun("default", &listed[..1]).await.unwrap();
+    assert_eq!(b.take_unrun("default", 10).await.unwrap(), listed[..1].to_vec());
+}
