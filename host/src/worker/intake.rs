@@ -161,7 +161,7 @@ mod tests {
     fn a_paused_queue_is_left_out_until_resumed() {
         let host = Intake::new(4);
         let queues = vec!["a".to_string(), "b".to_string()];
-        let mut woken = host.watch();
+        let woken = host.watch();
         host.pause("a", true);
         assert!(woken.has_changed().unwrap_or(false));
         assert!(host.for_shard(2, 1).is_paused("a"));
