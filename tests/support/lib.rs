@@ -60,6 +60,8 @@ pub mod services {
     pub const DATABASE_URL: &str = "postgres://celer:celer@127.0.0.1:5433/celer_test";
     /// Redis for the cache and broker tests.
     pub const REDIS_URL: &str = "redis://127.0.0.1:6390";
+    /// The 3-node Redis Cluster for the broker's cluster tests (scripts/services/redis-cluster.sh).
+    pub const REDIS_CLUSTER_URL: &str = "redis+cluster://127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
     /// The SMTP sink for the mail tests (scripts/services/smtp.sh): accepts
     /// everything, writes each message to `<services dir>/smtp/inbox/<n>.eml`.
     pub const SMTP_URL: &str = "smtp://127.0.0.1:2525";

@@ -2,7 +2,7 @@
 //! broker. Every job runs exactly once; a SIGKILLed host's jobs are taken
 //! over once their lease runs out and finish once; a Redis restart in the
 //! middle of the load loses no acknowledged job and consumption resumes by
-//! itself.
+//! itself. Each runs on a single Redis and again on a 3-node Redis Cluster.
 //!
 //! Jobs are enqueued in-process through the broker (thousands of `celer
 //! enqueue` processes would take minutes); runs are counted from the hosts'
@@ -166,11 +166,20 @@ fn count_runs(hosts: &[&Host]) -> HashMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_run_ten_thousand_jobs_each_exactly_once() {
+    three_hosts_run_each_job_exactly_once(services::REDIS_URL).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_on_a_redis_cluster_run_ten_thousand_jobs_each_exactly_once() {
+    three_hosts_run_each_job_exactly_once(services::REDIS_CLUSTER_URL).await;
+}
+
+async fn three_hosts_run_each_job_exactly_once(url: &str) {
     let prefix = prefix();
     // Two worker shards each: six consumers, two per process.
-    let env = redis_env(services::REDIS_URL, &prefix).var("CELER_WORKER_SHARDS", "2");
+    let env = redis_env(url, &prefix).var("CELER_WORKER_SHARDS", "2");
     let hosts: Vec<Host> = (0..3).map(|i| Host::start(&env, &format!("host{i}"))).collect();
-    let b = broker(services::REDIS_URL, &prefix).await;
+    let b = broker(url, &prefix).await;
     let t = Instant::now();
     let ids = enqueue_many(&b, 10_000, NewJob::new("hello.noop", json!([]), json!({}))).await;
     drain(&b, Duration::from_secs(120)).await;
@@ -190,17 +199,26 @@ async fn three_hosts_run_ten_thousand_jobs_each_exactly_once() {
         let log = h.log();
         assert!(log.contains("#0 queues=") && log.contains("#1 queues="), "two shards started:\n{log}");
     }
-    eprintln!("10000 noop jobs on 3 debug-build hosts in {took:?}; per host {per_host:?}");
+    eprintln!("10000 noop jobs on 3 debug-build hosts ({url}) in {took:?}; per host {per_host:?}");
     drop(hosts);
     let _ = b.dead_purge().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_hosts_jobs_are_taken_over_within_the_lease_and_finish_once() {
+    sigkilled_hosts_jobs_are_taken_over(services::REDIS_URL).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_a_sigkilled_hosts_jobs_are_taken_over_within_the_lease_and_finish_once() {
+    sigkilled_hosts_jobs_are_taken_over(services::REDIS_CLUSTER_URL).await;
+}
+
+async fn sigkilled_hosts_jobs_are_taken_over(url: &str) {
     let prefix = prefix();
-    let env = redis_env(services::REDIS_URL, &prefix);
+    let env = redis_env(url, &prefix);
     let mut victim = Host::start(&env, "victim");
-    let b = broker(services::REDIS_URL, &prefix).await;
+    let b = broker(url, &prefix).await;
     // Only the victim runs: it takes these slow jobs (hostile: 2 at a time).
     let slow = NewJob::new("hostile.sleep", json!([]), json!({"ms": 1900}));
     let slow_ids = enqueue_many(&b, 2, slow).await;
@@ -251,34 +269,109 @@ async fn a_sigkilled_hosts_jobs_are_taken_over_within_the_lease_and_finish_once(
     let _ = b.dead_purge().await;
 }
 
-/// A Redis of this test's own (the shared one must not restart under the
-/// other tests), with an fsync'd AOF so that an acknowledged enqueue survives.
+/// A Redis of the restart tests' own (the shared ones must not restart
+/// under the other tests): one server, or a 3-node cluster, each node with
+/// an fsync'd AOF so that an acknowledged enqueue survives a crash.
 struct OwnRedis {
+    nodes: Vec<OwnNode>,
+    cluster: bool,
+    /// The cluster was created: a restart waits for it to be whole again.
+    formed: bool,
+}
+
+/// One `redis-server` process and its directory (AOF, `nodes.conf`).
+struct OwnNode {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
-impl OwnRedis {
-    fn start() -> OwnRedis {
+/// A loopback port free now (a cluster node also uses port + 10000 for its bus).
+fn free_port() -> u16 {
+    loop {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
-        let mut r = OwnRedis { port, dir: tempfile::tempdir().expect("dir"), child: None };
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl OwnRedis {
+    fn single() -> OwnRedis {
+        let mut r = OwnRedis { nodes: vec![OwnNode::new()], cluster: false, formed: false };
         r.up();
         r
     }
 
+    /// Three masters, no replicas, the slots split between them.
+    fn cluster() -> OwnRedis {
+        let mut r = OwnRedis { nodes: (0..3).map(|_| OwnNode::new()).collect(), cluster: true, formed: false };
+        r.up();
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(r.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli (scripts/services.sh installs it)");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        r.formed = true;
+        r.wait_cluster_ok();
+        r
+    }
+
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let nodes: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        if self.cluster { format!("redis+cluster://{}", nodes.join(",")) } else { format!("redis://{}", nodes[0]) }
     }
 
     fn up(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+        for n in &mut self.nodes {
+            n.up(self.cluster);
+        }
+        if self.formed {
+            self.wait_cluster_ok();
+        }
+    }
+
+    /// SIGKILL every node: with `appendfsync always` every acknowledged
+    /// write is on disk (and a cluster node's slots in its `nodes.conf`).
+    fn crash(&mut self) {
+        for n in &mut self.nodes {
+            n.crash();
+        }
+    }
+
+    fn wait_cluster_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in &self.nodes {
+            loop {
+                let out = Command::new("redis-cli").args(["-p", &n.port.to_string(), "cluster", "info"]).output().expect("redis-cli");
+                if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the test cluster did not reach cluster_state:ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl OwnNode {
+    fn new() -> OwnNode {
+        OwnNode { port: free_port(), dir: tempfile::tempdir().expect("dir"), child: None }
+    }
+
+    fn up(&mut self, cluster: bool) {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
             .args(["--appendfsync", "always", "--dir"])
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/services.sh installs it)");
+            .arg(self.dir.path());
+        if cluster {
+            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]);
+        }
+        let child = cmd.stdout(Stdio::null()).spawn().expect("redis-server (scripts/services.sh installs it)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
@@ -287,7 +380,6 @@ impl OwnRedis {
         }
     }
 
-    /// SIGKILL: with `appendfsync always` every acknowledged write is on disk.
     fn crash(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -296,7 +388,7 @@ impl OwnRedis {
     }
 }
 
-impl Drop for OwnRedis {
+impl Drop for OwnNode {
     fn drop(&mut self) {
         self.crash();
     }
@@ -304,7 +396,15 @@ impl Drop for OwnRedis {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_mid_load_loses_no_acknowledged_job_and_consumption_resumes() {
-    let mut redis = OwnRedis::start();
+    restart_mid_load(OwnRedis::single()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_restart_mid_load_loses_no_acknowledged_job_and_consumption_resumes() {
+    restart_mid_load(OwnRedis::cluster()).await;
+}
+
+async fn restart_mid_load(mut redis: OwnRedis) {
     let url = redis.url();
     let prefix = "celer:";
     let env = redis_env(&url, prefix);
