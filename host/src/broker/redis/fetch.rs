@@ -11,9 +11,14 @@
 //! [`MAINTAIN_EVERY`] per queue, when a delayed job comes due, and before
 //! the host waits for work.
 //!
+//! The jobs are handed to the worker as soon as the read returns; their
+//! marks go out without being waited for (a round trip per fetch during
+//! which a busy host sat idle), and whatever the host writes about a job
+//! later waits for its mark's answer first ([`Marked`]).
+//!
 //! Between the read and the mark a job is pending under this host but still
 //! `queued` in its hash. If the host dies right there, the entry is taken
-//! over like any lapsed lease (keeping its attempt: it never ran); a cancel
+//! over like any lapsed lease (keeping its attempt); a cancel
 //! that comes in between asks the host to stop it (`CANCEL` sees the
 //! entry pending).
 
@@ -21,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::held::HeldLease;
+use super::held::{HeldLease, Marked};
 use super::{Envelope, GROUP, RedisBroker, Wait, job_of, lease_ms, unavailable};
 use crate::broker::{Broker, BrokerError, Delivery, FetchRequest, Lease, Outcome, PluginRoom, RunRecord};
 use crate::job::{ErrorKind, JobError};
@@ -205,7 +210,7 @@ impl RedisBroker {
                 stream,
                 entry,
             };
-            if let Some(d) = self.delivered(req, &qp, sent, leased).await? {
+            if let Some(d) = self.delivered(req, &qp, sent, leased, &Marked::landed()).await? {
                 out.push(d);
             }
         }
@@ -342,12 +347,29 @@ impl RedisBroker {
         }
         pipe.hset(format!("{qp}lease-ms"), req.host, lease_ms(req.lease))
             .ignore();
+        // The jobs run while their marks are on the way (see [`Marked`]).
+        // A mark that fails leaves a job `queued` while it runs; if its
+        // outcome cannot be written either, it is taken over once the lease
+        // runs out, keeping its attempt.
+        let (answered, marked) = Marked::pending();
         let mut c = self.conn();
-        // Failing here leaves the entries pending: they are taken over once
-        // the lease runs out, keeping their attempt if the marks did not
-        // land (an attempt is counted if they did and only the reply was
-        // lost).
-        pipe.query_async::<()>(&mut c).await.map_err(unavailable)?;
+        let jobs = leased.len();
+        let mut marking = Box::pin(async move {
+            if let Err(e) = pipe.query_async::<()>(&mut c).await {
+                tracing::warn!(jobs, error = %e, "cannot mark fetched jobs running; they run, and their outcomes are written after this answer");
+            }
+            let _ = answered.send(true);
+        });
+        // One poll hands the marks to the connection, ahead of any command
+        // this host sends later (a status read right after the fetch sees
+        // them); the rest of the round trip is waited for off this task.
+        let pending = marking
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+            .is_pending();
+        if pending {
+            tokio::spawn(marking);
+        }
         let mut out = Vec::with_capacity(leased.len());
         for (e, token) in &leased {
             let env = e.env.as_deref().unwrap_or_default();
@@ -360,7 +382,7 @@ impl RedisBroker {
                 stream: &e.stream,
                 entry: &e.id,
             };
-            if let Some(d) = self.delivered(req, &qp, sent, leased).await? {
+            if let Some(d) = self.delivered(req, &qp, sent, leased, &marked).await? {
                 out.push(d);
             }
         }
@@ -420,6 +442,7 @@ impl RedisBroker {
         qp: &str,
         sent: Instant,
         leased: Leased<'_>,
+        marked: &Marked,
     ) -> Result<Option<Delivery>, BrokerError> {
         let Leased {
             job_id: id,
@@ -443,12 +466,15 @@ impl RedisBroker {
                         .idempotency_key
                         .as_ref()
                         .map(|k| format!("{qp}idem:{k}")),
+                    marked: marked.clone(),
                 };
                 self.inner.held.insert(token.to_string(), held);
                 Ok(Some(d))
             }
             Err(e) => {
                 tracing::error!(job = %id, error = %e, "unreadable job moved to the dead letters");
+                // The script checks the token the mark writes.
+                marked.wait().await;
                 let lease = Lease {
                     job_id: id.to_string(),
                     token: token.to_string(),

@@ -13,6 +13,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 /// The longest a write can be on its way: the connection's response
 /// timeout, after which the client gives up on it.
 pub const WRITE_MARGIN: Duration = super::RESPONSE_TIMEOUT;
@@ -30,6 +32,43 @@ pub struct HeldLease {
     pub attempt: u32,
     /// The job's idempotency key, which expires with it.
     pub idempotency_key: Option<String>,
+    /// Whether Redis has answered the fetch's `running` mark of the job.
+    pub marked: Marked,
+}
+
+/// Whether the `running` mark of a fetched job has been answered.
+///
+/// A fetch hands its jobs to the worker as soon as the stream read returns
+/// and sends their marks (state, lease token, host, start time) without
+/// waiting: waiting cost a round trip per fetch during which a busy host sat
+/// idle. Everything this host later writes about such a job (its outcome, a
+/// hand-back, a renewal, progress) waits for the mark's answer first, so it
+/// always lands after the mark, never under it. A mark that failed is
+/// logged; the outcome is written all the same (the lease timing of the
+/// read still holds), and an outcome the scripts cannot check against the
+/// missing token is dropped: the job runs again once its lease lapses.
+#[derive(Debug, Clone)]
+pub struct Marked(Option<watch::Receiver<bool>>);
+
+impl Marked {
+    /// A job marked before it was handed out (by a script).
+    pub fn landed() -> Marked {
+        Marked(None)
+    }
+
+    /// A mark on its way: answer through the sender, once, when it returns.
+    pub fn pending() -> (watch::Sender<bool>, Marked) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Marked(Some(rx)))
+    }
+
+    /// Returns once the mark was answered (or its sender is gone).
+    pub async fn wait(&self) {
+        if let Some(rx) = &self.0 {
+            let mut rx = rx.clone();
+            let _ = rx.wait_for(|answered| *answered).await;
+        }
+    }
 }
 
 impl HeldLease {
@@ -65,6 +104,11 @@ impl HeldLeases {
         }
     }
 
+    /// The mark of a lease held here, to wait for before writing about it.
+    pub fn marked(&self, token: &str) -> Option<Marked> {
+        self.by_token.lock().ok().and_then(|m| m.get(token).map(|h| h.marked.clone()))
+    }
+
     /// Forgets a lease (its attempt ends, or it was lost).
     pub fn take(&self, token: &str) -> Option<HeldLease> {
         self.by_token.lock().ok().and_then(|mut m| m.remove(token))
@@ -83,6 +127,7 @@ mod tests {
             entry: "1-0".into(),
             attempt: 0,
             idempotency_key: None,
+            marked: Marked::landed(),
         }
     }
 

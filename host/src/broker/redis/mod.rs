@@ -475,6 +475,14 @@ impl RedisBroker {
     }
 
     /// Hands an outcome to the batching task and waits for its answer.
+    /// Waits until the fetch's `running` mark of a lease held here has been
+    /// answered, so that what follows lands after it ([`held::Marked`]).
+    async fn mark_answered(&self, token: &str) {
+        if let Some(marked) = self.inner.held.marked(token) {
+            marked.wait().await;
+        }
+    }
+
     async fn send_complete(&self, queue: &str, write: Write) -> Result<bool, BrokerError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let gone = || BrokerError::Unavailable("the broker is shutting down".into());
@@ -801,6 +809,7 @@ impl Broker for RedisBroker {
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<LeaseStatus, BrokerError> {
         let Some(queue) = Self::lease_queue(lease) else { return Ok(LeaseStatus::Lost) };
+        self.mark_answered(&lease.token).await;
         let qp = self.queue_prefix(queue);
         let mut c = self.conn();
         let sent = std::time::Instant::now();
@@ -823,6 +832,7 @@ impl Broker for RedisBroker {
 
     async fn progress(&self, lease: &Lease, done: u64, total: u64) -> Result<(), BrokerError> {
         let Some(queue) = Self::lease_queue(lease) else { return Ok(()) };
+        self.mark_answered(&lease.token).await;
         let qp = self.queue_prefix(queue);
         let mut c = self.conn();
         let _: i64 = self
@@ -859,6 +869,9 @@ impl Broker for RedisBroker {
         };
         // Whether it is still certainly held is judged when the batch is sent.
         let held = self.inner.held.take(&lease.token);
+        if let Some(h) = &held {
+            h.marked.wait().await;
+        }
         let write = Write {
             token: lease.token.clone(),
             job_id: lease.job_id.clone(),
@@ -883,7 +896,9 @@ impl Broker for RedisBroker {
 
     async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
         let Some(queue) = Self::lease_queue(lease) else { return Ok(()) };
-        self.inner.held.take(&lease.token);
+        if let Some(h) = self.inner.held.take(&lease.token) {
+            h.marked.wait().await;
+        }
         let qp = self.queue_prefix(queue);
         let mut c = self.conn();
         let _: i64 = lease_call(&self.inner.scripts.release, &qp, lease)
