@@ -409,7 +409,6 @@ async fn a_redis_restart_mid_load_loses_no_acknowledged_job_and_consumption_resu
     restart_mid_load(OwnRedis::single()).await;
 }
 
-
 /// Known to fail: in one of two runs (2026-12-08) the producer's cluster
 /// client never reconnected after every node restarted, while the hosts'
 /// did (docs/redis.md, "Redis Cluster"). Run it with

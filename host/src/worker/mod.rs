@@ -59,12 +59,16 @@ const BATCH_WAIT: Duration = Duration::from_millis(1);
 /// off could overflow.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30 * 86_400);
 
+/// The plugin that serves a leased job's task, with one of its slots if it
+/// had one free when the job was leased (`None`: no plugin serves it).
+type ServingPlugin = Option<(Arc<LoadedPlugin>, Option<OwnedSemaphorePermit>)>;
+
 /// A leased job with its slots, waiting to start ([`Worker::run`] starts
 /// it once the next fetch is on its way).
 struct ReadyJob {
     worker: Worker,
     delivery: Delivery,
-    plugin: Option<(Arc<LoadedPlugin>, Option<OwnedSemaphorePermit>)>,
+    plugin: ServingPlugin,
     slot: Slot,
     control: Arc<JobControl>,
     kept: leases::Registration,
@@ -228,13 +232,12 @@ impl Worker {
         tracing::info!("worker stopped");
     }
 
-    /// Runs one leased job to its recorded outcome: `plugin` is the plugin
-    /// that serves its task, with one of its slots if it had one free.
+    /// Runs one leased job to its recorded outcome.
     /// `kept` keeps the lease alive until the outcome is written.
     async fn run_delivery(
         &self,
         delivery: Delivery,
-        plugin: Option<(Arc<LoadedPlugin>, Option<OwnedSemaphorePermit>)>,
+        plugin: ServingPlugin,
         slot: Slot,
         control: Arc<JobControl>,
         kept: leases::Registration,

@@ -474,7 +474,6 @@ impl RedisBroker {
         })
     }
 
-    /// Hands an outcome to the batching task and waits for its answer.
     /// Waits until the fetch's `running` mark of a lease held here has been
     /// answered, so that what follows lands after it ([`held::Marked`]).
     async fn mark_answered(&self, token: &str) {
@@ -483,6 +482,7 @@ impl RedisBroker {
         }
     }
 
+    /// Hands an outcome to the batching task and waits for its answer.
     async fn send_complete(&self, queue: &str, write: Write) -> Result<bool, BrokerError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let gone = || BrokerError::Unavailable("the broker is shutting down".into());
