@@ -4,25 +4,30 @@
 //! connection (concurrent requests share the socket, pipelined), which
 //! reconnects by itself after the server restarts. A cluster goes through
 //! redis-rs' cluster connection, which routes each command by its key's slot
-//! (every script of the broker touches one queue, so one slot).
+//! (every script of the broker touches one queue, so one slot), wrapped in
+//! [`HealingCluster`]: redis-rs repairs a node's connection by itself, but
+//! after every node of the cluster restarted at once a connection was seen
+//! to fail every command from then on, so a run of failures replaces it.
 //!
 //! URLs: `redis://[user:pass@]host:port[/db]` (or `rediss://`) for one
 //! server; `redis+cluster://host:port,host:port,…` for a cluster (any
 //! reachable node is enough to discover the others).
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use ::redis::cluster::ClusterClientBuilder;
+use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Cmd, Pipeline, RedisFuture, Value};
+use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value};
 
 /// A connection to one server or to a cluster; cheap to clone (clones share
 /// the underlying connection).
 #[derive(Clone)]
 pub enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(HealingCluster),
 }
 
 /// Where to connect, parsed from a URL.
@@ -62,7 +67,7 @@ impl Target {
 
     /// Connects. `response_timeout: None` waits as long as a command takes
     /// (for blocking reads).
-    pub async fn connect(&self, response_timeout: Option<Duration>) -> Result<Conn, ::redis::RedisError> {
+    pub async fn connect(&self, response_timeout: Option<Duration>) -> Result<Conn, RedisError> {
         match self {
             Target::Single(url) => {
                 let client = ::redis::Client::open(url.as_str())?;
@@ -74,26 +79,112 @@ impl Target {
                 Ok(Conn::Single(ConnectionManager::new_with_config(client, config).await?))
             }
             Target::Cluster(nodes) => {
-                let mut builder = ClusterClientBuilder::new(nodes.clone())
+                let client = ClusterClientBuilder::new(nodes.clone())
                     .connection_timeout(Duration::from_secs(2))
-                    .retries(3);
-                if let Some(t) = response_timeout {
-                    builder = builder.response_timeout(t);
-                } else {
-                    builder = builder.response_timeout(Duration::from_secs(3600));
-                }
-                let client = builder.build()?;
-                Ok(Conn::Cluster(client.get_async_connection().await?))
+                    .retries(3)
+                    .response_timeout(response_timeout.unwrap_or(Duration::from_secs(3600)))
+                    .build()?;
+                Ok(Conn::Cluster(HealingCluster::connect(client).await?))
             }
         }
     }
+}
+
+/// A cluster connection that replaces itself after a run of connection
+/// failures: [`HealingCluster::FAILURES_BEFORE_REBUILD`] commands in a row
+/// failing for want of a node, at most once per [`HealingCluster::REBUILD_EVERY`].
+/// While the cluster is down the rebuild fails too and the old connection is
+/// kept; the first command that succeeds, on either, ends the run.
+#[derive(Clone)]
+pub struct HealingCluster {
+    shared: Arc<Healing>,
+}
+
+struct Healing {
+    client: ClusterClient,
+    current: Mutex<ClusterConnection>,
+    failures_in_a_row: AtomicU32,
+    /// When the last rebuild started; held while one runs, so clones that
+    /// fail meanwhile do not start their own.
+    last_rebuild: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl HealingCluster {
+    /// Enough failures that a node restarting alone (which redis-rs repairs
+    /// within a few retries) does not cost the whole connection.
+    const FAILURES_BEFORE_REBUILD: u32 = 8;
+    const REBUILD_EVERY: Duration = Duration::from_secs(2);
+
+    async fn connect(client: ClusterClient) -> RedisResult<HealingCluster> {
+        let conn = client.get_async_connection().await?;
+        Ok(HealingCluster {
+            shared: Arc::new(Healing {
+                client,
+                current: Mutex::new(conn),
+                failures_in_a_row: AtomicU32::new(0),
+                last_rebuild: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    fn current(&self) -> ClusterConnection {
+        // A poisoned lock only means a panic elsewhere while cloning; the
+        // connection inside is still whole.
+        self.shared.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Counts the answer toward a run of failures, and replaces the
+    /// connection once the run is long enough.
+    async fn observe<T>(&self, result: &RedisResult<T>) {
+        match result {
+            Ok(_) => self.shared.failures_in_a_row.store(0, Ordering::Relaxed),
+            Err(e) if lost_the_cluster(e) => {
+                let n = self.shared.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= Self::FAILURES_BEFORE_REBUILD {
+                    self.rebuild(e).await;
+                }
+            }
+            // An answer from a server (a script's error, a wrong type): the
+            // connection works.
+            Err(_) => self.shared.failures_in_a_row.store(0, Ordering::Relaxed),
+        }
+    }
+
+    async fn rebuild(&self, cause: &RedisError) {
+        let Ok(mut last) = self.shared.last_rebuild.try_lock() else { return };
+        if last.is_some_and(|t| t.elapsed() < Self::REBUILD_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let failures = self.shared.failures_in_a_row.load(Ordering::Relaxed);
+        match self.shared.client.get_async_connection().await {
+            Ok(conn) => {
+                *self.shared.current.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+                self.shared.failures_in_a_row.store(0, Ordering::Relaxed);
+                tracing::warn!(failures, error = %cause, "Redis Cluster connection replaced after failures in a row");
+            }
+            Err(e) => tracing::debug!(error = %e, "Redis Cluster still unreachable; keeping the old connection"),
+        }
+    }
+}
+
+/// An error that says no node could be reached or the connection broke, as
+/// opposed to an answer from a server.
+fn lost_the_cluster(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_unrecoverable_error()
+        || matches!(e.kind(), ErrorKind::ClusterConnectionNotFound | ErrorKind::Server(ServerErrorKind::ClusterDown))
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => Box::pin(async move {
+                let result = c.current().req_packed_command(cmd).await;
+                c.observe(&result).await;
+                result
+            }),
         }
     }
 
@@ -105,14 +196,34 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => Box::pin(async move {
+                let result = c.current().req_packed_commands(pipeline, offset, count).await;
+                c.observe(&result).await;
+                result
+            }),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c) => c.current().get_db(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_errors_that_say_no_node_answered_count_toward_a_rebuild() {
+        let io = RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
+        let no_node = RedisError::from((ErrorKind::ClusterConnectionNotFound, "No connections found"));
+        let down = RedisError::from((ErrorKind::Server(ServerErrorKind::ClusterDown), "CLUSTERDOWN"));
+        assert!(lost_the_cluster(&io) && lost_the_cluster(&no_node) && lost_the_cluster(&down));
+        let script = RedisError::from((ErrorKind::Server(ServerErrorKind::ResponseError), "ERR user_script:1"));
+        let wrong_type = RedisError::from((ErrorKind::UnexpectedReturnType, "not an integer"));
+        assert!(!lost_the_cluster(&script) && !lost_the_cluster(&wrong_type));
     }
 }
