@@ -435,6 +435,33 @@ check(reply_of(app.control.autoscale(1000, 0, **ctl)) == {"ok": f"autoscale now 
 check((insp.stats() or {}).get(ME, {}).get("pool", {}).get("max-concurrency") == full, "stats shows the pool back at full size")
 check("error" in (reply_of(app.control.pool_grow(1, **ctl)) or {}), "pool_grow past the configured concurrency is refused")
 check(running.get(timeout=T)["slept_ms"] == 1500, "the inspected task finished")
+# rate_limit / time_limit (Flower's task page; an operator slowing a task
+# whose mail provider or database struggles), on this host, no restart.
+check(reply_of(app.control.rate_limit("proj.tasks.add", "2/s", **ctl)) == {"ok": "new rate limit set successfully"}, "rate_limit")
+t_rate = time.time()
+paced = [add.delay(i, 1) for i in range(5)]
+check([r.get(timeout=T)["sum"] for r in paced] == [1, 2, 3, 4, 5], "rate-limited tasks all run")
+facts["five_at_2_per_s_took_s"] = round(time.time() - t_rate, 3)
+check(time.time() - t_rate >= 1.6, f"5 tasks at 2/s start 0.5 s apart (one start at once, then one per 0.5 s): {time.time() - t_rate:.3f} s")
+check(reply_of(app.control.rate_limit("proj.tasks.add", 0, **ctl)) == {"ok": "rate limit disabled successfully"}, "rate_limit 0 lifts it")
+t_free = time.time()
+check([r.get(timeout=T)["sum"] for r in [add.delay(i, 2) for i in range(5)]] == [2, 3, 4, 5, 6], "tasks run once the rate is lifted")
+facts["five_unlimited_took_s"] = round(time.time() - t_free, 3)
+check(time.time() - t_free < 1.5, f"no pacing once lifted: {time.time() - t_free:.3f} s")
+bad = reply_of(app.control.rate_limit("proj.tasks.add", "10/d", **ctl)) or {}
+check(bad.get("error", "").startswith("Invalid rate limit string"), f"a rate with an unknown unit is refused: {bad}")
+check(reply_of(app.control.rate_limit("proj.tasks.nope", "1/s", **ctl)) == {"error": "unknown task"}, "rate_limit of a task this host does not serve")
+check(reply_of(app.control.time_limit("proj.tasks.slow", soft=0.5, hard=1, **ctl)) == {"ok": "time limits set successfully"}, "time_limit")
+t_cut = time.time()
+cut = slow.apply_async(kwargs={"ms": 1500})
+while app.backend.get_task_meta(cut.id)["status"] not in ("RETRY", "FAILURE") and time.time() - t_cut < T:
+    time.sleep(0.02)
+facts["time_limit_control_hit_after_s"] = round(time.time() - t_cut, 3)
+check(time.time() - t_cut < 1.3, f"stopped at the 0.5 s limit set by time_limit, not the plugin's 2 s: {time.time() - t_cut:.3f} s")
+check("TimeLimitExceeded" in str(app.backend.get_task_meta(cut.id)["result"]), "as TimeLimitExceeded")
+cut.revoke()
+check(reply_of(app.control.time_limit("proj.tasks.slow", **ctl)) == {"ok": "time limits set successfully"}, "time_limit without limits lifts it")
+check(slow.apply_async(kwargs={"ms": 900}).get(timeout=T)["slept_ms"] == 900, "a 0.9 s task runs once the 0.5 s limit is lifted")
 facts["inspect_ping_from"] = ME
 
 # 9. Task events (Celery's -E), turned on by `enable_events` as Flower does:

@@ -12,7 +12,7 @@
 //! Flower 2.2).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{Value, json};
@@ -23,6 +23,7 @@ use super::activity::Activity;
 use super::events::Events;
 use super::revoke::Revoke;
 use crate::broker::redis::pubsub;
+use crate::worker::parse_rate;
 
 /// The pub/sub channel of `celery.pidbox` for a Redis URL's database.
 pub fn channel(url: &str, key_prefix: &str) -> String {
@@ -165,6 +166,10 @@ pub(super) struct Control {
     pub shutdown: tokio::sync::watch::Sender<bool>,
 }
 
+/// The longest time limit `time_limit` sets (a day): a job's deadline is
+/// an instant, which a limit far beyond any job could overflow.
+const MAX_TIME_LIMIT_S: f64 = 86_400.0;
+
 /// At most this many revoked ids in a `revoked` answer.
 const REVOKED_MAX: usize = 10_000;
 
@@ -284,6 +289,32 @@ impl Control {
                 // The host stops once the reply is out (`handle`).
                 json!({"ok": "shutting down"})
             }
+            // Limits on one task on this host (Flower's task page; an
+            // operator slowing a task whose downstream struggles).
+            "rate_limit" => match self.task_of(args) {
+                None => json!({"error": "unknown task"}),
+                Some(task) => match parse_rate(args.get("rate_limit").unwrap_or(&Value::Null)) {
+                    Err(e) => json!({"error": format!("Invalid rate limit string: {e}")}),
+                    Ok(per_s) => {
+                        self.ctx.intake.limits().set_rate(&task, per_s);
+                        match per_s {
+                            Some(_) => json!({"ok": "new rate limit set successfully"}),
+                            None => json!({"ok": "rate limit disabled successfully"}),
+                        }
+                    }
+                },
+            },
+            // celer has one deadline per job: the shorter of the two limits
+            // given (none lifts it); it only ever shortens a job's own.
+            "time_limit" => match self.task_of(args) {
+                None => json!({"error": "unknown task"}),
+                Some(task) => {
+                    let seconds = |k: &str| args.get(k).and_then(Value::as_f64).filter(|s| s.is_finite() && *s >= 0.0);
+                    let limit = [seconds("soft"), seconds("hard")].into_iter().flatten().reduce(f64::min);
+                    self.ctx.intake.limits().set_time(&task, limit.map(|s| Duration::from_secs_f64(s.min(MAX_TIME_LIMIT_S))));
+                    json!({"ok": "time limits set successfully"})
+                }
+            },
             // A Python worker starting up asks the others for the ids they revoked.
             "hello" => match self.revoked_ids().await {
                 Ok(ids) => json!({"revoked": ids, "clock": self.events.tick()}),
@@ -361,6 +392,14 @@ impl Control {
     }
 
     /// Every task name this host runs: plugin tasks and their Celery aliases.
+    /// The plugin task a control request's `task_name` (a task name or a
+    /// Celery alias) stands for, if this host serves it.
+    fn task_of(&self, args: &Value) -> Option<String> {
+        let name = args.get("task_name").and_then(Value::as_str)?;
+        let plugin = self.ctx.registry.lookup(name)?;
+        Some(plugin.canonical_task(name).to_string())
+    }
+
     fn registered(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .ctx

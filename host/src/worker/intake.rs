@@ -5,7 +5,8 @@
 //! left to the other hosts while this one is drained — through Celery's
 //! remote control (`pool_shrink` / `pool_grow` / `autoscale`,
 //! `cancel_consumer` / `add_consumer`, as Flower's buttons send them).
-//! Never more slots than configured: the sandbox's instance pool is sized
+//! Limits on single tasks (`rate_limit`, `time_limit`) ride along
+//! ([`TaskLimits`]). Never more slots than configured: the sandbox's instance pool is sized
 //! for that at start. Jobs already running finish; the host just takes
 //! fewer new ones. Not kept across a restart.
 
@@ -15,6 +16,8 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use super::task_limits::TaskLimits;
+
 /// What the host takes now, shared by its worker loops (each shard sees
 /// its part of the slots, as with `concurrency`) and its Celery consumer.
 #[derive(Clone, Debug)]
@@ -23,6 +26,8 @@ pub struct Intake {
     configured: usize,
     /// This loop's place among the host's shards: (shards, index).
     part: (usize, usize),
+    /// Rate and time limits set on single tasks.
+    limits: TaskLimits,
 }
 
 /// The host-wide settings, read through [`Intake`]; one channel, so that a
@@ -37,7 +42,12 @@ impl Intake {
     /// All `configured` slots in use and every queue taken, as at start.
     pub fn new(configured: usize) -> Self {
         let now = Now { slots: configured, paused: BTreeSet::new() };
-        Intake { now: Arc::new(watch::Sender::new(now)), configured, part: (1, 0) }
+        Intake { now: Arc::new(watch::Sender::new(now)), configured, part: (1, 0), limits: TaskLimits::default() }
+    }
+
+    /// The rate and time limits set on single tasks of this host.
+    pub fn limits(&self) -> &TaskLimits {
+        &self.limits
     }
 
     /// The host-wide slots in use now.

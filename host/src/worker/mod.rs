@@ -10,6 +10,7 @@
 mod intake;
 mod leases;
 mod shards;
+mod task_limits;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::broker::backoff::Backoff;
-use crate::broker::{Broker, Delivery, FetchRequest, Outcome, RunRecord};
+use crate::broker::{Broker, Delivery, FetchRequest, Outcome, PluginRoom, RunRecord};
 use crate::config::WorkerConfig;
 use crate::job::{ErrorKind, JobError};
 use crate::runtime::Runtime;
@@ -31,6 +32,7 @@ use leases::RunningJobs;
 pub use intake::Intake;
 pub(crate) use shards::panic_message;
 pub use shards::ShardBroker;
+pub use task_limits::{TaskLimits, parse_rate};
 
 /// Everything a worker needs; cheap to clone into each job's task.
 #[derive(Clone)]
@@ -144,7 +146,8 @@ impl Worker {
                 }
             }
             batch_deadline = None;
-            let (exclude, limited) = self.registry.room(free);
+            let (mut exclude, mut limited) = self.registry.room(free);
+            self.hold_back_rate_limited(free, &mut exclude, &mut limited);
             let request = FetchRequest {
                 host: &self.host,
                 queues: &queues,
@@ -197,9 +200,11 @@ impl Worker {
                     continue;
                 };
                 let slot = Slot { permit: Some(permit), freed: freed.clone() };
-                // Its plugin's slot is taken now, so the next fetch counts it.
+                // Its plugin's slot is taken now, so the next fetch counts it
+                // (and a start of its task, when that is rate-limited).
                 let plugin = self.registry.lookup(&delivery.job.task).map(|p| {
                     let permit = p.slots.clone().try_acquire_owned().ok();
+                    self.intake.limits().took(p.canonical_task(&delivery.job.task));
                     (p, permit)
                 });
                 // Registered before the task starts, so a shutdown that
@@ -242,7 +247,7 @@ impl Worker {
         control: Arc<JobControl>,
         kept: leases::Registration,
     ) {
-        let Delivery { job, lease } = delivery;
+        let Delivery { mut job, lease } = delivery;
         let Some((plugin, plugin_slot)) = plugin else {
             let error = JobError::new(ErrorKind::UnknownTask, format!("no loaded plugin serves task {:?}", job.task));
             tracing::warn!(job_id = %job.id, task = %job.task, "{}", error.message);
@@ -258,6 +263,10 @@ impl Worker {
             return;
         };
 
+        if let Some(limit) = self.intake.limits().time_limit(plugin.canonical_task(&job.task)) {
+            let own = job.timeout_ms.unwrap_or(plugin.limits.timeout_ms);
+            job.timeout_ms = Some(own.min(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)));
+        }
         let started = Instant::now();
         let report = self.runtime.run_job(&plugin, &job, control).await;
         drop(plugin_slot);
@@ -311,6 +320,29 @@ impl Worker {
         };
         self.finish(&lease, outcome, record).await;
         drop(kept);
+    }
+
+    /// Leaves out of a fetch the rate-limited tasks with no start
+    /// available, and lets it lease no more of the others' jobs than they
+    /// have starts ([`TaskLimits`]); the rate's room comes first, so it
+    /// counts over their plugin's.
+    fn hold_back_rate_limited(&self, max: usize, exclude: &mut Vec<String>, limited: &mut Vec<PluginRoom>) {
+        let (none, some) = self.intake.limits().starts_available(max);
+        if none.is_empty() && some.is_empty() {
+            return;
+        }
+        let names_of = |task: &str| -> Vec<String> {
+            let mut names = vec![task.to_string()];
+            if let Some(p) = self.registry.lookup(task) {
+                names.extend(p.aliases.iter().filter(|(_, t)| *t == task).map(|(alias, _)| alias.clone()));
+            }
+            names
+        };
+        for task in none {
+            exclude.extend(names_of(&task));
+        }
+        let rooms: Vec<PluginRoom> = some.into_iter().map(|(task, free)| PluginRoom { tasks: names_of(&task), free }).collect();
+        limited.splice(0..0, rooms);
     }
 
     /// Records an outcome, retrying briefly when the broker is unreachable.
