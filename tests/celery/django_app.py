@@ -462,6 +462,8 @@ check("TimeLimitExceeded" in str(app.backend.get_task_meta(cut.id)["result"]), "
 cut.revoke()
 check(reply_of(app.control.time_limit("proj.tasks.slow", **ctl)) == {"ok": "time limits set successfully"}, "time_limit without limits lifts it")
 check(slow.apply_async(kwargs={"ms": 900}).get(timeout=T)["slept_ms"] == 900, "a 0.9 s task runs once the 0.5 s limit is lifted")
+check(reply_of(app.control.pool_restart(reload=True, **ctl)) == {"ok": "reload started"}, "pool_restart rescans the plugins")
+check(add.delay(2, 3).get(timeout=T) == {"sum": 5}, "tasks run after pool_restart")
 facts["inspect_ping_from"] = ME
 
 # 9. Task events (Celery's -E), turned on by `enable_events` as Flower does:

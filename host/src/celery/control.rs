@@ -315,6 +315,17 @@ impl Control {
                     json!({"ok": "time limits set successfully"})
                 }
             },
+            // A deploy's "reload the code": celer's code is its plugins,
+            // which it reloads by itself when their files change; this
+            // brings every plugin in line with the directory now (a
+            // watcher that missed a change, as on some network mounts).
+            // Running jobs finish on the version they started with.
+            "pool_restart" => {
+                let registry = self.ctx.registry.clone();
+                tokio::spawn(async move { registry.scan().await });
+                tracing::warn!("plugins directory rescanned by remote control (pool_restart)");
+                json!({"ok": "reload started"})
+            }
             // A Python worker starting up asks the others for the ids they revoked.
             "hello" => match self.revoked_ids().await {
                 Ok(ids) => json!({"revoked": ids, "clock": self.events.tick()}),
