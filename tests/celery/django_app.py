@@ -447,7 +447,7 @@ check(reply_of(app.control.rate_limit("proj.tasks.add", 0, **ctl)) == {"ok": "ra
 t_free = time.time()
 check([r.get(timeout=T)["sum"] for r in [add.delay(i, 2) for i in range(5)]] == [2, 3, 4, 5, 6], "tasks run once the rate is lifted")
 facts["five_unlimited_took_s"] = round(time.time() - t_free, 3)
-check(time.time() - t_free < 1.5, f"no pacing once lifted: {time.time() - t_free:.3f} s")
+check(time.time() - t_free < 1.9, f"no pacing once lifted (2/s would take 2 s): {time.time() - t_free:.3f} s")
 bad = reply_of(app.control.rate_limit("proj.tasks.add", "10/d", **ctl)) or {}
 check(bad.get("error", "").startswith("Invalid rate limit string"), f"a rate with an unknown unit is refused: {bad}")
 check(reply_of(app.control.rate_limit("proj.tasks.nope", "1/s", **ctl)) == {"error": "unknown task"}, "rate_limit of a task this host does not serve")
@@ -457,7 +457,7 @@ cut = slow.apply_async(kwargs={"ms": 1500})
 while app.backend.get_task_meta(cut.id)["status"] not in ("RETRY", "FAILURE") and time.time() - t_cut < T:
     time.sleep(0.02)
 facts["time_limit_control_hit_after_s"] = round(time.time() - t_cut, 3)
-check(time.time() - t_cut < 1.3, f"stopped at the 0.5 s limit set by time_limit, not the plugin's 2 s: {time.time() - t_cut:.3f} s")
+check(time.time() - t_cut < 1.9, f"stopped at the 0.5 s limit set by time_limit (unlimited, it would succeed at 1.5 s): {time.time() - t_cut:.3f} s")
 check("TimeLimitExceeded" in str(app.backend.get_task_meta(cut.id)["result"]), "as TimeLimitExceeded")
 cut.revoke()
 check(reply_of(app.control.time_limit("proj.tasks.slow", **ctl)) == {"ok": "time limits set successfully"}, "time_limit without limits lifts it")

@@ -275,3 +275,57 @@ fn a_celer_cancel_of_a_waiting_celery_task_revokes_it() {
     let meta = await_meta(&task_id, "REVOKED", Duration::from_secs(15), &host);
     assert!(meta.contains("TaskRevokedError"), "{meta}");
 }
+
+/// `celery control pool_restart` (what a deploy sends after new code)
+/// loads a changed plugin at once. The host's watcher here waits ten
+/// minutes of quiet before loading a change, so only the rescan the
+/// command starts can make the new alias known within the test.
+#[test]
+fn pool_restart_loads_a_changed_plugin_at_once() {
+    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
+    let queue = format!("celery-reload-{id}");
+    let prefix = format!("celer-celery-reload-{id}:");
+    let short_hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname").trim().split('.').next().unwrap_or_default().to_string();
+    let worker = format!("reload-{id}@{short_hostname}");
+    let slow_watcher = TEST_CONFIG.replace("debounce_ms = 100", "debounce_ms = 600000");
+    assert_ne!(slow_watcher, TEST_CONFIG, "the test config names its debounce");
+    let config = format!("{slow_watcher}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\nworker_name = \"reload-{id}@%n\"\n");
+    let env = Env::with_config(&config).var("CELER_BROKER_URL", services::REDIS_URL).var("CELER_BROKER_PREFIX", &prefix);
+    let shipped = std::fs::read_to_string(plugin_manifest("hello")).expect("manifest");
+    let with_alias = |alias: &str| shipped.replacen("\n[limits]", &format!("\naliases = {{ \"{alias}\" = \"hello.add\" }}\n\n[limits]"), 1);
+    let wasm = std::fs::read(plugin_wasm("hello")).expect("wasm");
+    env.install_files("hello", &wasm, &with_alias("proj.tasks.add"));
+    let host = start(&env);
+    // The deploy: a new manifest names the task differently.
+    env.put("hello.toml", with_alias("proj.tasks.added").as_bytes());
+    let script = format!(
+        r#"
+import sys, time
+from celery import Celery
+app = Celery("proj", broker="{url}", backend="{url}")
+app.conf.task_default_queue = "{queue}"
+me = "{worker}"
+def registered():
+    return (app.control.inspect(destination=[me], timeout=3).registered() or {{}}).get(me, [])
+time.sleep(0.5)
+assert "proj.tasks.added" not in registered(), "the watcher loaded the change by itself: the test proves nothing"
+replies = app.control.pool_restart(reload=True, destination=[me], reply=True, timeout=3)
+assert [r[me] for r in replies if me in r] == [{{"ok": "reload started"}}], replies
+deadline = time.time() + 10
+while "proj.tasks.added" not in registered():
+    assert time.time() < deadline, f"not loaded after pool_restart: {{registered()}}"
+    time.sleep(0.1)
+assert app.send_task("proj.tasks.added", (2, 3)).get(timeout=20) == {{"sum": 5}}
+"#,
+        url = services::REDIS_URL,
+    );
+    let out = Command::new(python()).args(["-c", &script]).output().expect("run the Celery client");
+    assert!(
+        out.status.success(),
+        "{}\n{}\n--- celer log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        host.log()
+    );
+    assert!(host.log().contains("pool_restart"), "the rescan is logged:\n{}", host.log());
+}

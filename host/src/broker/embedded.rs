@@ -427,12 +427,14 @@ impl Broker for EmbeddedBroker {
         let (lease, room) = match req.limited.is_empty() {
             true => (LEASE, None),
             false => {
-                let room: serde_json::Map<String, serde_json::Value> = req
-                    .limited
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(i, room)| room.tasks.iter().map(move |t| (t.clone(), serde_json::json!([i, room.free]))))
-                    .collect();
+                // A task in two rooms (a rate's and its plugin's) counts
+                // against the first, as [`PluginRoom::of`] finds it.
+                let mut room = serde_json::Map::new();
+                for (i, r) in req.limited.iter().enumerate() {
+                    for t in &r.tasks {
+                        room.entry(t.clone()).or_insert_with(|| serde_json::json!([i, r.free]));
+                    }
+                }
                 (LEASE_LIMITED, Some(serde_json::Value::Object(room).to_string()))
             }
         };

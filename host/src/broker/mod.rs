@@ -146,8 +146,9 @@ pub struct FetchRequest<'a> {
     pub queues: &'a [String],
     /// Tasks whose plugin has no free slot: leave them for another worker.
     pub exclude_tasks: &'a [String],
-    /// Plugins with fewer free slots than `max`: lease no more of their
-    /// jobs than they can run, rather than leasing and handing back.
+    /// Plugins with fewer free slots than `max` (and rate-limited tasks,
+    /// first): lease no more of their jobs than they can run, rather than
+    /// leasing and handing back. A task in two rooms counts against the first.
     pub limited: &'a [PluginRoom],
     /// Free worker slots: never lease more (no hoarding).
     pub max: usize,

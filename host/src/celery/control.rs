@@ -305,11 +305,12 @@ impl Control {
                 },
             },
             // celer has one deadline per job: the shorter of the two limits
-            // given (none lifts it); it only ever shortens a job's own.
+            // given (none, or 0 as in Celery, lifts it); it only ever
+            // shortens a job's own.
             "time_limit" => match self.task_of(args) {
                 None => json!({"error": "unknown task"}),
                 Some(task) => {
-                    let seconds = |k: &str| args.get(k).and_then(Value::as_f64).filter(|s| s.is_finite() && *s >= 0.0);
+                    let seconds = |k: &str| args.get(k).and_then(Value::as_f64).filter(|s| s.is_finite() && *s > 0.0);
                     let limit = [seconds("soft"), seconds("hard")].into_iter().flatten().reduce(f64::min);
                     self.ctx.intake.limits().set_time(&task, limit.map(|s| Duration::from_secs_f64(s.min(MAX_TIME_LIMIT_S))));
                     json!({"ok": "time limits set successfully"})
@@ -402,7 +403,6 @@ impl Control {
         })
     }
 
-    /// Every task name this host runs: plugin tasks and their Celery aliases.
     /// The plugin task a control request's `task_name` (a task name or a
     /// Celery alias) stands for, if this host serves it.
     fn task_of(&self, args: &Value) -> Option<String> {
@@ -411,6 +411,7 @@ impl Control {
         Some(plugin.canonical_task(name).to_string())
     }
 
+    /// Every task name this host runs: plugin tasks and their Celery aliases.
     fn registered(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .ctx

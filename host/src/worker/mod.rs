@@ -200,11 +200,14 @@ impl Worker {
                     continue;
                 };
                 let slot = Slot { permit: Some(permit), freed: freed.clone() };
-                // Its plugin's slot is taken now, so the next fetch counts it
-                // (and a start of its task, when that is rate-limited).
+                // Its plugin's slot is taken now, so the next fetch counts it;
+                // so is a start of its task when that is rate-limited (only
+                // if it starts: one handed back for want of a slot uses none).
                 let plugin = self.registry.lookup(&delivery.job.task).map(|p| {
                     let permit = p.slots.clone().try_acquire_owned().ok();
-                    self.intake.limits().took(p.canonical_task(&delivery.job.task));
+                    if permit.is_some() {
+                        self.intake.limits().took(p.canonical_task(&delivery.job.task));
+                    }
                     (p, permit)
                 });
                 // Registered before the task starts, so a shutdown that
@@ -324,8 +327,9 @@ impl Worker {
 
     /// Leaves out of a fetch the rate-limited tasks with no start
     /// available, and lets it lease no more of the others' jobs than they
-    /// have starts ([`TaskLimits`]); the rate's room comes first, so it
-    /// counts over their plugin's.
+    /// have starts ([`TaskLimits`]). A task in two rooms counts against the
+    /// first, so the rate's room goes first; a fetch may then lease one job
+    /// more than a nearly full plugin can start, which the loop hands back.
     fn hold_back_rate_limited(&self, max: usize, exclude: &mut Vec<String>, limited: &mut Vec<PluginRoom>) {
         let (none, some) = self.intake.limits().starts_available(max);
         if none.is_empty() && some.is_empty() {

@@ -7,13 +7,14 @@
 //! (every script of the broker touches one queue, so one slot), wrapped in
 //! [`HealingCluster`]: redis-rs repairs a node's connection by itself, but
 //! after every node of the cluster restarted at once a connection was seen
-//! to fail every command from then on, so a run of failures replaces it.
+//! to fail every command from then on, so a long run of failures replaces
+//! it.
 //!
 //! URLs: `redis://[user:pass@]host:port[/db]` (or `rediss://`) for one
 //! server; `redis+cluster://host:port,host:port,…` for a cluster (any
 //! reachable node is enough to discover the others).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -91,10 +92,13 @@ impl Target {
 }
 
 /// A cluster connection that replaces itself after a run of connection
-/// failures: [`HealingCluster::FAILURES_BEFORE_REBUILD`] commands in a row
-/// failing for want of a node, at most once per [`HealingCluster::REBUILD_EVERY`].
-/// While the cluster is down the rebuild fails too and the old connection is
-/// kept; the first command that succeeds, on either, ends the run.
+/// failures: at least [`HealingCluster::FAILURES_BEFORE_REBUILD`] commands
+/// in a row failing for want of a node, over at least
+/// [`HealingCluster::FAILING_FOR`], and at most once per
+/// [`HealingCluster::REBUILD_EVERY`]. The new connection is made off the
+/// failing caller's path. While the cluster is down the rebuild fails too
+/// and the old connection is kept; the first command that succeeds, on
+/// either, ends the run.
 #[derive(Clone)]
 pub struct HealingCluster {
     shared: Arc<Healing>,
@@ -104,15 +108,20 @@ struct Healing {
     client: ClusterClient,
     current: Mutex<ClusterConnection>,
     failures_in_a_row: AtomicU32,
+    /// When the run of failures began, in ms after `since` (0: no run).
+    run_began_ms: AtomicU64,
+    since: Instant,
     /// When the last rebuild started; held while one runs, so clones that
     /// fail meanwhile do not start their own.
-    last_rebuild: tokio::sync::Mutex<Option<Instant>>,
+    last_rebuild: Arc<tokio::sync::Mutex<Option<Instant>>>,
 }
 
 impl HealingCluster {
-    /// Enough failures that a node restarting alone (which redis-rs repairs
-    /// within a few retries) does not cost the whole connection.
+    /// Enough failures, for long enough, that a node failing over or
+    /// restarting alone (which redis-rs repairs by itself within a few
+    /// retries) does not cost the whole connection.
     const FAILURES_BEFORE_REBUILD: u32 = 8;
+    const FAILING_FOR: Duration = Duration::from_secs(3);
     const REBUILD_EVERY: Duration = Duration::from_secs(2);
 
     async fn connect(client: ClusterClient) -> RedisResult<HealingCluster> {
@@ -122,7 +131,9 @@ impl HealingCluster {
                 client,
                 current: Mutex::new(conn),
                 failures_in_a_row: AtomicU32::new(0),
-                last_rebuild: tokio::sync::Mutex::new(None),
+                run_began_ms: AtomicU64::new(0),
+                since: Instant::now(),
+                last_rebuild: Arc::new(tokio::sync::Mutex::new(None)),
             }),
         })
     }
@@ -133,38 +144,59 @@ impl HealingCluster {
         self.shared.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Counts the answer toward a run of failures, and replaces the
-    /// connection once the run is long enough.
-    async fn observe<T>(&self, result: &RedisResult<T>) {
+    fn now_ms(&self) -> u64 {
+        // Never 0, which means "no run".
+        u64::try_from(self.shared.since.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// Counts the answer toward a run of failures, and has the connection
+    /// replaced once the run is long enough.
+    fn observe<T>(&self, result: &RedisResult<T>) {
+        let shared = &self.shared;
         match result {
-            Ok(_) => self.shared.failures_in_a_row.store(0, Ordering::Relaxed),
             Err(e) if lost_the_cluster(e) => {
-                let n = self.shared.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-                if n >= Self::FAILURES_BEFORE_REBUILD {
-                    self.rebuild(e).await;
+                let n = shared.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+                let now = self.now_ms();
+                let began = match shared.run_began_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => now,
+                    Err(began) => began,
+                };
+                let failing_for = Duration::from_millis(now.saturating_sub(began));
+                if n >= Self::FAILURES_BEFORE_REBUILD && failing_for >= Self::FAILING_FOR {
+                    self.rebuild(e.to_string(), n);
                 }
             }
-            // An answer from a server (a script's error, a wrong type): the
-            // connection works.
-            Err(_) => self.shared.failures_in_a_row.store(0, Ordering::Relaxed),
+            // A success, or an answer from a server (a script's error, a
+            // wrong type): the connection works.
+            _ => {
+                if shared.failures_in_a_row.swap(0, Ordering::Relaxed) > 0 {
+                    shared.run_began_ms.store(0, Ordering::Relaxed);
+                }
+            }
         }
     }
 
-    async fn rebuild(&self, cause: &RedisError) {
-        let Ok(mut last) = self.shared.last_rebuild.try_lock() else { return };
+    /// Connects afresh in a task of its own, unless a rebuild runs or ran
+    /// less than [`HealingCluster::REBUILD_EVERY`] ago.
+    fn rebuild(&self, cause: String, failures: u32) {
+        let Ok(mut last) = self.shared.last_rebuild.clone().try_lock_owned() else { return };
         if last.is_some_and(|t| t.elapsed() < Self::REBUILD_EVERY) {
             return;
         }
         *last = Some(Instant::now());
-        let failures = self.shared.failures_in_a_row.load(Ordering::Relaxed);
-        match self.shared.client.get_async_connection().await {
-            Ok(conn) => {
-                *self.shared.current.lock().unwrap_or_else(|p| p.into_inner()) = conn;
-                self.shared.failures_in_a_row.store(0, Ordering::Relaxed);
-                tracing::warn!(failures, error = %cause, "Redis Cluster connection replaced after failures in a row");
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _running = last;
+            match this.shared.client.get_async_connection().await {
+                Ok(conn) => {
+                    *this.shared.current.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+                    this.shared.failures_in_a_row.store(0, Ordering::Relaxed);
+                    this.shared.run_began_ms.store(0, Ordering::Relaxed);
+                    tracing::warn!(failures, error = %cause, "Redis Cluster connection replaced after failures in a row");
+                }
+                Err(e) => tracing::debug!(error = %e, "Redis Cluster still unreachable; keeping the old connection"),
             }
-            Err(e) => tracing::debug!(error = %e, "Redis Cluster still unreachable; keeping the old connection"),
-        }
+        });
     }
 }
 
@@ -182,7 +214,7 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => Box::pin(async move {
                 let result = c.current().req_packed_command(cmd).await;
-                c.observe(&result).await;
+                c.observe(&result);
                 result
             }),
         }
@@ -198,7 +230,7 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => Box::pin(async move {
                 let result = c.current().req_packed_commands(pipeline, offset, count).await;
-                c.observe(&result).await;
+                c.observe(&result);
                 result
             }),
         }
