@@ -1041,7 +1041,7 @@ mod tests {
         lease: Duration,
     ) -> Vec<Delivery> {
         let queues = default_queue();
-        let req = FetchRequest { host: HOST, queues: &queues, exclude_tasks: exclude, limited: &[], max, lease };
+        let req = FetchRequest { host: HOST, queues: &queues, exclude_tasks: exclude, limited: &[], max, lease, wait_longer: None };
         b.fetch(req).await.expect("fetch")
     }
 

@@ -153,6 +153,13 @@ pub struct FetchRequest<'a> {
     /// Free worker slots: never lease more (no hoarding).
     pub max: usize,
     pub lease: Duration,
+    /// A broker whose fetch waits for new work when it finds none
+    /// ([`Broker::fetch_waits`]) may wait this long instead of its usual
+    /// time when it is longer: the jobs it sent back are of rate-limited
+    /// tasks whose next start is this far off, and reading them again
+    /// sooner would only send them back again. A new job still ends the
+    /// wait at once.
+    pub wait_longer: Option<Duration>,
 }
 
 /// A plugin that can start only `free` more jobs now (`free` ≥ 1: a full

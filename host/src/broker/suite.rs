@@ -46,7 +46,7 @@ pub async fn fetch_limited(
     limited: &[PluginRoom],
     lease: Duration,
 ) -> Vec<Delivery> {
-    let req = FetchRequest { host: HOST, queues, exclude_tasks: exclude, limited, max, lease };
+    let req = FetchRequest { host: HOST, queues, exclude_tasks: exclude, limited, max, lease, wait_longer: None };
     b.fetch(req).await.expect("fetch")
 }
 
@@ -475,6 +475,7 @@ pub async fn concurrent_workers_deliver_every_job_exactly_once(brokers: Vec<Arc<
                     limited: &[],
                     max: 1 + w % 4,
                     lease: Duration::from_secs(60),
+                    wait_longer: None,
                 };
                 let got = broker.fetch(req).await.expect("fetch");
                 if got.is_empty() {

@@ -147,7 +147,7 @@ impl Worker {
             }
             batch_deadline = None;
             let (mut exclude, mut limited) = self.registry.room(free);
-            self.hold_back_rate_limited(free, &mut exclude, &mut limited);
+            let next_start = self.hold_back_rate_limited(free, &mut exclude, &mut limited);
             let request = FetchRequest {
                 host: &self.host,
                 queues: &queues,
@@ -155,6 +155,7 @@ impl Worker {
                 limited: &limited,
                 max: free,
                 lease,
+                wait_longer: next_start,
             };
             // The next fetch goes on the wire before the jobs of the last
             // one start. On a single-threaded event loop (a shard) those
@@ -330,10 +331,11 @@ impl Worker {
     /// have starts ([`TaskLimits`]). A task in two rooms counts against the
     /// first, so the rate's room goes first; a fetch may then lease one job
     /// more than a nearly full plugin can start, which the loop hands back.
-    fn hold_back_rate_limited(&self, max: usize, exclude: &mut Vec<String>, limited: &mut Vec<PluginRoom>) {
-        let (none, some) = self.intake.limits().starts_available(max);
+    /// Returns when the first task left out has a start again.
+    fn hold_back_rate_limited(&self, max: usize, exclude: &mut Vec<String>, limited: &mut Vec<PluginRoom>) -> Option<Duration> {
+        let task_limits::Starts { none, some, next_in } = self.intake.limits().starts_available(max);
         if none.is_empty() && some.is_empty() {
-            return;
+            return None;
         }
         let names_of = |task: &str| -> Vec<String> {
             let mut names = vec![task.to_string()];
@@ -347,6 +349,7 @@ impl Worker {
         }
         let rooms: Vec<PluginRoom> = some.into_iter().map(|(task, free)| PluginRoom { tasks: names_of(&task), free }).collect();
         limited.splice(0..0, rooms);
+        next_in
     }
 
     /// Records an outcome, retrying briefly when the broker is unreachable.

@@ -36,6 +36,22 @@ struct Limits {
     time: Option<Duration>,
 }
 
+/// What a fetch may start of the rate-limited tasks ([`TaskLimits::starts_available`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct Starts {
+    /// Tasks with no start available now.
+    pub none: Vec<String>,
+    /// Tasks with some, and how many.
+    pub some: Vec<(String, usize)>,
+    /// When the first of `none` has a start again (at most [`MAX_WAIT`]).
+    pub next_in: Option<Duration>,
+}
+
+/// The longest a fetch waits for a rate-limited task's next start: a slow
+/// rate's next start may be hours away, and a waiting fetch holds up a
+/// shutdown and the take-over of a dead host's jobs by this host.
+const MAX_WAIT: Duration = Duration::from_secs(2);
+
 /// One start's worth of tokens at most, refilled at `per_s`.
 #[derive(Debug)]
 struct Bucket {
@@ -111,22 +127,27 @@ impl TaskLimits {
     }
 
     /// For a fetch: the rate-limited tasks with no start available now,
-    /// and those with some, with how many (at most `max`).
-    pub fn starts_available(&self, max: usize) -> (Vec<String>, Vec<(String, usize)>) {
+    /// those with some (with how many, at most `max`), and how soon the
+    /// first of the former has one again.
+    pub fn starts_available(&self, max: usize) -> Starts {
+        let mut starts = Starts::default();
         if !self.shared.any.load(Ordering::Relaxed) {
-            return (Vec::new(), Vec::new());
+            return starts;
         }
         let now = Instant::now();
-        let (mut none, mut some) = (Vec::new(), Vec::new());
         for (task, limits) in self.lock().iter_mut() {
             let Some(bucket) = &mut limits.rate else { continue };
             bucket.refill(now);
             match bucket.tokens.floor() {
-                n if n < 1.0 => none.push(task.clone()),
-                n => some.push((task.clone(), (n as usize).min(max))),
+                n if n < 1.0 => {
+                    starts.none.push(task.clone());
+                    let due = Duration::from_secs_f64(((1.0 - bucket.tokens) / bucket.per_s).min(MAX_WAIT.as_secs_f64()));
+                    starts.next_in = Some(starts.next_in.map_or(due, |d: Duration| d.min(due)));
+                }
+                n => starts.some.push((task.clone(), (n as usize).min(max))),
             }
         }
-        (none, some)
+        starts
     }
 
     /// A job of `task` was taken: one start is used (a job taken past the
@@ -173,16 +194,18 @@ mod tests {
     #[test]
     fn a_rate_allows_one_start_then_refills_at_its_pace() {
         let limits = TaskLimits::default();
-        assert_eq!(limits.starts_available(8), (vec![], vec![]), "no limit set");
+        assert_eq!(limits.starts_available(8), Starts::default(), "no limit set");
         limits.set_rate("mail.send", Some(20.0));
-        assert_eq!(limits.starts_available(8), (vec![], vec![("mail.send".to_string(), 1)]), "one start at first");
+        assert_eq!(limits.starts_available(8).some, vec![("mail.send".to_string(), 1)], "one start at first");
         limits.took("mail.send");
         limits.took("other.task");
-        assert_eq!(limits.starts_available(8), (vec!["mail.send".to_string()], vec![]), "none until refilled");
+        let held = limits.starts_available(8);
+        assert_eq!((held.none, held.some), (vec!["mail.send".to_string()], vec![]), "none until refilled");
+        assert!(held.next_in.is_some_and(|d| d > Duration::from_millis(30) && d <= Duration::from_millis(50)), "the next start is 1/20 s after the last: {:?}", held.next_in);
         std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(limits.starts_available(8).1, vec![("mail.send".to_string(), 1)], "refilled after 1/20 s, never past one");
+        assert_eq!(limits.starts_available(8).some, vec![("mail.send".to_string(), 1)], "refilled after 1/20 s, never past one");
         limits.set_rate("mail.send", None);
-        assert_eq!(limits.starts_available(8), (vec![], vec![]), "lifted");
+        assert_eq!(limits.starts_available(8), Starts::default(), "lifted");
     }
 
     #[test]

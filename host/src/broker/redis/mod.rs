@@ -382,9 +382,10 @@ impl RedisBroker {
         }));
     }
 
-    /// Blocks until one of the streams gets a new entry, or the wait ends.
-    async fn wait_for_entries(&self, wait: Wait) {
-        let mut timeout = self.inner.block;
+    /// Blocks until one of the streams gets a new entry, or `block` (or
+    /// the wait for the next delayed job) ends.
+    async fn wait_for_entries(&self, wait: Wait, block: Duration) {
+        let mut timeout = block;
         if let Some(next) = wait.next_ms {
             timeout = timeout.min(Duration::from_millis(u64::try_from(next).unwrap_or(0)));
         }
@@ -787,7 +788,8 @@ impl Broker for RedisBroker {
         if !got.is_empty() || !blocking {
             return Ok(got);
         }
-        self.wait_for_entries(wait).await;
+        let block = req.wait_longer.map_or(self.inner.block, |longer| longer.max(self.inner.block));
+        self.wait_for_entries(wait, block).await;
         let (got, _) = self.fetch_once(&req, false).await?;
         Ok(got)
     }

@@ -127,13 +127,13 @@ async fn a_blocking_fetch_wakes_up_when_a_job_arrives() {
     // An empty queue: the fetch waits its full block time, then returns nothing.
     let t = Instant::now();
     let queues = vec!["default".to_string()];
-    let req = FetchRequest { host: "h", queues: &queues, exclude_tasks: &[], limited: &[], max: 4, lease: Duration::from_secs(30) };
+    let req = FetchRequest { host: "h", queues: &queues, exclude_tasks: &[], limited: &[], max: 4, lease: Duration::from_secs(30), wait_longer: None };
     let waiter = tokio::spawn({
         let consumer = consumer.clone();
         async move {
             let queues = vec!["default".to_string()];
             let req =
-                FetchRequest { host: "h", queues: &queues, exclude_tasks: &[], limited: &[], max: 4, lease: Duration::from_secs(30) };
+                FetchRequest { host: "h", queues: &queues, exclude_tasks: &[], limited: &[], max: 4, lease: Duration::from_secs(30), wait_longer: None };
             let got = consumer.fetch(req).await.unwrap();
             (got, Instant::now())
         }
@@ -153,6 +153,54 @@ async fn a_blocking_fetch_wakes_up_when_a_job_arrives() {
     let got = consumer.fetch(req.clone()).await.unwrap();
     assert_eq!(got.len(), 1, "the delayed job, once due");
     assert!(t.elapsed() < Duration::from_millis(2_000), "{:?}", t.elapsed());
+}
+
+/// A fetch that found only jobs it must send back (a rate-limited task out
+/// of starts) waits until that task's next start rather than its usual
+/// block time, and a new job still ends the wait at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_asked_to_wait_longer_still_wakes_for_a_new_job() {
+    let prefix = unique_prefix();
+    let _c = Cleanup { url: redis_url(), prefix: prefix.clone() };
+    let consumer = broker_with(&prefix, Duration::from_millis(50)).await;
+    let producer = broker_with(&prefix, Duration::ZERO).await;
+    enqueue(&producer, job("held")).await;
+    let queues = vec!["default".to_string()];
+    let held = vec!["held".to_string()];
+    let req = FetchRequest {
+        host: "h",
+        queues: &queues,
+        exclude_tasks: &held,
+        limited: &[],
+        max: 4,
+        lease: Duration::from_secs(30),
+        wait_longer: Some(Duration::from_millis(600)),
+    };
+    let t = Instant::now();
+    assert!(consumer.fetch(req.clone()).await.unwrap().is_empty(), "the held-back job is sent back");
+    assert!(t.elapsed() >= Duration::from_millis(550), "waited for the next start, not the 50 ms block: {:?}", t.elapsed());
+    let waiter = tokio::spawn({
+        let consumer = consumer.clone();
+        async move {
+            let (queues, held) = (vec!["default".to_string()], vec!["held".to_string()]);
+            let req = FetchRequest {
+                host: "h",
+                queues: &queues,
+                exclude_tasks: &held,
+                limited: &[],
+                max: 4,
+                lease: Duration::from_secs(30),
+                wait_longer: Some(Duration::from_secs(5)),
+            };
+            (consumer.fetch(req).await.unwrap(), Instant::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    let id = enqueue(&producer, job("free")).await;
+    let (got, woke) = waiter.await.unwrap();
+    assert_eq!(got.iter().map(|d| d.job.id.clone()).collect::<Vec<_>>(), vec![id], "the new job, not the held one");
+    assert!(woke.duration_since(sent) < Duration::from_millis(1_000), "woke {:?} after the enqueue, not at the 5 s wait's end", woke.duration_since(sent));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,6 +362,7 @@ async fn a_short_lease_host_waits_for_the_holders_longer_lease() {
         limited: &[],
         max: 4,
         lease: Duration::from_millis(lease_ms),
+        wait_longer: None,
     };
     let id = enqueue(&b, job("t")).await;
     let held = b.fetch(req("slow-host", 800)).await.unwrap();
