@@ -20,6 +20,62 @@ pub fn from_now(delay: std::time::Duration) -> Option<DateTime<Utc>> {
     chrono::Duration::from_std(delay).ok().and_then(|d| Utc::now().checked_add_signed(d))
 }
 
+/// A job's arguments as JSON text. They go from the queue to the plugin as
+/// text (the guest reads JSON), so a fetched job keeps them as they were
+/// stored instead of parsing them into a tree and writing them out again
+/// for each run: for a job carrying a document, that round trip (escapes
+/// undone, then redone) was the host's largest cost outside the sandbox.
+#[derive(Clone)]
+pub struct JsonText(Box<serde_json::value::RawValue>);
+
+impl JsonText {
+    /// The text of `value`.
+    pub fn of(value: &Value) -> JsonText {
+        // A `Value` always serializes; `null` would only stand in for a bug.
+        JsonText(serde_json::value::to_raw_value(value).unwrap_or_else(|_| JsonText::null()))
+    }
+
+    fn null() -> Box<serde_json::value::RawValue> {
+        serde_json::value::RawValue::from_string("null".to_string()).unwrap_or_else(|_| unreachable!("null is JSON"))
+    }
+
+    /// The JSON text, as stored.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The value, parsed (for the places that look inside: `inspect active`,
+    /// comparisons in tests).
+    pub fn value(&self) -> Value {
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+}
+
+impl std::fmt::Debug for JsonText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Equal when they hold the same value, whatever the spacing.
+impl PartialEq for JsonText {
+    fn eq(&self, other: &JsonText) -> bool {
+        self.as_str() == other.as_str() || self.value() == other.value()
+    }
+}
+
+impl Serialize for JsonText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<JsonText, D::Error> {
+        Box::<serde_json::value::RawValue>::deserialize(d).map(JsonText)
+    }
+}
+
 /// A job a producer wants run; the broker gives it an id and an envelope.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NewJob {
@@ -102,8 +158,8 @@ fn json_kind(v: &Value) -> &'static str {
 pub struct Job {
     pub id: String,
     pub task: String,
-    pub args: Value,
-    pub kwargs: Value,
+    pub args: JsonText,
+    pub kwargs: JsonText,
     pub queue: String,
     pub priority: i32,
     /// 0 on the first delivery; +1 for every retry or redelivery.
@@ -269,4 +325,28 @@ pub struct JobStatus {
     pub touched: Option<Value>,
     /// The job's captured log: guest stdout/stderr and `log` calls, capped.
     pub log: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn arguments_keep_their_stored_text_through_an_envelope() {
+        let stored = r#"{"args":["{\"id\": \"ord_1\", \"note\": \"caf\u00e9\"}"],"n":1}"#;
+        #[derive(Deserialize, Serialize)]
+        struct Envelope {
+            args: JsonText,
+            n: u32,
+        }
+        let env: Envelope = serde_json::from_str(stored).expect("envelope");
+        assert_eq!(env.args.as_str(), r#"["{\"id\": \"ord_1\", \"note\": \"caf\u00e9\"}"]"#, "the text, escapes and all, not re-encoded");
+        assert_eq!(env.args.value(), json!(["{\"id\": \"ord_1\", \"note\": \"café\"}"]));
+        assert_eq!(serde_json::to_string(&env).expect("write"), stored, "written back as it was read");
+        assert_eq!(JsonText::of(&json!({"a": [1, 2]})).as_str(), r#"{"a":[1,2]}"#);
+        let spaced: JsonText = serde_json::from_str(r#"{ "a" : [1, 2] }"#).expect("spaced");
+        assert_eq!(spaced, JsonText::of(&json!({"a": [1, 2]})), "equal by value, whatever the spacing");
+        assert_ne!(spaced, JsonText::of(&json!({"a": [2, 1]})));
+    }
 }

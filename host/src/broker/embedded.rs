@@ -935,7 +935,7 @@ impl<'r> Reader<'r> {
         .transpose()
     }
 
-    fn json(&self, column: &str) -> Result<Value, BrokerError> {
+    fn json<T: serde::de::DeserializeOwned>(&self, column: &str) -> Result<T, BrokerError> {
         let text: String = self.get(column)?;
         serde_json::from_str(&text).map_err(|e| self.corrupt(format!("column {column}: {e}")))
     }

@@ -94,7 +94,7 @@ pub async fn enqueue_stores_a_queued_job_and_status_reads_it_back(b: &dyn Broker
     assert_eq!(s.state, JobState::Queued);
     assert_eq!(s.job.id, id);
     assert_eq!(s.job.task, "mail.send");
-    assert_eq!((s.job.args.clone(), s.job.kwargs.clone()), (new.args, new.kwargs));
+    assert_eq!((s.job.args.value(), s.job.kwargs.value()), (new.args, new.kwargs));
     assert_eq!(s.job.queue, "default");
     assert_eq!((s.job.priority, s.job.attempt, s.job.max_retries), (7, 0, 5));
     assert_eq!(s.job.timeout_ms, Some(1_500));

@@ -136,8 +136,8 @@ impl Broker for CeleryAwareBroker {
                 let running = Running {
                     celery_id: id.to_string(),
                     task: d.job.task.clone(),
-                    args: d.job.args.clone(),
-                    kwargs: d.job.kwargs.clone(),
+                    args: d.job.args.value(),
+                    kwargs: d.job.kwargs.value(),
                     queue: d.job.queue.clone(),
                     started: now,
                 };

@@ -223,8 +223,8 @@ impl Runtime {
         let wit_job = WitJob {
             id: job.id.clone(),
             task: plugin.canonical_task(&job.task).to_string(),
-            args: job.args.to_string(),
-            kwargs: job.kwargs.to_string(),
+            args: job.args.as_str().to_string(),
+            kwargs: job.kwargs.as_str().to_string(),
             attempt: job.attempt,
             max_retries: job.max_retries,
             queue: job.queue.clone(),

@@ -84,7 +84,7 @@ use super::{
     Broker, BrokerError, CancelOutcome, Delivery, Enqueued, FetchRequest, HostInfo, Lease,
     LeaseStatus, Outcome, QueueStats, RunRecord,
 };
-use crate::job::{ErrorKind, Job, JobError, JobState, JobStatus, NewJob, Progress};
+use crate::job::{ErrorKind, Job, JobError, JobState, JobStatus, JsonText, NewJob, Progress};
 
 /// The consumer group every host joins.
 pub const GROUP: &str = "celer";
@@ -146,8 +146,8 @@ impl RedisOptions {
 struct Envelope {
     id: String,
     task: String,
-    args: Value,
-    kwargs: Value,
+    args: JsonText,
+    kwargs: JsonText,
     queue: String,
     priority: i32,
     max_retries: u32,
@@ -716,8 +716,8 @@ impl Broker for RedisBroker {
         let env = Envelope {
             id: id.clone(),
             task: job.task.clone(),
-            args: job.args,
-            kwargs: job.kwargs,
+            args: JsonText::of(&job.args),
+            kwargs: JsonText::of(&job.kwargs),
             queue: job.queue.clone(),
             priority: job.priority,
             max_retries: job.max_retries,
