@@ -63,16 +63,22 @@ fn start(env: &Env) -> Host {
     host
 }
 
+/// A Celery worker name for `[celery] worker_name` (`<name>@%n`, as
+/// `celery worker -n <name>@%n` would set it) and what it becomes on this
+/// machine, the name replies come under.
+fn worker_names(name: &str) -> (String, String) {
+    let short_hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname").trim().split('.').next().unwrap_or_default().to_string();
+    (format!("{name}@%n"), format!("{name}@{short_hostname}"))
+}
+
 #[test]
 fn a_django_app_gets_its_results_from_celer() {
     let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
     let queue = format!("celery-test-{id}");
     let prefix = format!("celer-celery-test-{id}:");
-    // The Celery worker name, as `celery worker -n django-<id>@%n` would set it.
-    let short_hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname").trim().split('.').next().unwrap_or_default().to_string();
-    let worker = format!("django-{id}@{short_hostname}");
+    let (worker_name, worker) = worker_names(&format!("django-{id}"));
     let config = format!(
-        "{TEST_CONFIG}\n[celery]\nenabled = true\ntrack_started = true\nqueues = [\"{queue}\"]\nworker_name = \"django-{id}@%n\"\n"
+        "{TEST_CONFIG}\n[celery]\nenabled = true\ntrack_started = true\nqueues = [\"{queue}\"]\nworker_name = \"{worker_name}\"\n"
     );
     let env = Env::with_config(&config)
         .var("CELER_BROKER_URL", services::REDIS_URL)
@@ -285,11 +291,10 @@ fn pool_restart_loads_a_changed_plugin_at_once() {
     let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
     let queue = format!("celery-reload-{id}");
     let prefix = format!("celer-celery-reload-{id}:");
-    let short_hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname").trim().split('.').next().unwrap_or_default().to_string();
-    let worker = format!("reload-{id}@{short_hostname}");
+    let (worker_name, worker) = worker_names(&format!("reload-{id}"));
     let slow_watcher = TEST_CONFIG.replace("debounce_ms = 100", "debounce_ms = 600000");
     assert_ne!(slow_watcher, TEST_CONFIG, "the test config names its debounce");
-    let config = format!("{slow_watcher}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\nworker_name = \"reload-{id}@%n\"\n");
+    let config = format!("{slow_watcher}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\nworker_name = \"{worker_name}\"\n");
     let env = Env::with_config(&config).var("CELER_BROKER_URL", services::REDIS_URL).var("CELER_BROKER_PREFIX", &prefix);
     let shipped = std::fs::read_to_string(plugin_manifest("hello")).expect("manifest");
     let with_alias = |alias: &str| shipped.replacen("\n[limits]", &format!("\naliases = {{ \"{alias}\" = \"hello.add\" }}\n\n[limits]"), 1);

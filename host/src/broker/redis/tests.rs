@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::{RedisBroker, RedisOptions};
 use crate::broker::suite::{self, enqueue, fetch, fetch_one, job, status};
-use crate::broker::{Broker, BrokerError, FetchRequest, Outcome, RunRecord};
+use crate::broker::{Broker, BrokerError, Delivery, FetchRequest, Outcome, RunRecord};
 use crate::job::JobState;
 
 use super::test_redis_url as redis_url;
@@ -165,35 +165,26 @@ async fn a_fetch_asked_to_wait_longer_still_wakes_for_a_new_job() {
     let consumer = broker_with(&prefix, Duration::from_millis(50)).await;
     let producer = broker_with(&prefix, Duration::ZERO).await;
     enqueue(&producer, job("held")).await;
-    let queues = vec!["default".to_string()];
-    let held = vec!["held".to_string()];
-    let req = FetchRequest {
-        host: "h",
-        queues: &queues,
-        exclude_tasks: &held,
-        limited: &[],
-        max: 4,
-        lease: Duration::from_secs(30),
-        wait_longer: Some(Duration::from_millis(600)),
-    };
+    // A fetch of the default queue that leaves task "held" out.
+    async fn fetch_all_but_held(b: &RedisBroker, wait_longer: Duration) -> Vec<Delivery> {
+        let (queues, held) = (vec!["default".to_string()], vec!["held".to_string()]);
+        let req = FetchRequest {
+            host: "h",
+            queues: &queues,
+            exclude_tasks: &held,
+            limited: &[],
+            max: 4,
+            lease: Duration::from_secs(30),
+            wait_longer: Some(wait_longer),
+        };
+        b.fetch(req).await.unwrap()
+    }
     let t = Instant::now();
-    assert!(consumer.fetch(req.clone()).await.unwrap().is_empty(), "the held-back job is sent back");
+    assert!(fetch_all_but_held(&consumer, Duration::from_millis(600)).await.is_empty(), "the held-back job is sent back");
     assert!(t.elapsed() >= Duration::from_millis(550), "waited for the next start, not the 50 ms block: {:?}", t.elapsed());
     let waiter = tokio::spawn({
         let consumer = consumer.clone();
-        async move {
-            let (queues, held) = (vec!["default".to_string()], vec!["held".to_string()]);
-            let req = FetchRequest {
-                host: "h",
-                queues: &queues,
-                exclude_tasks: &held,
-                limited: &[],
-                max: 4,
-                lease: Duration::from_secs(30),
-                wait_longer: Some(Duration::from_secs(5)),
-            };
-            (consumer.fetch(req).await.unwrap(), Instant::now())
-        }
+        async move { (fetch_all_but_held(&consumer, Duration::from_secs(5)).await, Instant::now()) }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sent = Instant::now();
