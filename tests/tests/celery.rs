@@ -63,6 +63,26 @@ fn start(env: &Env) -> Host {
     host
 }
 
+/// Fails the test unless the Python side `what` exited 0, showing its
+/// output and the host's log.
+fn assert_succeeded(out: &std::process::Output, what: &str, host: &Host) {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}\n--- celer log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        host.log()
+    );
+}
+
+/// A test's own id, Celery queue (`celery-<kind>-<id>`) and celer key
+/// prefix, so tests sharing the Redis never see each other's keys.
+fn unique(kind: &str) -> (String, String, String) {
+    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
+    let (queue, prefix) = (format!("celery-{kind}-{id}"), format!("celer-celery-{kind}-{id}:"));
+    (id, queue, prefix)
+}
+
 /// A Celery worker name for `[celery] worker_name` (`<name>@%n`, as
 /// `celery worker -n <name>@%n` would set it) and what it becomes on this
 /// machine, the name replies come under.
@@ -73,9 +93,7 @@ fn worker_names(name: &str) -> (String, String) {
 
 #[test]
 fn a_django_app_gets_its_results_from_celer() {
-    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
-    let queue = format!("celery-test-{id}");
-    let prefix = format!("celer-celery-test-{id}:");
+    let (id, queue, prefix) = unique("test");
     let (worker_name, worker) = worker_names(&format!("django-{id}"));
     let config = format!(
         "{TEST_CONFIG}\n[celery]\nenabled = true\ntrack_started = true\nqueues = [\"{queue}\"]\nworker_name = \"{worker_name}\"\n"
@@ -104,13 +122,7 @@ fn a_django_app_gets_its_results_from_celer() {
         .env("CELER_WORKER", &worker)
         .output()
         .expect("run the Celery producer");
-    assert!(
-        out.status.success(),
-        "the Django-style producer failed:\n{}\n{}\n--- celer log ---\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        host.log()
-    );
+    assert_succeeded(&out, "the Django-style producer", &host);
     eprintln!("producer: {}", String::from_utf8_lossy(&out.stdout));
     // Its last request was `celery control shutdown`: the host drains and exits 0.
     let mut host = host;
@@ -141,9 +153,7 @@ fn a_django_app_gets_its_results_from_celer() {
 
 #[test]
 fn messages_in_flight_on_a_dead_host_are_recovered_once() {
-    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
-    let queue = format!("celery-recover-{id}");
-    let prefix = format!("celer-celery-recover-{id}:");
+    let (id, queue, prefix) = unique("recover");
     // A message a host had moved off the Celery list when it died.
     let message = std::fs::read_to_string(repo_root().join("../shared/fixtures/celery-protocol/send_task-export.organization.json"))
         .expect("fixture")
@@ -189,9 +199,7 @@ struct OneQueue {
 }
 
 fn one_queue(kind: &str, plugin: &str, aliases: &str) -> OneQueue {
-    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
-    let queue = format!("celery-{kind}-{id}");
-    let prefix = format!("celer-celery-{kind}-{id}:");
+    let (id, queue, prefix) = unique(kind);
     let config = format!("{TEST_CONFIG}\n[celery]\nenabled = true\nqueues = [\"{queue}\"]\n");
     let env = Env::with_config(&config).var("CELER_BROKER_URL", services::REDIS_URL).var("CELER_BROKER_PREFIX", &prefix);
     let manifest = std::fs::read_to_string(plugin_manifest(plugin))
@@ -288,9 +296,7 @@ fn a_celer_cancel_of_a_waiting_celery_task_revokes_it() {
 /// command starts can make the new alias known within the test.
 #[test]
 fn pool_restart_loads_a_changed_plugin_at_once() {
-    let id = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
-    let queue = format!("celery-reload-{id}");
-    let prefix = format!("celer-celery-reload-{id}:");
+    let (id, queue, prefix) = unique("reload");
     let (worker_name, worker) = worker_names(&format!("reload-{id}"));
     let slow_watcher = TEST_CONFIG.replace("debounce_ms = 100", "debounce_ms = 600000");
     assert_ne!(slow_watcher, TEST_CONFIG, "the test config names its debounce");
@@ -325,12 +331,6 @@ assert app.send_task("proj.tasks.added", (2, 3)).get(timeout=20) == {{"sum": 5}}
         url = services::REDIS_URL,
     );
     let out = Command::new(python()).args(["-c", &script]).output().expect("run the Celery client");
-    assert!(
-        out.status.success(),
-        "{}\n{}\n--- celer log ---\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        host.log()
-    );
+    assert_succeeded(&out, "the Celery client", &host);
     assert!(host.log().contains("pool_restart"), "the rescan is logged:\n{}", host.log());
 }

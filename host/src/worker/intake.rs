@@ -6,9 +6,9 @@
 //! remote control (`pool_shrink` / `pool_grow` / `autoscale`,
 //! `cancel_consumer` / `add_consumer`, as Flower's buttons send them).
 //! Limits on single tasks (`rate_limit`, `time_limit`) ride along
-//! ([`TaskLimits`]). Never more slots than configured: the sandbox's instance pool is sized
-//! for that at start. Jobs already running finish; the host just takes
-//! fewer new ones. Not kept across a restart.
+//! ([`TaskLimits`]). Never more slots than configured: the sandbox's
+//! instance pool is sized for that at start. Jobs already running finish;
+//! the host just takes fewer new ones. Not kept across a restart.
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;

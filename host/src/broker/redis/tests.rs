@@ -117,12 +117,17 @@ async fn fresh_redis() -> (Cleanup, RedisBroker) {
     (Cleanup { url: redis_url(), prefix }, b)
 }
 
+/// Two brokers on one fresh prefix: a consumer whose fetch blocks for
+/// `block` when it finds nothing, and a producer that never blocks.
+async fn consumer_and_producer(block: Duration) -> (Cleanup, RedisBroker, RedisBroker) {
+    let prefix = unique_prefix();
+    let cleanup = Cleanup { url: redis_url(), prefix: prefix.clone() };
+    (cleanup, broker_with(&prefix, block).await, broker_with(&prefix, Duration::ZERO).await)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocking_fetch_wakes_up_when_a_job_arrives() {
-    let prefix = unique_prefix();
-    let _c = Cleanup { url: redis_url(), prefix: prefix.clone() };
-    let consumer = broker_with(&prefix, Duration::from_secs(3)).await;
-    let producer = broker_with(&prefix, Duration::ZERO).await;
+    let (_c, consumer, producer) = consumer_and_producer(Duration::from_secs(3)).await;
     assert!(consumer.fetch_waits());
     // An empty queue: the fetch waits its full block time, then returns nothing.
     let t = Instant::now();
@@ -160,10 +165,7 @@ async fn a_blocking_fetch_wakes_up_when_a_job_arrives() {
 /// block time, and a new job still ends the wait at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_asked_to_wait_longer_still_wakes_for_a_new_job() {
-    let prefix = unique_prefix();
-    let _c = Cleanup { url: redis_url(), prefix: prefix.clone() };
-    let consumer = broker_with(&prefix, Duration::from_millis(50)).await;
-    let producer = broker_with(&prefix, Duration::ZERO).await;
+    let (_c, consumer, producer) = consumer_and_producer(Duration::from_millis(50)).await;
     enqueue(&producer, job("held")).await;
     // A fetch of the default queue that leaves task "held" out.
     async fn fetch_all_but_held(b: &RedisBroker, wait_longer: Duration) -> Vec<Delivery> {
